@@ -1,0 +1,14 @@
+"""Placeholder for the cases layer (being written)."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from stateline.store.protocol import Store
+
+T = TypeVar("T")
+
+
+class Cases:
+    def __init__(self, store: Store, tenant: str) -> None:
+        raise NotImplementedError

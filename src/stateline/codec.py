@@ -1,0 +1,66 @@
+"""JSON encoding of stored values: strict (only real JSON is accepted) and fast (orjson)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+
+from stateline.errors import InvalidArgument, PayloadTooLarge
+
+__all__ = ["decode", "dumps", "encode", "loads"]
+
+_OPTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
+
+dumps = orjson.dumps
+loads = orjson.loads
+decode = orjson.loads
+
+
+def _reject(_: Any) -> Any:
+    raise TypeError
+
+
+def _check(value: Any, field: str, depth: int) -> None:
+    # orjson would silently turn NaN into null and accept enums and UUIDs; a stored value must
+    # round-trip exactly, so everything that is not plain JSON is refused here.
+    t = type(value)
+    if t is str or t is int or t is bool or value is None:
+        return
+    if t is float:
+        if not math.isfinite(value):
+            raise InvalidArgument(field, "NaN and infinity are not JSON")
+        return
+    if depth > 64:
+        raise InvalidArgument(field, "nested deeper than 64 levels")
+    if t is dict:
+        for k, v in value.items():
+            if type(k) is not str:
+                raise InvalidArgument(field, f"object keys must be strings, got {type(k).__name__}")
+            _check(v, field, depth + 1)
+        return
+    if t is list or t is tuple:
+        for v in value:
+            _check(v, field, depth + 1)
+        return
+    raise InvalidArgument(field, f"{t.__name__} is not a JSON value")
+
+
+def encode(value: Any, field: str = "value", max_bytes: int | None = None) -> bytes:
+    """Encode a JSON value, refusing anything that would not round-trip exactly.
+
+    Raises ``InvalidArgument`` naming ``field`` for a non-JSON value and
+    ``PayloadTooLarge`` when the encoding exceeds ``max_bytes``.
+    """
+    _check(value, field, 0)
+    try:
+        data = orjson.dumps(value, default=_reject, option=_OPTS)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise InvalidArgument(field, f"not encodable as JSON ({exc})") from None
+    if max_bytes is not None and len(data) > max_bytes:
+        raise PayloadTooLarge(
+            f"{field}: {len(data)} bytes is over the limit of {max_bytes}",
+            details={"field": field, "size": len(data), "limit": max_bytes},
+        )
+    return data

@@ -1,0 +1,252 @@
+"""``stateline.open(url)``: pick the adapter a URL names and hand out per-tenant layer handles."""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+
+from stateline.clock import Clock
+from stateline.errors import InvalidArgument
+from stateline.store.protocol import Store
+from stateline.types import Change, Check, Commit, Event, Item, Op, StreamInfo, TenantStats, check_tenant
+
+if TYPE_CHECKING:
+    from stateline.audit import AuditLog
+    from stateline.cases import Cases
+    from stateline.docs import Documents, Transaction
+    from stateline.gates import Gates
+    from stateline.locks import Locks
+    from stateline.runs import Runs
+    from stateline.runtime import Cache, Deliveries, Idempotency, RateLimiter, Sessions
+    from stateline.streams import Streams
+
+__all__ = ["DEFAULT_URL", "Database", "Tenant", "open", "open_store"]
+
+DEFAULT_URL = "sqlite:///./stateline.db"
+
+_ADAPTERS = {
+    "memory": "stateline.store.memory:MemoryStore",
+    "sqlite": "stateline.store.sqlite:SQLiteStore",
+    "postgresql": "stateline.store.postgres:PostgresStore",
+    "postgres": "stateline.store.postgres:PostgresStore",
+    "redis": "stateline.store.redis:RedisStore",
+    "rediss": "stateline.store.redis:RedisStore",
+}
+
+T = TypeVar("T")
+
+
+def open_store(url: str = DEFAULT_URL, *, clock: Clock | None = None, **options: Any) -> Store:
+    """Open the bare Store adapter a URL names: ``memory://``, ``sqlite:///path.db``,
+    ``postgresql://...`` or ``redis://...``. Options go to the adapter (they may also be URL query parameters)."""
+    if not isinstance(url, str) or ":" not in url:
+        raise InvalidArgument("url", f"expected a URL such as {DEFAULT_URL!r}, got {url!r}")
+    scheme = url.split(":", 1)[0].lower()
+    target = _ADAPTERS.get(scheme)
+    if target is None:
+        raise InvalidArgument("url", f"unknown scheme {scheme!r}; use one of {', '.join(sorted(_ADAPTERS))}")
+    module, name = target.split(":")
+    cls: type[Store] = getattr(importlib.import_module(module), name)
+    return cls.from_url(url, clock=clock, **options)
+
+
+def open(url: str = DEFAULT_URL, *, clock: Clock | None = None, **options: Any) -> Database:  # noqa: A001
+    """Open a database. ``url`` defaults to ``sqlite:///./stateline.db``; ``clock`` is injectable
+    for tests; other options go to the adapter (for example ``max_value_bytes``)."""
+    return Database(open_store(url, clock=clock, **options))
+
+
+class Database:
+    """A handle on one store, shared by every thread of a process. Use ``tenant(name)`` to work."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._tenants: dict[str, Tenant] = {}
+        self._lock = threading.Lock()
+        self._gates: Gates | None = None
+
+    def tenant(self, name: str) -> Tenant:
+        """The handle of one tenant; every read and write through it stays inside that tenant."""
+        name = check_tenant(name)
+        t = self._tenants.get(name)
+        if t is None:
+            with self._lock:
+                t = self._tenants.setdefault(name, Tenant(self, name))
+        return t
+
+    def tenants(self) -> list[str]:
+        """Every tenant that has committed at least once."""
+        out: list[str] = []
+        while True:
+            page = self.store.tenants(after=out[-1] if out else None, limit=1000)
+            out.extend(page)
+            if len(page) < 1000:
+                return out
+
+    @property
+    def gates(self) -> Gates:
+        """Feature gates of this deployment (read-only)."""
+        if self._gates is None:
+            from stateline.gates import Gates
+
+            self._gates = Gates(self.store)
+        return self._gates
+
+    def close(self) -> None:
+        """Close the store; closing twice is allowed."""
+        self.store.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Tenant:
+    """One tenant of a database: the raw Store calls bound to the tenant, and the layers."""
+
+    def __init__(self, db: Database, name: str) -> None:
+        self.db = db
+        self.name = name
+        self.store = db.store
+        self._layers: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def _layer(self, key: str, make: Callable[[], T]) -> T:
+        layer = self._layers.get(key)
+        if layer is None:
+            with self._lock:
+                layer = self._layers.get(key)
+                if layer is None:
+                    layer = self._layers[key] = make()
+        return layer
+
+    # ---- the raw primitive, bound to this tenant
+
+    def commit(
+        self, checks: Iterable[Check] = (), ops: Iterable[Op] = (), meta: Mapping[str, Any] | None = None
+    ) -> Commit:
+        """``Store.commit`` for this tenant."""
+        return self.store.commit(self.name, checks, ops, meta)
+
+    def get(self, namespace: str, key: str) -> Item | None:
+        return self.store.get(self.name, namespace, key)
+
+    def get_many(self, keys: Iterable[tuple[str, str]]) -> list[Item | None]:
+        return self.store.get_many(self.name, keys)
+
+    def scan(self, namespace: str, prefix: str = "", after: str | None = None, limit: int = 100) -> list[Item]:
+        return self.store.scan(self.name, namespace, prefix, after, limit)
+
+    def read_stream(
+        self, stream: str, from_seq: int = 1, to_seq: int | None = None, limit: int = 10_000
+    ) -> list[Event]:
+        return self.store.read_stream(self.name, stream, from_seq, to_seq, limit)
+
+    def stream_info(self, stream: str) -> StreamInfo:
+        return self.store.stream_info(self.name, stream)
+
+    def revision(self) -> int:
+        return self.store.revision(self.name)
+
+    def changes(self, after_revision: int = 0, limit: int = 1000) -> list[Change]:
+        return self.store.changes(self.name, after_revision, limit)
+
+    def watch(self, after_revision: int, timeout: float = 30.0, limit: int = 1000) -> list[Change]:
+        return self.store.watch(self.name, after_revision, timeout, limit)
+
+    def stats(self) -> TenantStats:
+        return self.store.stats(self.name)
+
+    # ---- layers
+
+    @property
+    def docs(self) -> Documents:
+        """Versioned documents with optimistic locking."""
+        from stateline.docs import Documents
+
+        return self._layer("docs", lambda: Documents(self.store, self.name))
+
+    def transaction(self) -> Transaction:
+        """A multi-document transaction (context manager); see ``Documents.transaction``."""
+        return self.docs.transaction()
+
+    def run_transaction(self, fn: Callable[[Transaction], T], **options: Any) -> T:
+        """Run ``fn`` in a transaction, retrying on conflict; see ``Documents.run_transaction``."""
+        return self.docs.run_transaction(fn, **options)
+
+    @property
+    def streams(self) -> Streams:
+        """Event streams with snapshots."""
+        from stateline.streams import Streams
+
+        return self._layer("streams", lambda: Streams(self.store, self.name))
+
+    @property
+    def cases(self) -> Cases:
+        """Per-case workflow state with receipts."""
+        from stateline.cases import Cases
+
+        return self._layer("cases", lambda: Cases(self.store, self.name))
+
+    @property
+    def runs(self) -> Runs:
+        """Workflow runs and steps leased to workers."""
+        from stateline.runs import Runs
+
+        return self._layer("runs", lambda: Runs(self.store, self.name))
+
+    @property
+    def locks(self) -> Locks:
+        """Leases with fencing tokens."""
+        from stateline.locks import Locks
+
+        return self._layer("locks", lambda: Locks(self.store, self.name))
+
+    def cache(self, name: str, **options: Any) -> Cache:
+        """The TTL cache called ``name`` (one instance per name in this process)."""
+        from stateline.runtime import Cache
+
+        return self._layer(f"cache:{name}", lambda: Cache(self.store, self.name, name, **options))
+
+    @property
+    def sessions(self) -> Sessions:
+        """Sticky sessions."""
+        from stateline.runtime import Sessions
+
+        return self._layer("sessions", lambda: Sessions(self.store, self.name))
+
+    def limits(self, name: str, rate: int, per: float, algorithm: str = "sliding_window") -> RateLimiter:
+        """A rate limiter admitting ``rate`` hits per ``per`` seconds per key."""
+        from stateline.runtime import RateLimiter
+
+        return RateLimiter(self.store, self.name, name, rate, per, algorithm)
+
+    @property
+    def idempotency(self) -> Idempotency:
+        """Execute-once keys."""
+        from stateline.runtime import Idempotency
+
+        return self._layer("idempotency", lambda: Idempotency(self.store, self.name))
+
+    @property
+    def deliveries(self) -> Deliveries:
+        """Delivery attempts per message."""
+        from stateline.runtime import Deliveries
+
+        return self._layer("deliveries", lambda: Deliveries(self.store, self.name))
+
+    @property
+    def audit(self) -> AuditLog:
+        """The tamper-evident audit log."""
+        from stateline.audit import AuditLog
+
+        return self._layer("audit", lambda: AuditLog(self.store, self.name))
+
+    @property
+    def gates(self) -> Gates:
+        """Feature gates (the deployment's, shared by every tenant)."""
+        return self.db.gates

@@ -1,0 +1,352 @@
+"""The in-process Store adapter: thread-safe, for tests, one process, and the fast path."""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left, bisect_right, insort
+from typing import Any, Self
+
+import orjson
+
+from stateline.clock import Clock
+from stateline.errors import Conflict, InvalidArgument
+from stateline.store.protocol import (
+    MAX_INT,
+    ChangeRecorder,
+    PreparedAppend,
+    PreparedCommit,
+    PreparedDelete,
+    PreparedIncr,
+    PreparedPut,
+    PreparedTrim,
+    Store,
+    decode_change,
+)
+from stateline.types import (
+    Absent,
+    Change,
+    CheckFailure,
+    Commit,
+    Event,
+    Exists,
+    Item,
+    NamespaceStats,
+    StreamAt,
+    StreamInfo,
+    TenantStats,
+    VersionIs,
+)
+
+__all__ = ["MemoryStore"]
+
+
+class _Rec:
+    __slots__ = ("created_at", "expires_at", "revision", "updated_at", "value", "version")
+
+    def __init__(
+        self, value: bytes, version: int, revision: int, created_at: int, updated_at: int, expires_at: int | None
+    ) -> None:
+        self.value = value
+        self.version = version
+        self.revision = revision
+        self.created_at = created_at
+        self.updated_at = updated_at
+        self.expires_at = expires_at
+
+
+class _Space:
+    __slots__ = ("keys", "recs")
+
+    def __init__(self) -> None:
+        self.recs: dict[str, _Rec] = {}
+        self.keys: list[str] = []
+
+
+class _Stream:
+    __slots__ = ("events", "last_seq")
+
+    def __init__(self) -> None:
+        self.events: list[tuple[int, str, bytes, bytes, int, int]] = []
+        self.last_seq = 0
+
+
+class _Tenant:
+    __slots__ = ("changes", "spaces", "streams")
+
+    def __init__(self) -> None:
+        self.spaces: dict[str, _Space] = {}
+        self.streams: dict[str, _Stream] = {}
+        self.changes: list[bytes] = []
+
+
+def _live(rec: _Rec | None, now: int) -> _Rec | None:
+    if rec is None or (rec.expires_at is not None and rec.expires_at <= now):
+        return None
+    return rec
+
+
+class MemoryStore(Store):
+    scheme = "memory"
+
+    def __init__(self, *, clock: Clock | None = None, **options: Any) -> None:
+        super().__init__(clock=clock, **options)
+        self._cond = threading.Condition(threading.Lock())
+        self._data: dict[str, _Tenant] = {}
+
+    @classmethod
+    def from_url(cls, url: str, *, clock: Clock | None = None, **options: Any) -> Self:
+        if not url.startswith("memory:"):
+            raise InvalidArgument("url", f"not a memory:// URL: {url!r}")
+        return cls(clock=clock, **options)
+
+    def _item(self, ns: str, key: str, rec: _Rec) -> Item:
+        return Item(
+            ns, key, orjson.loads(rec.value), rec.version, rec.revision, rec.created_at, rec.updated_at, rec.expires_at
+        )
+
+    def _rec(self, t: _Tenant | None, ns: str, key: str, now: int) -> _Rec | None:
+        if t is None:
+            return None
+        space = t.spaces.get(ns)
+        return None if space is None else _live(space.recs.get(key), now)
+
+    def _commit(self, c: PreparedCommit) -> Commit:
+        with self._cond:
+            now = self.clock.now_us()
+            t = self._data.get(c.tenant)
+            failures = []
+            for check in c.checks:
+                if type(check) is StreamAt:
+                    s = None if t is None else t.streams.get(check.stream)
+                    seq = 0 if s is None else s.last_seq
+                    if seq != check.seq:
+                        failures.append(CheckFailure(check, seq))
+                    continue
+                assert isinstance(check, VersionIs | Absent | Exists)
+                rec = self._rec(t, check.namespace, check.key, now)
+                found = None if rec is None else rec.version
+                if (
+                    (type(check) is VersionIs and found != check.version)
+                    or (type(check) is Absent and found is not None)
+                    or (type(check) is Exists and found is None)
+                ):
+                    failures.append(CheckFailure(check, found))
+            if failures:
+                raise Conflict(f"{len(failures)} check(s) failed", failures=failures)
+
+            revision = (0 if t is None else len(t.changes)) + 1
+            recorder = ChangeRecorder()
+            staged: dict[tuple[str, str], _Rec | None] = {}
+            appended: dict[str, list[tuple[int, str, bytes, bytes, int, int]]] = {}
+            last_seqs: dict[str, int] = {}
+            trims: dict[str, int] = {}
+            versions: dict[tuple[str, str], int] = {}
+            counters: dict[tuple[str, str], int] = {}
+
+            def current(ns: str, key: str) -> _Rec | None:
+                k = (ns, key)
+                return staged[k] if k in staged else self._rec(t, ns, key, now)
+
+            for op in c.ops:
+                if type(op) is PreparedPut:
+                    old = current(op.namespace, op.key)
+                    exp = None if op.ttl_us is None else now + op.ttl_us
+                    version = 1 if old is None else old.version + 1
+                    staged[(op.namespace, op.key)] = _Rec(
+                        op.value, version, revision, now if old is None else old.created_at, now, exp
+                    )
+                    versions[(op.namespace, op.key)] = version
+                    recorder.put(op.namespace, op.key, version, op.value, exp)
+                elif type(op) is PreparedDelete:
+                    old = current(op.namespace, op.key)
+                    staged[(op.namespace, op.key)] = None
+                    versions[(op.namespace, op.key)] = 0
+                    recorder.delete(op.namespace, op.key, 0 if old is None else old.version)
+                elif type(op) is PreparedIncr:
+                    old = current(op.namespace, op.key)
+                    if old is None:
+                        base, version, created, exp = 0, 1, now, (None if op.ttl_us is None else now + op.ttl_us)
+                    else:
+                        base = orjson.loads(old.value)
+                        if type(base) is not int:
+                            raise InvalidArgument("incr", f"{op.namespace}/{op.key} holds a non-integer value")
+                        version, created, exp = old.version + 1, old.created_at, old.expires_at
+                    value = base + op.by
+                    if not -MAX_INT <= value <= MAX_INT:
+                        raise InvalidArgument("incr", f"{op.namespace}/{op.key} would overflow 64 bits")
+                    staged[(op.namespace, op.key)] = _Rec(orjson.dumps(value), version, revision, created, now, exp)
+                    versions[(op.namespace, op.key)] = version
+                    counters[(op.namespace, op.key)] = value
+                    recorder.incr(op.namespace, op.key, version, value, exp)
+                elif type(op) is PreparedAppend:
+                    if op.stream not in last_seqs:
+                        s = None if t is None else t.streams.get(op.stream)
+                        last_seqs[op.stream] = 0 if s is None else s.last_seq
+                    first = last_seqs[op.stream] + 1
+                    appended.setdefault(op.stream, []).extend(
+                        (first + i, e.type, e.data, e.meta, revision, now) for i, e in enumerate(op.events)
+                    )
+                    last_seqs[op.stream] = first + len(op.events) - 1
+                    recorder.append(op.stream, first, op.events)
+                else:
+                    assert type(op) is PreparedTrim
+                    trims[op.stream] = max(trims.get(op.stream, 0), op.before_seq)
+                    recorder.trim(op.stream, op.before_seq)
+
+            # every op validated: install the staged state
+            if t is None:
+                t = self._data[c.tenant] = _Tenant()
+            for (ns, key), rec in staged.items():
+                space = t.spaces.get(ns)
+                if space is None:
+                    space = t.spaces[ns] = _Space()
+                if rec is None:
+                    if space.recs.pop(key, None) is not None:
+                        i = bisect_left(space.keys, key)
+                        del space.keys[i]
+                else:
+                    if key not in space.recs:
+                        insort(space.keys, key)
+                    space.recs[key] = rec
+            for name, events in appended.items():
+                s = t.streams.get(name)
+                if s is None:
+                    s = t.streams[name] = _Stream()
+                s.events.extend(events)
+                s.last_seq = events[-1][0]
+            for name, before in trims.items():
+                s = t.streams.get(name)
+                if s is not None and s.events:
+                    cut = bisect_left(s.events, before, key=lambda e: e[0])
+                    del s.events[:cut]
+            t.changes.append(recorder.body(now, c.meta))
+            self._cond.notify_all()
+            return Commit(revision, now, versions, counters, last_seqs)
+
+    def _get(self, tenant: str, namespace: str, key: str) -> Item | None:
+        with self._cond:
+            rec = self._rec(self._data.get(tenant), namespace, key, self.clock.now_us())
+            return None if rec is None else self._item(namespace, key, rec)
+
+    def _get_many(self, tenant: str, keys: list[tuple[str, str]]) -> list[Item | None]:
+        with self._cond:
+            t = self._data.get(tenant)
+            now = self.clock.now_us()
+            out: list[Item | None] = []
+            for ns, key in keys:
+                rec = self._rec(t, ns, key, now)
+                out.append(None if rec is None else self._item(ns, key, rec))
+            return out
+
+    def _scan(self, tenant: str, namespace: str, prefix: str, after: str | None, limit: int) -> list[Item]:
+        with self._cond:
+            t = self._data.get(tenant)
+            space = None if t is None else t.spaces.get(namespace)
+            if space is None:
+                return []
+            now = self.clock.now_us()
+            keys = space.keys
+            i = bisect_right(keys, after) if after is not None and after >= prefix else bisect_left(keys, prefix)
+            out: list[Item] = []
+            while i < len(keys) and len(out) < limit:
+                key = keys[i]
+                if not key.startswith(prefix):
+                    break
+                rec = _live(space.recs[key], now)
+                if rec is not None:
+                    out.append(self._item(namespace, key, rec))
+                i += 1
+            return out
+
+    def _read_stream(self, tenant: str, stream: str, from_seq: int, to_seq: int, limit: int) -> list[Event]:
+        with self._cond:
+            t = self._data.get(tenant)
+            s = None if t is None else t.streams.get(stream)
+            if s is None:
+                return []
+            i = bisect_left(s.events, from_seq, key=lambda e: e[0])
+            rows = s.events[i : i + limit]
+        return [
+            Event(stream, seq, typ, orjson.loads(data), orjson.loads(meta), rev, at)
+            for seq, typ, data, meta, rev, at in rows
+            if seq <= to_seq
+        ]
+
+    def _stream_info(self, tenant: str, stream: str) -> StreamInfo:
+        with self._cond:
+            t = self._data.get(tenant)
+            s = None if t is None else t.streams.get(stream)
+            if s is None:
+                return StreamInfo(stream, 1, 0)
+            return StreamInfo(stream, s.events[0][0] if s.events else s.last_seq + 1, s.last_seq)
+
+    def _list_streams(self, tenant: str, prefix: str, after: str | None, limit: int) -> list[StreamInfo]:
+        with self._cond:
+            t = self._data.get(tenant)
+            if t is None:
+                return []
+            names = sorted(n for n in t.streams if n.startswith(prefix) and (after is None or n > after))[:limit]
+            out = []
+            for n in names:
+                s = t.streams[n]
+                out.append(StreamInfo(n, s.events[0][0] if s.events else s.last_seq + 1, s.last_seq))
+            return out
+
+    def _revision(self, tenant: str) -> int:
+        with self._cond:
+            t = self._data.get(tenant)
+            return 0 if t is None else len(t.changes)
+
+    def _changes(self, tenant: str, after_revision: int, limit: int) -> list[Change]:
+        with self._cond:
+            t = self._data.get(tenant)
+            bodies = [] if t is None else t.changes[after_revision : after_revision + limit]
+        return [decode_change(tenant, after_revision + 1 + i, b) for i, b in enumerate(bodies)]
+
+    def _watch(self, tenant: str, after_revision: int, timeout: float, limit: int) -> list[Change]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._revision_locked(tenant) > after_revision or self._closed, timeout)
+        return self._changes(tenant, after_revision, limit)
+
+    def _revision_locked(self, tenant: str) -> int:
+        t = self._data.get(tenant)
+        return 0 if t is None else len(t.changes)
+
+    def _tenants(self, after: str | None, limit: int) -> list[str]:
+        with self._cond:
+            return sorted(n for n in self._data if after is None or n > after)[:limit]
+
+    def _stats(self, tenant: str) -> TenantStats:
+        with self._cond:
+            t = self._data.get(tenant)
+            if t is None:
+                return TenantStats(0, {}, 0, 0)
+            now = self.clock.now_us()
+            spaces = {}
+            for ns, space in t.spaces.items():
+                live = [r for r in space.recs.values() if _live(r, now) is not None]
+                if live:
+                    spaces[ns] = NamespaceStats(len(live), sum(len(r.value) for r in live))
+            return TenantStats(len(t.changes), spaces, len(t.streams), sum(len(s.events) for s in t.streams.values()))
+
+    def _sweep(self, limit: int) -> int:
+        removed = 0
+        with self._cond:
+            now = self.clock.now_us()
+            for t in self._data.values():
+                for space in t.spaces.values():
+                    dead = [k for k, r in space.recs.items() if r.expires_at is not None and r.expires_at <= now]
+                    for key in dead[: limit - removed]:
+                        del space.recs[key]
+                        del space.keys[bisect_left(space.keys, key)]
+                        removed += 1
+                    if removed >= limit:
+                        return removed
+        return removed
+
+    def _ping(self) -> None:
+        return None
+
+    def _close(self) -> None:
+        with self._cond:
+            self._cond.notify_all()

@@ -1,0 +1,339 @@
+"""Value types of the Store port (checks, ops, items, events, changes, commits) and the rules for names."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, TypeAlias
+
+from stateline.errors import InvalidArgument
+
+__all__ = [
+    "Absent",
+    "Append",
+    "Change",
+    "ChangeOp",
+    "Check",
+    "CheckFailure",
+    "Commit",
+    "Delete",
+    "Event",
+    "Exists",
+    "Incr",
+    "Item",
+    "NamespaceStats",
+    "NewEvent",
+    "Op",
+    "Put",
+    "StreamAt",
+    "StreamInfo",
+    "TenantStats",
+    "Trim",
+    "VersionIs",
+    "check_event_type",
+    "check_key",
+    "check_namespace",
+    "check_stream",
+    "check_tenant",
+]
+
+JSON: TypeAlias = Any
+
+MAX_KEY_BYTES = 1024
+
+# ---------------------------------------------------------------- names
+
+_TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/\-]{0,127}")
+_EVENT_TYPE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/\-]{0,127}")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+@lru_cache(maxsize=4096)
+def _checked_name(kind: str, value: str) -> str:
+    pattern = {"tenant": _TENANT_RE, "namespace": _NAMESPACE_RE, "event type": _EVENT_TYPE_RE}[kind]
+    if not value:
+        raise InvalidArgument(kind, "must not be empty")
+    if pattern.fullmatch(value) is None:
+        limit = 64 if kind == "tenant" else 128
+        raise InvalidArgument(
+            kind,
+            f"{value[:80]!r} is not allowed: use letters, digits and {'_.-' if kind == 'tenant' else '_.:/-'}, "
+            f"at most {limit} characters",
+        )
+    return value
+
+
+def check_tenant(value: object) -> str:
+    """Return ``value`` if it is a valid tenant name, else raise ``InvalidArgument``."""
+    if type(value) is not str:
+        raise InvalidArgument("tenant", f"must be a string, got {type(value).__name__}")
+    return _checked_name("tenant", value)
+
+
+def check_namespace(value: object) -> str:
+    """Return ``value`` if it is a valid namespace, else raise ``InvalidArgument``."""
+    if type(value) is not str:
+        raise InvalidArgument("namespace", f"must be a string, got {type(value).__name__}")
+    return _checked_name("namespace", value)
+
+
+def check_event_type(value: object) -> str:
+    """Return ``value`` if it is a valid event type, else raise ``InvalidArgument``."""
+    if type(value) is not str:
+        raise InvalidArgument("event type", f"must be a string, got {type(value).__name__}")
+    return _checked_name("event type", value)
+
+
+@lru_cache(maxsize=65536)
+def _checked_key(field_name: str, value: str) -> str:
+    if not value:
+        raise InvalidArgument(field_name, "must not be empty")
+    if _CONTROL_RE.search(value) is not None:
+        raise InvalidArgument(field_name, "must not contain control characters")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidArgument(field_name, "is not valid Unicode text") from None
+    if size > MAX_KEY_BYTES:
+        raise InvalidArgument(field_name, f"is {size} bytes, over the limit of {MAX_KEY_BYTES}")
+    return value
+
+
+def check_key(value: object, field_name: str = "key") -> str:
+    """Return ``value`` if it is a valid key: 1..1024 UTF-8 bytes, no control characters."""
+    if type(value) is not str:
+        raise InvalidArgument(field_name, f"must be a string, got {type(value).__name__}")
+    return _checked_key(field_name, value)
+
+
+def check_stream(value: object) -> str:
+    """Return ``value`` if it is a valid stream name (same rules as keys)."""
+    return check_key(value, "stream")
+
+
+# ---------------------------------------------------------------- checks
+
+
+@dataclass(frozen=True, slots=True)
+class VersionIs:
+    """Holds when the live item ``(namespace, key)`` has exactly this version."""
+
+    namespace: str
+    key: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Absent:
+    """Holds when there is no live item at ``(namespace, key)`` (expired counts as absent)."""
+
+    namespace: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Exists:
+    """Holds when there is a live item at ``(namespace, key)``."""
+
+    namespace: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamAt:
+    """Holds when the stream's last seq is exactly ``seq`` (0: the stream has no events yet)."""
+
+    stream: str
+    seq: int
+
+
+Check: TypeAlias = VersionIs | Absent | Exists | StreamAt
+
+
+@dataclass(frozen=True, slots=True)
+class CheckFailure:
+    """A check that did not hold, with what was found: the live version (``None`` if absent) or the stream's seq."""
+
+    check: Check
+    found: int | None
+
+    def describe(self) -> dict[str, Any]:
+        c = self.check
+        if isinstance(c, StreamAt):
+            return {"check": "stream_at", "stream": c.stream, "expected": c.seq, "found": self.found}
+        kind = {VersionIs: "version_is", Absent: "absent", Exists: "exists"}[type(c)]
+        out: dict[str, Any] = {"check": kind, "namespace": c.namespace, "key": c.key, "found": self.found}
+        if isinstance(c, VersionIs):
+            out["expected"] = c.version
+        return out
+
+
+# ---------------------------------------------------------------- ops
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    """Write ``value`` (any JSON value) at ``(namespace, key)``; ``ttl`` seconds makes it expire."""
+
+    namespace: str
+    key: str
+    value: JSON
+    ttl: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """Remove ``(namespace, key)``; deleting an absent key is allowed and changes nothing else."""
+
+    namespace: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Incr:
+    """Add ``by`` to the integer at ``(namespace, key)`` (absent counts as 0).
+
+    ``ttl`` seconds applies only when the counter is created; an existing counter keeps its expiry.
+    """
+
+    namespace: str
+    key: str
+    by: int = 1
+    ttl: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append: its ``type``, JSON ``data`` and optional ``meta`` object."""
+
+    type: str
+    data: JSON = None
+    meta: dict[str, JSON] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    """Append ``events`` to ``stream``; they get the next seqs, contiguous from the stream's last."""
+
+    stream: str
+    events: Sequence[NewEvent]
+
+
+@dataclass(frozen=True, slots=True)
+class Trim:
+    """Remove the events of ``stream`` with seq below ``before_seq``; the stream's last seq is kept."""
+
+    stream: str
+    before_seq: int
+
+
+Op: TypeAlias = Put | Delete | Incr | Append | Trim
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """A live stored value. Times are µs since the epoch; ``revision`` is the commit that last wrote it."""
+
+    namespace: str
+    key: str
+    value: JSON
+    version: int
+    revision: int
+    created_at: int
+    updated_at: int
+    expires_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event of a stream, numbered by ``seq`` from 1 with no gaps."""
+
+    stream: str
+    seq: int
+    type: str
+    data: JSON
+    meta: dict[str, JSON]
+    revision: int
+    recorded_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeOp:
+    """One op of a committed change, as the change feed shows it.
+
+    ``op`` is ``put``, ``delete``, ``incr``, ``append`` or ``trim``. For item ops, ``version`` is the
+    version written (for ``delete``: the version removed, 0 if there was none) and ``value`` the value
+    written. For ``append``, ``events`` holds the appended events; for ``trim``, ``before_seq``.
+    """
+
+    op: str
+    namespace: str = ""
+    key: str = ""
+    version: int = 0
+    value: JSON = None
+    expires_at: int | None = None
+    stream: str = ""
+    events: tuple[Event, ...] = ()
+    before_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """The record of one successful commit, written in the same transaction as the commit."""
+
+    tenant: str
+    revision: int
+    committed_at: int
+    meta: dict[str, JSON]
+    ops: tuple[ChangeOp, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """What a successful commit returns.
+
+    ``versions`` maps ``(namespace, key)`` to the version now live (0 after a delete),
+    ``counters`` each incremented key to its new value, ``seqs`` each appended stream to its new last seq.
+    """
+
+    revision: int
+    committed_at: int
+    versions: dict[tuple[str, str], int] = field(default_factory=dict)
+    counters: dict[tuple[str, str], int] = field(default_factory=dict)
+    seqs: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """A stream's bounds: ``last_seq`` (0 if it has no events) and ``first_seq``, its oldest kept event.
+
+    A stream with no kept events has ``first_seq == last_seq + 1``.
+    """
+
+    stream: str
+    first_seq: int
+    last_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceStats:
+    """Live items in one namespace and the bytes of their encoded values."""
+
+    items: int
+    bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class TenantStats:
+    """Counts for one tenant: its revision, live items per namespace, streams and kept events."""
+
+    revision: int
+    namespaces: dict[str, NamespaceStats]
+    streams: int
+    events: int

@@ -1,0 +1,114 @@
+"""Shared fixtures: one parametrised backend fixture that every conformance and layer test runs on.
+
+Adding an adapter to every suite is one line in ``BACKENDS``. PostgreSQL, Redis and NATS are
+real services on 127.0.0.1; without them the tests that need them skip with one line, except
+under ``CI=true``, where a missing service fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stateline import Database, FakeClock, Store, Tenant, open_store
+
+BACKENDS = ["memory", "sqlite"]
+
+SERVICES = {
+    "postgresql": ("127.0.0.1", 5432, "PostgreSQL on 127.0.0.1:5432 (Debian: apt-get install postgresql)"),
+    "redis": ("127.0.0.1", 6379, "Redis on 127.0.0.1:6379 (Debian: apt-get install redis-server)"),
+    "nats": ("127.0.0.1", 4222, "NATS with JetStream on 127.0.0.1:4222 (Debian: apt-get install nats-server)"),
+}
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(name: str) -> None:
+    """Skip (or, under CI=true, fail) unless the named service answers on its port."""
+    host, port, what = SERVICES[name]
+    if _reachable(host, port):
+        return
+    if IN_CI:
+        pytest.fail(f"CI=true and {what} is not reachable", pytrace=False)
+    pytest.skip(f"needs {what}")
+
+
+@dataclass
+class Backend:
+    """One backend under test: its kind, a URL that reaches a fresh, private keyspace, and cleanup."""
+
+    kind: str
+    url: str
+    clock: FakeClock
+    cleanup: Callable[[], None] = lambda: None
+    opened: list[Store] = field(default_factory=list)
+
+    def open(self, clock: Any = "default", **options: Any) -> Store:
+        """Open (another handle on) this backend's store. ``memory://`` always returns the same store."""
+        if self.kind == "memory" and self.opened and not options:
+            return self.opened[0]
+        store = open_store(self.url, clock=self.clock if clock == "default" else clock, **options)
+        self.opened.append(store)
+        return store
+
+    def close_all(self) -> None:
+        for s in self.opened:
+            try:
+                s.close()
+            except Exception:  # noqa: BLE001 - best-effort cleanup
+                pass
+        self.cleanup()
+
+
+def make_backend(kind: str, tmp_path: Path, clock: FakeClock) -> Backend:
+    """A fresh, isolated backend of ``kind`` (each test gets its own database file / schema / key prefix)."""
+    suffix = uuid.uuid4().hex[:12]
+    if kind == "memory":
+        return Backend(kind, "memory://", clock)
+    if kind == "sqlite":
+        return Backend(kind, f"sqlite:///{tmp_path / f'sl-{suffix}.db'}", clock)
+    raise AssertionError(f"unknown backend kind {kind!r}")
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Iterator[Backend]:
+    b = make_backend(request.param, tmp_path, clock)
+    try:
+        yield b
+    finally:
+        b.close_all()
+
+
+@pytest.fixture
+def store(backend: Backend) -> Store:
+    return backend.open()
+
+
+@pytest.fixture
+def db(store: Store) -> Database:
+    return Database(store)
+
+
+@pytest.fixture
+def tenant(db: Database) -> Tenant:
+    return db.tenant("acme")
