@@ -7,6 +7,7 @@ under ``CI=true``, where a missing service fails the run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
@@ -20,6 +21,9 @@ import pytest
 from stateline import Database, FakeClock, Store, Tenant, open_store
 
 BACKENDS = ["memory", "sqlite"]
+# STATELINE_TEST_BACKENDS=memory,sqlite narrows a local run; CI always runs every backend.
+if os.environ.get("STATELINE_TEST_BACKENDS") and os.environ.get("CI", "").lower() not in {"1", "true", "yes"}:
+    BACKENDS = [b for b in BACKENDS if b in os.environ["STATELINE_TEST_BACKENDS"].split(",")]
 
 SERVICES = {
     "postgresql": ("127.0.0.1", 5432, "PostgreSQL on 127.0.0.1:5432 (Debian: apt-get install postgresql)"),
@@ -68,10 +72,8 @@ class Backend:
 
     def close_all(self) -> None:
         for s in self.opened:
-            try:
+            with contextlib.suppress(Exception):
                 s.close()
-            except Exception:  # noqa: BLE001 - best-effort cleanup
-                pass
         self.cleanup()
 
 
