@@ -1,0 +1,876 @@
+"""The Redis Store adapter: one Lua script makes each commit atomic; every key of a tenant shares one cluster slot.
+
+Layout (``P`` is the key prefix, default ``stateline``; ``T`` is ``P:{tenant}``, so the hash tag
+``{tenant}`` puts all of a tenant's keys in one Redis Cluster slot):
+
+* ``T:rev`` the tenant's last revision; ``T:c`` a hash revision -> change record (the JSON body
+  ``decode_change`` reads); ``T:feed`` a one-entry Redis stream whose entry id is ``<revision>-1``,
+  which ``watch`` waits on with ``XREAD BLOCK``.
+* ``T:i:<namespace>|<key>`` one hash per item (value, version, revision, created, updated, expires);
+  ``T:z:<namespace>`` a sorted set of the namespace's keys (all scores 0, so ``ZRANGEBYLEX`` gives
+  UTF-8 byte order, which is code-point order); ``T:nss`` the namespaces; ``T:exp`` items with a
+  TTL scored by their logical expiry, for ``sweep``.
+* ``T:s:<stream>`` a sorted set of events scored by seq; ``T:seqs`` a hash stream -> last seq;
+  ``T:streams`` the stream names.
+* ``P:tenants`` the tenants that ever tried to commit (checked against ``T:rev`` when listed).
+
+Expiry is logical: the commit stores the expiry computed from the injected clock and every read
+and check compares it with the clock. A Redis expiry (``PEXPIRE``) of TTL plus a generous grace
+(``expiry_grace``, default 300 s) is only a backstop that reclaims memory; it never fires while the
+clock still considers the item live unless the clock lags Redis' clock by more than the grace.
+
+The commit script validates every check and op before its first write, so a failed check or a
+bad increment writes nothing. Needs Redis 7.0 or later (scripts declare flags with a shebang).
+
+Faults: connections have socket and connect timeouts and are never retried by the driver, so a
+call during an outage raises ``Unavailable`` within about one timeout. A commit cut off in flight
+raises ``Unavailable`` with ``details["outcome"] == "unknown"``: it may or may not have applied
+(the change feed tells). Pooled connections that the server closed are replaced on next use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, Self, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import orjson
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from stateline.clock import Clock
+from stateline.errors import Conflict, InvalidArgument, StatelineError, Unavailable
+from stateline.store.protocol import (
+    PreparedAppend,
+    PreparedCommit,
+    PreparedDelete,
+    PreparedIncr,
+    PreparedPut,
+    PreparedTrim,
+    Store,
+    decode_change,
+)
+from stateline.types import (
+    Absent,
+    Change,
+    CheckFailure,
+    Commit,
+    Event,
+    Exists,
+    Item,
+    NamespaceStats,
+    StreamAt,
+    StreamInfo,
+    TenantStats,
+    VersionIs,
+)
+
+__all__ = ["RedisStore"]
+
+# ---------------------------------------------------------------- Lua
+
+# KEYS: 1 rev, 2 changes, 3 feed, 4 seqs, 5 streams, 6 namespaces, 7 expiries,
+#       then per distinct item i: 6+2i its hash, 7+2i its namespace index; then stream zsets.
+# ARGV: now, meta, grace_ms, n_items, n_checks, n_ops, then per item (namespace, key),
+#       then the checks, then the ops (see RedisStore._commit for their shapes).
+_COMMIT_LUA = r"""#!lua
+local now_s = ARGV[1]
+local now = tonumber(now_s)
+local meta = ARGV[2]
+local grace = tonumber(ARGV[3])
+local n_items = tonumber(ARGV[4])
+local n_checks = tonumber(ARGV[5])
+local n_ops = tonumber(ARGV[6])
+local a = 7
+local fmt = string.format
+
+local item_ns, item_key = {}, {}
+for i = 1, n_items do
+  item_ns[i] = ARGV[a]; item_key[i] = ARGV[a + 1]; a = a + 2
+end
+
+local items = {}
+local function load(i)
+  local s = items[i]
+  if s then return s end
+  local r = redis.call('HMGET', KEYS[6 + 2 * i], 'v', 'n', 'c', 'e')
+  s = {phys = (r[2] ~= false), orig_e = r[4]}
+  if r[2] and (r[4] == '' or r[4] == false or tonumber(r[4]) > now) then
+    s.live = true; s.v = r[1]; s.n = tonumber(r[2]); s.c = r[3]
+    if r[4] ~= '' and r[4] ~= false then s.e = r[4] end
+  else
+    s.live = false
+  end
+  items[i] = s
+  return s
+end
+
+local seqs = {}
+local function last_seq(stream)
+  local v = seqs[stream]
+  if v == nil then
+    v = tonumber(redis.call('HGET', KEYS[4], stream) or '0')
+    seqs[stream] = v
+  end
+  return v
+end
+
+-- checks
+local failed = {}
+for i = 1, n_checks do
+  local kind, ref, want = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  a = a + 3
+  if kind == 's' then
+    local seq = last_seq(ref)
+    if seq ~= want then failed[#failed + 1] = i; failed[#failed + 1] = seq end
+  else
+    local s = load(tonumber(ref))
+    local ok
+    if kind == 'v' then ok = s.live and s.n == want
+    elseif kind == 'a' then ok = not s.live
+    else ok = s.live end
+    if not ok then
+      failed[#failed + 1] = i
+      if s.live then failed[#failed + 1] = s.n else failed[#failed + 1] = -1 end
+    end
+  end
+end
+if #failed > 0 then return {0, failed} end
+
+-- exact signed 64-bit addition on decimal strings (Lua numbers are doubles)
+local MAXS = '9223372036854775807'
+local function magcmp(x, y)
+  if #x ~= #y then if #x < #y then return -1 else return 1 end end
+  if x == y then return 0 end
+  if x < y then return -1 else return 1 end
+end
+local function digits(out, k)
+  local s = {}
+  for m = k, 1, -1 do s[#s + 1] = string.char(48 + out[m]) end
+  return table.concat(s)
+end
+local function magadd(x, y)
+  local out, carry, i, j = {}, 0, #x, #y
+  while i > 0 or j > 0 or carry > 0 do
+    local d = carry
+    if i > 0 then d = d + string.byte(x, i) - 48 end
+    if j > 0 then d = d + string.byte(y, j) - 48 end
+    if d >= 10 then out[#out + 1] = d - 10; carry = 1 else out[#out + 1] = d; carry = 0 end
+    i = i - 1; j = j - 1
+  end
+  return digits(out, #out)
+end
+local function magsub(x, y)
+  local out, borrow, i, j = {}, 0, #x, #y
+  while i > 0 do
+    local d = string.byte(x, i) - 48 - borrow
+    if j > 0 then d = d - (string.byte(y, j) - 48) end
+    if d < 0 then d = d + 10; borrow = 1 else borrow = 0 end
+    out[#out + 1] = d
+    i = i - 1; j = j - 1
+  end
+  local k = #out
+  while k > 1 and out[k] == 0 do k = k - 1 end
+  return digits(out, k)
+end
+local function iadd(x, y)
+  local xn, yn = string.sub(x, 1, 1) == '-', string.sub(y, 1, 1) == '-'
+  local xm, ym = x, y
+  if xn then xm = string.sub(x, 2) end
+  if yn then ym = string.sub(y, 2) end
+  if #xm <= 15 and #ym <= 15 then return fmt('%d', tonumber(x) + tonumber(y)) end
+  local neg, mag
+  if xn == yn then
+    neg, mag = xn, magadd(xm, ym)
+  else
+    local c = magcmp(xm, ym)
+    if c == 0 then return '0' end
+    if c > 0 then neg, mag = xn, magsub(xm, ym) else neg, mag = yn, magsub(ym, xm) end
+  end
+  if magcmp(mag, MAXS) > 0 then return nil end
+  if neg then return '-' .. mag end
+  return mag
+end
+
+-- ops: stage everything, validate, write nothing yet
+local rev = tonumber(redis.call('GET', KEYS[1]) or '0') + 1
+local rev_s = fmt('%d', rev)
+local body = {'{"at":', now_s, ',"meta":', meta, ',"ops":['}
+local res = {}
+local adds, add_order = {}, {}
+local trims = {}
+for j = 1, n_ops do
+  local kind = ARGV[a]
+  if j > 1 then body[#body + 1] = ',' end
+  if kind == 'p' then
+    local i, head, val, ttl = tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+    a = a + 5
+    local s = load(i)
+    local ver = 1
+    if s.live then ver = s.n + 1 else s.c = now_s end
+    s.v = val; s.n = ver; s.live = true; s.dirty = true
+    if ttl ~= '' then s.e = fmt('%d', now + tonumber(ttl)); s.pexp = tonumber(ttl) else s.e = nil; s.pexp = 0 end
+    body[#body + 1] = head; body[#body + 1] = fmt('%d', ver); body[#body + 1] = ',"value":'
+    body[#body + 1] = val; body[#body + 1] = ',"exp":'; body[#body + 1] = s.e or 'null'; body[#body + 1] = '}'
+    res[#res + 1] = ver; res[#res + 1] = ''
+  elseif kind == 'd' then
+    local i, head = tonumber(ARGV[a + 1]), ARGV[a + 2]
+    a = a + 3
+    local s = load(i)
+    local ver = 0
+    if s.live then ver = s.n end
+    s.live = false; s.dirty = true; s.v = nil; s.n = nil; s.e = nil; s.pexp = nil
+    body[#body + 1] = head; body[#body + 1] = fmt('%d', ver); body[#body + 1] = '}'
+    res[#res + 1] = 0; res[#res + 1] = ''
+  elseif kind == 'i' then
+    local i, head, by, ttl = tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+    a = a + 5
+    local s = load(i)
+    local base, ver
+    if s.live then
+      base = s.v
+      if not string.match(base, '^%-?%d+$') then return {2, j, 'nonint'} end
+      ver = s.n + 1
+    else
+      base = '0'; ver = 1; s.c = now_s
+      if ttl ~= '' then s.e = fmt('%d', now + tonumber(ttl)); s.pexp = tonumber(ttl) else s.e = nil; s.pexp = 0 end
+    end
+    local val = iadd(base, by)
+    if val == nil then return {2, j, 'overflow'} end
+    s.v = val; s.n = ver; s.live = true; s.dirty = true
+    body[#body + 1] = head; body[#body + 1] = fmt('%d', ver); body[#body + 1] = ',"value":'
+    body[#body + 1] = val; body[#body + 1] = ',"exp":'; body[#body + 1] = s.e or 'null'; body[#body + 1] = '}'
+    res[#res + 1] = ver; res[#res + 1] = val
+  elseif kind == 'a' then
+    local zi, stream, head, n = tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
+    a = a + 5
+    local first = last_seq(stream) + 1
+    local list = adds[zi]
+    if list == nil then
+      list = {stream = stream, fresh = (first == 1), z = {}}
+      adds[zi] = list; add_order[#add_order + 1] = zi
+    end
+    body[#body + 1] = head
+    for k = 0, n - 1 do
+      local typ, data, emeta = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+      a = a + 3
+      local seq_s = fmt('%d', first + k)
+      if k > 0 then body[#body + 1] = ',' end
+      body[#body + 1] = '{"seq":' .. seq_s .. ',"type":"' .. typ .. '","data":'
+      body[#body + 1] = data; body[#body + 1] = ',"meta":'; body[#body + 1] = emeta; body[#body + 1] = '}'
+      list.z[#list.z + 1] = seq_s
+      list.z[#list.z + 1] = '[' .. seq_s .. ',' .. rev_s .. ',' .. now_s .. ',"' .. typ .. '",'
+        .. data .. ',' .. emeta .. ']'
+    end
+    body[#body + 1] = ']}'
+    seqs[stream] = first + n - 1
+    list.last = first + n - 1
+    res[#res + 1] = first + n - 1; res[#res + 1] = ''
+  else -- 't'
+    local zi, before, frag = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3]
+    a = a + 4
+    if trims[zi] == nil or trims[zi] < before then trims[zi] = before end
+    body[#body + 1] = frag
+    res[#res + 1] = 0; res[#res + 1] = ''
+  end
+end
+body[#body + 1] = ']}'
+
+-- every check held and every op is valid: write. The feed entry goes first: it is the only
+-- write that can fail (its id must grow), and then nothing else has been written.
+redis.call('XADD', KEYS[3], 'MAXLEN', '1', rev_s .. '-1', 'r', rev_s)
+for i = 1, n_items do
+  local s = items[i]
+  if s and s.dirty then
+    local hk, zk = KEYS[6 + 2 * i], KEYS[7 + 2 * i]
+    local had_exp = s.orig_e ~= false and s.orig_e ~= nil and s.orig_e ~= ''
+    local member = item_ns[i] .. '|' .. item_key[i]
+    if s.live then
+      redis.call('HSET', hk, 'v', s.v, 'n', fmt('%d', s.n), 'r', rev_s, 'c', s.c, 'u', now_s, 'e', s.e or '')
+      if not s.phys then
+        redis.call('ZADD', zk, 0, item_key[i])
+        redis.call('SADD', KEYS[6], item_ns[i])
+      end
+      if s.pexp == 0 then
+        if s.phys then redis.call('PERSIST', hk) end
+        if had_exp then redis.call('ZREM', KEYS[7], member) end
+      elseif s.pexp ~= nil then
+        redis.call('PEXPIRE', hk, fmt('%d', math.ceil(s.pexp / 1000) + grace))
+        redis.call('ZADD', KEYS[7], s.e, member)
+      end
+    elseif s.phys then
+      redis.call('DEL', hk)
+      redis.call('ZREM', zk, item_key[i])
+      if had_exp then redis.call('ZREM', KEYS[7], member) end
+    end
+  end
+end
+for _, zi in ipairs(add_order) do
+  local list = adds[zi]
+  local z = list.z
+  for k = 1, #z, 512 do
+    redis.call('ZADD', KEYS[zi], unpack(z, k, math.min(k + 511, #z)))
+  end
+  redis.call('HSET', KEYS[4], list.stream, fmt('%d', list.last))
+  if list.fresh then redis.call('ZADD', KEYS[5], 0, list.stream) end
+end
+for zi, before in pairs(trims) do
+  redis.call('ZREMRANGEBYSCORE', KEYS[zi], '-inf', '(' .. fmt('%d', before))
+end
+redis.call('SET', KEYS[1], rev_s)
+redis.call('HSET', KEYS[2], rev_s, table.concat(body))
+return {1, rev, res}
+"""
+
+# KEYS: 1 namespace index. ARGV: now, start, stop, limit, item hash prefix ("T:i:<ns>|").
+_SCAN_LUA = r"""#!lua flags=no-writes
+local now = tonumber(ARGV[1])
+local start, stop, limit, pfx = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local out, found = {}, 0
+local batch = limit
+if batch < 64 then batch = 64 end
+while found < limit do
+  local members = redis.call('ZRANGEBYLEX', KEYS[1], start, stop, 'LIMIT', 0, batch)
+  for _, m in ipairs(members) do
+    local r = redis.call('HMGET', pfx .. m, 'v', 'n', 'r', 'c', 'u', 'e')
+    if r[2] and (r[6] == '' or tonumber(r[6]) > now) then
+      out[#out + 1] = m
+      for k = 1, 6 do out[#out + 1] = r[k] end
+      found = found + 1
+      if found >= limit then break end
+    end
+  end
+  if #members < batch then break end
+  start = '(' .. members[#members]
+end
+return out
+"""
+
+# KEYS: 1 rev, 2 changes. ARGV: after, limit.
+_CHANGES_LUA = r"""#!lua flags=no-writes
+local after, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local hi = after + limit
+if hi > cur then hi = cur end
+if hi <= after then return {} end
+local fields = {}
+for r = after + 1, hi do fields[#fields + 1] = string.format('%d', r) end
+return redis.call('HMGET', KEYS[2], unpack(fields))
+"""
+
+# KEYS: 1 streams, 2 seqs. ARGV: start, stop, limit, stream key prefix ("T:s:").
+_LIST_STREAMS_LUA = r"""#!lua flags=no-writes
+local names = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[1], ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+local out = {}
+for _, n in ipairs(names) do
+  local last = tonumber(redis.call('HGET', KEYS[2], n) or '0')
+  local head = redis.call('ZRANGE', ARGV[4] .. n, 0, 0, 'WITHSCORES')
+  local first = last + 1
+  if head[2] then first = tonumber(head[2]) end
+  out[#out + 1] = n; out[#out + 1] = first; out[#out + 1] = last
+end
+return out
+"""
+
+# KEYS: 1 namespace index. ARGV: now, start, batch, item hash prefix. Returns {items, bytes, last member}.
+_NS_STATS_LUA = r"""#!lua flags=no-writes
+local now = tonumber(ARGV[1])
+local members = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[2], '+', 'LIMIT', 0, tonumber(ARGV[3]))
+local n, bytes = 0, 0
+for _, m in ipairs(members) do
+  local e = redis.call('HGET', ARGV[4] .. m, 'e')
+  if e and (e == '' or tonumber(e) > now) then
+    n = n + 1
+    bytes = bytes + redis.call('HSTRLEN', ARGV[4] .. m, 'v')
+  end
+end
+return {n, bytes, members[#members] or false, #members}
+"""
+
+# KEYS: 1 expiries. ARGV: now, limit, tenant key prefix ("T:").
+_SWEEP_LUA = r"""#!lua
+local now, limit, t = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, limit)
+local removed = 0
+for _, m in ipairs(due) do
+  local hk = t .. 'i:' .. m
+  local e = redis.call('HGET', hk, 'e')
+  if e == false or (e ~= '' and tonumber(e) <= now) then
+    local bar = string.find(m, '|', 1, true)
+    redis.call('DEL', hk)
+    redis.call('ZREM', t .. 'z:' .. string.sub(m, 1, bar - 1), string.sub(m, bar + 1))
+    redis.call('ZREM', KEYS[1], m)
+    removed = removed + 1
+  elseif e == '' then
+    redis.call('ZREM', KEYS[1], m)
+  else
+    redis.call('ZADD', KEYS[1], e, m)
+  end
+end
+return removed
+"""
+
+# ---------------------------------------------------------------- helpers
+
+_OPTIONS = {"prefix", "expiry_grace", "socket_timeout", "connect_timeout", "max_connections", "watch"}
+_PASSTHROUGH = {
+    "client_name",
+    "health_check_interval",
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_check_hostname",
+}
+_TRANSIENT_REPLIES = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN", "OOM", "NOREPLICAS")
+
+
+def _positive(value: object, field: str, maximum: float) -> float:
+    try:
+        f = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidArgument(field, f"must be a number of seconds, got {value!r}") from None
+    if not 0 < f <= maximum:
+        raise InvalidArgument(field, f"must be above 0 and at most {maximum:g}, got {value!r}")
+    return f
+
+
+def _check_prefix(value: object) -> str:
+    if type(value) is not str or not value or len(value) > 64:
+        raise InvalidArgument("prefix", "must be 1 to 64 characters")
+    if any(not (ch.isascii() and (ch.isalnum() or ch in "_.:-")) for ch in value):
+        raise InvalidArgument("prefix", f"{value!r}: use letters, digits and _.:- only")
+    return value
+
+
+def _json_str(s: str) -> bytes:
+    return orjson.dumps(s)
+
+
+def _bstr(b: bytes | str) -> str:
+    return b.decode() if isinstance(b, bytes) else b
+
+
+# ---------------------------------------------------------------- the adapter
+
+
+class RedisStore(Store):
+    """The Store on a Redis server (7.0+): ``redis://host:port/db?prefix=NAME`` or ``rediss://`` for TLS.
+
+    Options (keyword arguments or URL query parameters): ``prefix`` (key prefix, default
+    ``stateline``), ``expiry_grace`` (seconds the Redis backstop expiry lags the logical one,
+    default 300), ``socket_timeout`` (default 5 s), ``connect_timeout`` (default 2 s),
+    ``max_connections`` (pool size, default 64), ``watch`` (``xread``, the default, or ``poll``).
+    See ``docs/redis.md`` for what durability Redis gives.
+    """
+
+    scheme = "redis"
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str = "stateline",
+        expiry_grace: float = 300.0,
+        socket_timeout: float = 5.0,
+        watch: str = "xread",
+        clock: Clock | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(clock=clock, **options)
+        self._r = client
+        self._prefix = _check_prefix(prefix)
+        self._grace_ms = round(_positive(expiry_grace, "expiry_grace", 10 * 365 * 86400) * 1000)
+        if watch not in ("xread", "poll"):
+            raise InvalidArgument("watch", f"must be 'xread' or 'poll', got {watch!r}")
+        self._poll = watch == "poll"
+        self._block_s = min(10.0, max(0.01, socket_timeout / 2))
+        self._tenants_key = f"{self._prefix}:tenants"
+        self._registered: set[str] = set()
+        self._reg_lock = threading.Lock()
+        self._commit_script = client.register_script(_COMMIT_LUA)
+        self._scan_script = client.register_script(_SCAN_LUA)
+        self._changes_script = client.register_script(_CHANGES_LUA)
+        self._list_streams_script = client.register_script(_LIST_STREAMS_LUA)
+        self._ns_stats_script = client.register_script(_NS_STATS_LUA)
+        self._sweep_script = client.register_script(_SWEEP_LUA)
+
+    @classmethod
+    def from_url(cls, url: str, *, clock: Clock | None = None, **options: Any) -> Self:
+        """Open ``redis://[user:password@]host:port/db?prefix=NAME&...`` (``rediss://`` for TLS)."""
+        if not isinstance(url, str):
+            raise InvalidArgument("url", "must be a string")
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise InvalidArgument("url", f"not a redis:// or rediss:// URL: {url!r}")
+        mine: dict[str, Any] = {}
+        passthrough: list[tuple[str, str]] = []
+        for k, v in parse_qsl(parts.query, keep_blank_values=True):
+            if k in _OPTIONS or k == "max_value_bytes":
+                mine[k] = v
+            elif k in _PASSTHROUGH:
+                passthrough.append((k, v))
+            else:
+                raise InvalidArgument("url", f"unknown option {k!r}")
+        mine.update(options)
+        if "max_value_bytes" in mine:
+            try:
+                mine["max_value_bytes"] = int(mine["max_value_bytes"])
+            except (TypeError, ValueError):
+                raise InvalidArgument("max_value_bytes", "must be an integer") from None
+        socket_timeout = _positive(mine.pop("socket_timeout", 5.0), "socket_timeout", 3600)
+        connect_timeout = _positive(mine.pop("connect_timeout", 2.0), "connect_timeout", 3600)
+        max_conn = mine.pop("max_connections", 64)
+        try:
+            max_connections = int(max_conn)
+        except (TypeError, ValueError):
+            raise InvalidArgument("max_connections", f"must be an integer, got {max_conn!r}") from None
+        if not 1 <= max_connections <= 10_000:
+            raise InvalidArgument("max_connections", "must be between 1 and 10000")
+        clean = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(passthrough), ""))
+        try:
+            pool = redis.BlockingConnectionPool.from_url(
+                clean,
+                max_connections=max_connections,
+                timeout=socket_timeout,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=connect_timeout,
+                retry=Retry(NoBackoff(), 0),
+            )
+        except ValueError as exc:
+            raise InvalidArgument("url", str(exc)) from None
+        client = redis.Redis(connection_pool=pool)
+        return cls(client, socket_timeout=socket_timeout, clock=clock, **mine)
+
+    # ------------------------------------------------------------ plumbing
+
+    @contextlib.contextmanager
+    def _io(self, what: str, *, commit: bool = False) -> Iterator[None]:
+        """Translate driver errors into the stateline hierarchy."""
+        try:
+            yield
+        except redis.AuthenticationError as exc:
+            raise StatelineError(f"redis refused the credentials during {what}: {exc}") from exc
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            if self._closed:
+                raise Unavailable("the store is closed") from exc
+            details = {"outcome": "unknown"} if commit else None
+            raise Unavailable(f"redis unreachable during {what}: {exc}", details=details) from exc
+        except redis.ResponseError as exc:
+            msg = str(exc)
+            if msg.startswith(_TRANSIENT_REPLIES):
+                raise Unavailable(f"redis cannot serve {what} now: {msg}") from exc
+            raise StatelineError(f"redis error during {what}: {msg}") from exc
+
+    def _t(self, tenant: str) -> str:
+        return f"{self._prefix}:{{{tenant}}}:"
+
+    def _register(self, tenant: str) -> None:
+        # The tenant list is one key outside every tenant's slot, so the commit script cannot
+        # write it; registering first (idempotent) makes the list a superset of committed tenants.
+        if tenant in self._registered:
+            return
+        with self._io("commit"):
+            self._r.zadd(self._tenants_key, {tenant: 0})
+        with self._reg_lock:
+            self._registered.add(tenant)
+
+    def _item(self, ns: str, key: str, row: list[Any], now: int) -> Item | None:
+        v, n, r, c, u, e = row
+        if n is None:
+            return None
+        exp = int(e) if e else None
+        if exp is not None and exp <= now:
+            return None
+        return Item(ns, key, orjson.loads(v), int(n), int(r), int(c), int(u), exp)
+
+    # ------------------------------------------------------------ commit
+
+    def _commit(self, c: PreparedCommit) -> Commit:
+        tenant = c.tenant
+        self._register(tenant)
+        t = self._t(tenant)
+        keys: list[str] = [t + "rev", t + "c", t + "feed", t + "seqs", t + "streams", t + "nss", t + "exp"]
+        item_idx: dict[tuple[str, str], int] = {}
+        item_args: list[Any] = []
+        for chk in c.checks:
+            if type(chk) is not StreamAt:
+                assert isinstance(chk, VersionIs | Absent | Exists)
+                pair = (chk.namespace, chk.key)
+                if pair not in item_idx:
+                    item_idx[pair] = len(item_idx) + 1
+        for op in c.ops:
+            if type(op) is PreparedPut or type(op) is PreparedDelete or type(op) is PreparedIncr:
+                assert isinstance(op, PreparedPut | PreparedDelete | PreparedIncr)
+                pair = (op.namespace, op.key)
+                if pair not in item_idx:
+                    item_idx[pair] = len(item_idx) + 1
+        for ns, key in item_idx:
+            keys.append(f"{t}i:{ns}|{key}")
+            keys.append(f"{t}z:{ns}")
+            item_args.append(ns)
+            item_args.append(key)
+        stream_idx: dict[str, int] = {}
+
+        def stream(name: str) -> int:
+            zi = stream_idx.get(name)
+            if zi is None:
+                keys.append(f"{t}s:{name}")
+                zi = stream_idx[name] = len(keys)
+            return zi
+
+        check_args: list[Any] = []
+        for chk in c.checks:
+            ckind = type(chk)
+            if ckind is StreamAt:
+                assert isinstance(chk, StreamAt)
+                check_args += ("s", chk.stream, chk.seq)
+            else:
+                assert isinstance(chk, VersionIs | Absent | Exists)
+                i = item_idx[(chk.namespace, chk.key)]
+                if ckind is VersionIs:
+                    assert isinstance(chk, VersionIs)
+                    check_args += ("v", i, chk.version)
+                else:
+                    check_args += ("a" if ckind is Absent else "e", i, 0)
+
+        op_args: list[Any] = []
+        for op in c.ops:
+            kind = type(op)
+            if kind is PreparedPut:
+                assert isinstance(op, PreparedPut)
+                head = b'{"op":"put","ns":"%s","key":%s,"version":' % (op.namespace.encode(), _json_str(op.key))
+                ttl = "" if op.ttl_us is None else op.ttl_us
+                op_args += ("p", item_idx[(op.namespace, op.key)], head, op.value, ttl)
+            elif kind is PreparedDelete:
+                assert isinstance(op, PreparedDelete)
+                head = b'{"op":"delete","ns":"%s","key":%s,"version":' % (op.namespace.encode(), _json_str(op.key))
+                op_args += ("d", item_idx[(op.namespace, op.key)], head)
+            elif kind is PreparedIncr:
+                assert isinstance(op, PreparedIncr)
+                head = b'{"op":"incr","ns":"%s","key":%s,"version":' % (op.namespace.encode(), _json_str(op.key))
+                ttl = "" if op.ttl_us is None else op.ttl_us
+                op_args += ("i", item_idx[(op.namespace, op.key)], head, op.by, ttl)
+            elif kind is PreparedAppend:
+                assert isinstance(op, PreparedAppend)
+                head = b'{"op":"append","stream":%s,"events":[' % _json_str(op.stream)
+                op_args += ("a", stream(op.stream), op.stream, head, len(op.events))
+                for e in op.events:
+                    op_args += (e.type, e.data, e.meta)
+            else:
+                assert isinstance(op, PreparedTrim)
+                frag = orjson.dumps({"op": "trim", "stream": op.stream, "before": op.before_seq})
+                op_args += ("t", stream(op.stream), op.before_seq, frag)
+
+        now = self.clock.now_us()
+        args: list[Any] = [now, c.meta, self._grace_ms, len(item_idx), len(c.checks), len(c.ops)]
+        args += item_args
+        args += check_args
+        args += op_args
+        with self._io("commit", commit=True):
+            out = self._commit_script(keys=keys, args=args)
+        status = out[0]
+        if status == 0:
+            flat = out[1]
+            failures = [
+                CheckFailure(c.checks[int(flat[k]) - 1], None if int(flat[k + 1]) < 0 else int(flat[k + 1]))
+                for k in range(0, len(flat), 2)
+            ]
+            raise Conflict(f"{len(failures)} check(s) failed", failures=failures)
+        if status == 2:
+            bad = c.ops[int(out[1]) - 1]
+            assert isinstance(bad, PreparedIncr)
+            if _bstr(out[2]) == "nonint":
+                raise InvalidArgument("incr", f"{bad.namespace}/{bad.key} holds a non-integer value")
+            raise InvalidArgument("incr", f"{bad.namespace}/{bad.key} would overflow 64 bits")
+        revision = int(out[1])
+        res = out[2]
+        versions: dict[tuple[str, str], int] = {}
+        counters: dict[tuple[str, str], int] = {}
+        seqs: dict[str, int] = {}
+        for j, op in enumerate(c.ops):
+            kind = type(op)
+            if kind is PreparedPut or kind is PreparedDelete:
+                assert isinstance(op, PreparedPut | PreparedDelete)
+                versions[(op.namespace, op.key)] = int(res[2 * j])
+            elif kind is PreparedIncr:
+                assert isinstance(op, PreparedIncr)
+                versions[(op.namespace, op.key)] = int(res[2 * j])
+                counters[(op.namespace, op.key)] = int(res[2 * j + 1])
+            elif kind is PreparedAppend:
+                assert isinstance(op, PreparedAppend)
+                seqs[op.stream] = int(res[2 * j])
+        return Commit(revision, now, versions, counters, seqs)
+
+    # ------------------------------------------------------------ reads
+
+    def _get(self, tenant: str, namespace: str, key: str) -> Item | None:
+        with self._io("get"):
+            row = self._r.hmget(f"{self._t(tenant)}i:{namespace}|{key}", "v", "n", "r", "c", "u", "e")
+        return self._item(namespace, key, row, self.clock.now_us())
+
+    def _get_many(self, tenant: str, keys: list[tuple[str, str]]) -> list[Item | None]:
+        t = self._t(tenant)
+        with self._io("get_many"):
+            pipe = self._r.pipeline(transaction=True)
+            for ns, key in keys:
+                pipe.hmget(f"{t}i:{ns}|{key}", "v", "n", "r", "c", "u", "e")
+            rows = pipe.execute()
+        now = self.clock.now_us()
+        return [self._item(ns, key, row, now) for (ns, key), row in zip(keys, rows, strict=True)]
+
+    def _scan(self, tenant: str, namespace: str, prefix: str, after: str | None, limit: int) -> list[Item]:
+        t = self._t(tenant)
+        pb = prefix.encode()
+        start = b"(" + after.encode() if after is not None and after >= prefix else b"[" + pb
+        stop = b"[" + pb + b"\xff" if prefix else b"+"
+        now = self.clock.now_us()
+        with self._io("scan"):
+            flat = self._scan_script(keys=[f"{t}z:{namespace}"], args=[now, start, stop, limit, f"{t}i:{namespace}|"])
+        out: list[Item] = []
+        for k in range(0, len(flat), 7):
+            it = self._item(namespace, _bstr(flat[k]), flat[k + 1 : k + 7], now)
+            if it is not None:
+                out.append(it)
+        return out
+
+    def _read_stream(self, tenant: str, stream: str, from_seq: int, to_seq: int, limit: int) -> list[Event]:
+        with self._io("read_stream"):
+            rows = self._r.zrangebyscore(f"{self._t(tenant)}s:{stream}", from_seq, to_seq, start=0, num=limit)
+        out = []
+        for row in rows:
+            seq, rev, at, typ, data, meta = orjson.loads(row)  # type: ignore[arg-type]  # members are bytes
+            out.append(Event(stream, seq, typ, data, meta, rev, at))
+        return out
+
+    def _stream_info(self, tenant: str, stream: str) -> StreamInfo:
+        t = self._t(tenant)
+        with self._io("stream_info"):
+            pipe = self._r.pipeline(transaction=True)
+            pipe.hget(t + "seqs", stream)
+            pipe.zrange(f"{t}s:{stream}", 0, 0, withscores=True)
+            last_raw, head = pipe.execute()
+        last = int(last_raw or 0)
+        return StreamInfo(stream, int(head[0][1]) if head else last + 1, last)
+
+    def _list_streams(self, tenant: str, prefix: str, after: str | None, limit: int) -> list[StreamInfo]:
+        t = self._t(tenant)
+        pb = prefix.encode()
+        start = b"(" + after.encode() if after is not None and after >= prefix else b"[" + pb
+        stop = b"[" + pb + b"\xff" if prefix else b"+"
+        with self._io("list_streams"):
+            flat = self._list_streams_script(keys=[t + "streams", t + "seqs"], args=[start, stop, limit, t + "s:"])
+        return [StreamInfo(_bstr(flat[k]), int(flat[k + 1]), int(flat[k + 2])) for k in range(0, len(flat), 3)]
+
+    def _revision(self, tenant: str) -> int:
+        with self._io("revision"):
+            return int(self._r.get(self._t(tenant) + "rev") or 0)
+
+    def _changes(self, tenant: str, after_revision: int, limit: int) -> list[Change]:
+        t = self._t(tenant)
+        with self._io("changes"):
+            bodies = self._changes_script(keys=[t + "rev", t + "c"], args=[after_revision, limit])
+        out = []
+        for i, body in enumerate(bodies):
+            if body is None:  # cannot happen while the keyspace is intact: the feed has no gaps
+                raise StatelineError(f"change record {after_revision + 1 + i} of {tenant!r} is missing")
+            out.append(decode_change(tenant, after_revision + 1 + i, body))
+        return out
+
+    def _watch(self, tenant: str, after_revision: int, timeout: float, limit: int) -> list[Change]:
+        deadline = time.monotonic() + timeout
+        feed = self._t(tenant) + "feed"
+        poll = 0.02
+        while True:
+            got = self._changes(tenant, after_revision, limit)
+            if got or self._closed:
+                return got
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            if self._poll:
+                time.sleep(min(remaining, poll))
+                poll = min(poll * 2, 0.5)
+                continue
+            block_ms = max(1, int(min(remaining, self._block_s) * 1000))
+            try:
+                with self._io("watch"):
+                    # ids are "<revision>-1": this returns at once if a revision above ours exists
+                    self._r.xread({feed: f"{after_revision}-1"}, count=1, block=block_ms)
+            except StatelineError as exc:
+                if isinstance(exc, Unavailable):
+                    raise
+                # the server refuses XREAD (an old server or a proxy): poll instead, from now on
+                self._poll = True
+
+    def _tenants(self, after: str | None, limit: int) -> list[str]:
+        out: list[str] = []
+        start = b"(" + after.encode() if after is not None else b"-"
+        with self._io("tenants"):
+            while len(out) < limit:
+                batch = max(limit - len(out), 64)
+                names = [_bstr(n) for n in self._r.zrangebylex(self._tenants_key, start, b"+", start=0, num=batch)]
+                if not names:
+                    break
+                pipe = self._r.pipeline(transaction=False)
+                for n in names:
+                    pipe.exists(self._t(n) + "rev")
+                for n, ok in zip(names, pipe.execute(), strict=True):
+                    if ok and len(out) < limit:
+                        out.append(n)
+                if len(names) < batch:
+                    break
+                start = b"(" + names[-1].encode()
+        return out
+
+    def _stats(self, tenant: str) -> TenantStats:
+        t = self._t(tenant)
+        now = self.clock.now_us()
+        spaces: dict[str, NamespaceStats] = {}
+        with self._io("stats"):
+            revision = int(self._r.get(t + "rev") or 0)
+            for ns in sorted(_bstr(n) for n in self._r.smembers(t + "nss")):
+                items = size = 0
+                start = b"-"
+                while True:
+                    n, b, last, count = self._ns_stats_script(
+                        keys=[f"{t}z:{ns}"], args=[now, start, 1000, f"{t}i:{ns}|"]
+                    )
+                    items += int(n)
+                    size += int(b)
+                    if int(count) < 1000 or last is None:
+                        break
+                    start = b"(" + last
+                if items:
+                    spaces[ns] = NamespaceStats(items, size)
+            names = [_bstr(n) for n in cast("list[bytes]", self._r.zrange(t + "streams", 0, -1))]
+            events = 0
+            for k in range(0, len(names), 1000):
+                pipe = self._r.pipeline(transaction=False)
+                for n in names[k : k + 1000]:
+                    pipe.zcard(f"{t}s:{n}")
+                events += sum(pipe.execute())
+        return TenantStats(revision, spaces, len(names), events)
+
+    def _sweep(self, limit: int) -> int:
+        removed = 0
+        now = self.clock.now_us()
+        with self._io("sweep"):
+            for tenant in self._tenants(None, 10_000) if limit else []:
+                if removed >= limit:
+                    break
+                t = self._t(tenant)
+                removed += int(self._sweep_script(keys=[t + "exp"], args=[now, limit - removed, t]))
+        return removed
+
+    def _ping(self) -> None:
+        with self._io("ping"):
+            self._r.ping()
+
+    def _close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._r.connection_pool.disconnect()
