@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from stateline import Database, FakeClock, Store, Tenant, open_store
 
-BACKENDS = ["memory", "sqlite"]
+BACKENDS = ["memory", "sqlite", "redis"]
 # STATELINE_TEST_BACKENDS=memory,sqlite narrows a local run; CI always runs every backend.
 if os.environ.get("STATELINE_TEST_BACKENDS") and os.environ.get("CI", "").lower() not in {"1", "true", "yes"}:
     BACKENDS = [b for b in BACKENDS if b in os.environ["STATELINE_TEST_BACKENDS"].split(",")]
@@ -84,6 +85,20 @@ def make_backend(kind: str, tmp_path: Path, clock: FakeClock) -> Backend:
         return Backend(kind, "memory://", clock)
     if kind == "sqlite":
         return Backend(kind, f"sqlite:///{tmp_path / f'sl-{suffix}.db'}", clock)
+    if kind == "redis":
+        require_service("redis")
+        prefix = f"sl-{suffix}"
+
+        def drop_redis_keys() -> None:
+            client = redis.Redis(host="127.0.0.1", port=6379, db=0, socket_timeout=10)
+            try:
+                batch = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+                for i in range(0, len(batch), 500):
+                    client.unlink(*batch[i : i + 500])
+            finally:
+                client.close()
+
+        return Backend(kind, f"redis://127.0.0.1:6379/0?prefix={prefix}", clock, cleanup=drop_redis_keys)
     raise AssertionError(f"unknown backend kind {kind!r}")
 
 
