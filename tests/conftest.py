@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import redis
 
 from stateline import Database, FakeClock, Store, Tenant, open_store
 
-BACKENDS = ["memory", "sqlite", "redis"]
+BACKENDS = ["memory", "sqlite", "redis", "postgresql"]
 # STATELINE_TEST_BACKENDS=memory,sqlite narrows a local run; CI always runs every backend.
 if os.environ.get("STATELINE_TEST_BACKENDS") and os.environ.get("CI", "").lower() not in {"1", "true", "yes"}:
     BACKENDS = [b for b in BACKENDS if b in os.environ["STATELINE_TEST_BACKENDS"].split(",")]
@@ -99,6 +100,17 @@ def make_backend(kind: str, tmp_path: Path, clock: FakeClock) -> Backend:
                 client.close()
 
         return Backend(kind, f"redis://127.0.0.1:6379/0?prefix={prefix}", clock, cleanup=drop_redis_keys)
+    if kind == "postgresql":
+        require_service("postgresql")
+        schema = f"sl_{suffix}"
+
+        def drop_pg_schema() -> None:
+            with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True, connect_timeout=10) as c:
+                c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+        return Backend(
+            kind, f"postgresql://postgres@127.0.0.1:5432/test?schema={schema}", clock, cleanup=drop_pg_schema
+        )
     raise AssertionError(f"unknown backend kind {kind!r}")
 
 

@@ -1,0 +1,941 @@
+"""The PostgreSQL Store adapter: one shared store for many processes and nodes (psycopg 3 + psycopg_pool).
+
+Why it is built this way:
+
+* Gap-free change feed. Sequences hand out numbers in one order and commit in another, so a reader
+  could see revision 7 before 6 commits and skip 6 for ever. Instead every commit (or group of
+  commits, below) first locks its tenant's row in ``tenants`` (an upsert that returns the current
+  revision), and sets the new revision in the same transaction. That row lock serialises the
+  commits of one tenant: revision N+1 can only be assigned after the transaction that wrote N has
+  committed (or rolled back, and then N is reused), so a reader that sees N+1 sees everything
+  below it. Tenants never wait for each other. Reads after the lock run under READ COMMITTED, so
+  they see the state left by the previous holder; every check is then evaluated in Python with the
+  same code path as the other adapters, and no serialization failure can occur. Deadlocks and
+  serialization failures (only possible with unusual server settings) roll back with nothing
+  written and are retried a few times before ``Unavailable`` is raised.
+* Round trips. A commit is two pipelined round trips: (lock + read the touched rows), then
+  (all writes + change record + COMMIT). Commits of one tenant that arrive together in one
+  process are grouped into one transaction (group commit): each still gets its own revision,
+  change record and check evaluation, a failing one does not affect the others, and the group pays
+  one WAL flush instead of one each.
+* Watch. Each commit sends ``pg_notify(<channel of the schema>, tenant)`` right after its COMMIT, in
+  the same pipeline but outside the transaction: NOTIFY inside a transaction takes a database-wide
+  lock held until the commit is flushed, which would serialise every tenant's commits. A listener
+  connection per store wakes the waiters; while it is down (and every few seconds anyway, in case
+  a notification was lost with a connection) watchers poll.
+* Time comes only from the injected clock (passed as parameters, never ``now()`` in SQL). Values
+  are stored as the exact encoded JSON bytes (``bytea``); keys use ``COLLATE "C"`` (code point order).
+* Outages: broken connections are detected before use and replaced; calls during an outage raise
+  ``Unavailable`` after at most ``connect_timeout``/``pool_timeout`` seconds, and the same store
+  works again once the server is back. A commit that fails after COMMIT was sent raises
+  ``Unavailable`` whose outcome is unknown (the change feed tells).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+import select
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Self
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import orjson
+import psycopg
+import psycopg.errors
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from stateline.clock import Clock
+from stateline.errors import Conflict, InvalidArgument, StatelineError, Unavailable
+from stateline.store.protocol import (
+    MAX_INT,
+    ChangeRecorder,
+    PreparedAppend,
+    PreparedCommit,
+    PreparedDelete,
+    PreparedIncr,
+    PreparedPut,
+    PreparedTrim,
+    Store,
+    decode_change,
+    prefix_end,
+)
+from stateline.types import (
+    Absent,
+    Change,
+    CheckFailure,
+    Commit,
+    Event,
+    Exists,
+    Item,
+    NamespaceStats,
+    StreamAt,
+    StreamInfo,
+    TenantStats,
+    VersionIs,
+)
+
+__all__ = ["SCHEMA_VERSION", "PostgresStore"]
+
+SCHEMA_VERSION = 2
+"""The schema version this module creates and migrates to."""
+
+_SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_MAX_GROUP = 64  # commits per group transaction
+_RETRIES = 3  # retries of a transaction rolled back by a deadlock / serialization failure
+_POLL_DOWN = 0.25  # watch poll interval while the listener is down
+_POLL_SAFETY = 2.0  # ... and while it is up, in case a notification was lost
+
+# Migrations: MIGRATIONS[v] takes a schema from version v to v + 1. ``{s}`` is the quoted schema.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        'CREATE TABLE {s}.tenants (tenant text COLLATE "C" PRIMARY KEY, revision bigint NOT NULL)',
+        """CREATE TABLE {s}.items (
+            tenant text COLLATE "C" NOT NULL, ns text COLLATE "C" NOT NULL, key text COLLATE "C" NOT NULL,
+            value bytea NOT NULL, version bigint NOT NULL, revision bigint NOT NULL,
+            created_at bigint NOT NULL, updated_at bigint NOT NULL, expires_at bigint,
+            PRIMARY KEY (tenant, ns, key))""",
+        """CREATE TABLE {s}.streams (
+            tenant text COLLATE "C" NOT NULL, stream text COLLATE "C" NOT NULL, last_seq bigint NOT NULL,
+            PRIMARY KEY (tenant, stream))""",
+        """CREATE TABLE {s}.events (
+            tenant text COLLATE "C" NOT NULL, stream text COLLATE "C" NOT NULL, seq bigint NOT NULL,
+            type text NOT NULL, data bytea NOT NULL, meta bytea NOT NULL,
+            revision bigint NOT NULL, recorded_at bigint NOT NULL,
+            PRIMARY KEY (tenant, stream, seq))""",
+        """CREATE TABLE {s}.changes (
+            tenant text COLLATE "C" NOT NULL, revision bigint NOT NULL, body bytea NOT NULL,
+            PRIMARY KEY (tenant, revision))""",
+    ),
+    ("CREATE INDEX items_expiry ON {s}.items (expires_at) WHERE expires_at IS NOT NULL",),
+)
+assert len(_MIGRATIONS) == SCHEMA_VERSION
+
+
+def _is_connection_error(exc: BaseException, conn: psycopg.Connection[Any] | None) -> bool:
+    if isinstance(exc, psycopg.errors.TransactionRollback):
+        return False
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        return True
+    return conn is not None and (conn.closed or conn.broken)
+
+
+def _translate(exc: BaseException) -> StatelineError:
+    if isinstance(exc, StatelineError):
+        return exc
+    if isinstance(exc, PoolTimeout):
+        return Unavailable("postgresql: no connection available (server down or pool exhausted)")
+    if isinstance(exc, psycopg.errors.TransactionRollback):
+        return Unavailable(f"postgresql: transaction rolled back by the server, retries exhausted ({exc})")
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        return Unavailable(f"postgresql: {exc}".strip())
+    if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+        return Unavailable("postgresql: the server is read-only (a standby?)")
+    return StatelineError(f"postgresql: {exc}")
+
+
+# ---------------------------------------------------------------- group commit
+
+
+@dataclass(slots=True)
+class _Slot:
+    commit: PreparedCommit
+    done: threading.Event = field(default_factory=threading.Event)
+    lead: bool = False
+    result: Commit | None = None
+    error: BaseException | None = None
+
+
+class _Queue:
+    __slots__ = ("active", "pending")
+
+    def __init__(self) -> None:
+        self.pending: deque[_Slot] = deque()
+        self.active = False
+
+
+@dataclass(slots=True)
+class _Row:
+    value: bytes | None  # None: not loaded (only Incr needs the old value)
+    version: int
+    created_at: int
+    expires_at: int | None
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What one group transaction writes."""
+
+    base_revision: int
+    now: int
+    items: dict[tuple[str, str], tuple[bytes, int, int, int, int | None] | None] = field(default_factory=dict)
+    events: list[tuple[str, int, str, bytes, bytes, int]] = field(default_factory=list)
+    last_seqs: dict[str, int] = field(default_factory=dict)
+    trims: dict[str, int] = field(default_factory=dict)
+    changes: list[tuple[int, bytes]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- the adapter
+
+
+class PostgresStore(Store):
+    """A Store in PostgreSQL: ``postgresql://user[:password]@host[:port]/db?schema=NAME&...``.
+
+    Options (URL query parameters or keyword arguments): ``schema`` (default ``stateline``; created
+    if missing), ``pool_min`` (1), ``pool_max`` (10), ``pool_timeout`` seconds to wait for a
+    connection (5), ``connect_timeout`` seconds (5), ``group_commit`` (true). Other query
+    parameters go to libpq unchanged (``sslmode``, ``password``, ``application_name``, ...).
+    Opening creates the schema, or migrates an older one, safely when several processes open at once.
+    """
+
+    scheme = "postgresql"
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        clock: Clock | None = None,
+        schema: str = "stateline",
+        pool_min: int = 1,
+        pool_max: int = 10,
+        pool_timeout: float = 5.0,
+        connect_timeout: int = 5,
+        group_commit: bool = True,
+        **options: Any,
+    ) -> None:
+        super().__init__(clock=clock, **options)
+        if type(schema) is not str or not _SCHEMA_RE.fullmatch(schema):
+            raise InvalidArgument("schema", "must be 1-63 lowercase letters, digits and _, not starting with a digit")
+        pool_max = _int_option(pool_max, "pool_max", 1, 1000)
+        pool_min = _int_option(pool_min, "pool_min", 0, pool_max)
+        connect_timeout = _int_option(connect_timeout, "connect_timeout", 1, 3600)
+        if type(pool_timeout) not in (int, float) or not 0 < pool_timeout <= 3600:
+            raise InvalidArgument("pool_timeout", "must be a number of seconds in (0, 3600]")
+        self.schema = schema
+        self._group = bool(group_commit)
+        self._conninfo = conninfo
+        self._connect_kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "connect_timeout": connect_timeout,
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 15000,
+        }
+        self._pool_timeout = float(pool_timeout)
+        s = f'"{schema}"'
+        self._channel = f"stateline:{schema}"[:63]
+        self._q = _Queries(s)
+        self._queues: dict[str, _Queue] = {}
+        self._queues_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._gens: dict[str, int] = {}
+        self._listening = False
+        self._listener: threading.Thread | None = None
+        self._pool = ConnectionPool(
+            conninfo,
+            kwargs=self._connect_kwargs,
+            min_size=pool_min,
+            max_size=pool_max,
+            timeout=self._pool_timeout,
+            reconnect_timeout=float(connect_timeout),
+            max_idle=300.0,
+            open=False,
+            name=f"stateline:{schema}",
+        )
+        try:
+            self._pool.open(wait=False)
+            self._migrate()
+        except BaseException:
+            self._pool.close(timeout=0)
+            raise
+
+    @classmethod
+    def from_url(cls, url: str, *, clock: Clock | None = None, **options: Any) -> Self:
+        """Open ``postgresql://`` (or ``postgres://``) URL; stateline options may be query parameters."""
+        if not isinstance(url, str):
+            raise InvalidArgument("url", "must be a string")
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in ("postgresql", "postgres"):
+            raise InvalidArgument("url", f"not a postgresql:// URL: {url!r}")
+        rest: list[tuple[str, str]] = []
+        for name, value in parse_qsl(parts.query, keep_blank_values=True):
+            if name in _URL_OPTIONS:
+                options.setdefault(name, _URL_OPTIONS[name](name, value))
+            else:
+                rest.append((name, value))
+        conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(rest), ""))
+        return cls(conninfo, clock=clock, **options)
+
+    # ------------------------------------------------------------ connections
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A healthy pooled connection: ones the server has closed while idle are replaced first."""
+        for _ in range(self._pool.max_size + 1):
+            try:
+                conn = self._pool.getconn()
+            except PoolTimeout as exc:
+                raise _translate(exc) from None
+            except psycopg.Error as exc:
+                raise _translate(exc) from None
+            if _healthy(conn):
+                break
+            self._pool.putconn(conn)  # closed: the pool replaces it
+        else:
+            raise Unavailable("postgresql: every pooled connection is broken")
+        try:
+            yield conn
+        finally:
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE and not conn.closed:
+                with contextlib.suppress(psycopg.Error):
+                    conn.rollback()
+            self._pool.putconn(conn)
+
+    def _read(self, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """Run one read statement; a broken connection is retried once on a fresh one."""
+        for attempt in range(2):
+            with self._connection() as conn:
+                try:
+                    return conn.execute(query, params, binary=True).fetchall()
+                except psycopg.Error as exc:
+                    if attempt == 0 and _is_connection_error(exc, conn):
+                        continue
+                    raise _translate(exc) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _migrate(self) -> None:
+        lock_key = int.from_bytes(hashlib.blake2b(f"stateline:{self.schema}".encode(), digest_size=8).digest(), "big")
+        lock_key -= 1 << 63 if lock_key >= 1 << 63 else 0
+        s = f'"{self.schema}"'
+        try:
+            with self._connection() as conn, conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key,))
+                conn.execute(f"CREATE SCHEMA IF NOT EXISTS {s}")
+                conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {s}.schema_version "
+                    "(id int PRIMARY KEY CHECK (id = 1), version int NOT NULL)"
+                )
+                row = conn.execute(f"SELECT version FROM {s}.schema_version").fetchone()
+                version = 0 if row is None else int(row[0])
+                if version > SCHEMA_VERSION:
+                    raise InvalidArgument(
+                        "schema",
+                        f"{self.schema!r} is at version {version}, newer than this stateline supports "
+                        f"({SCHEMA_VERSION}): upgrade stateline",
+                    )
+                for v in range(version, SCHEMA_VERSION):
+                    for statement in _MIGRATIONS[v]:
+                        conn.execute(statement.format(s=s))
+                if version != SCHEMA_VERSION:
+                    conn.execute(
+                        f"INSERT INTO {s}.schema_version VALUES (1, %s) "
+                        "ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+                        (SCHEMA_VERSION,),
+                    )
+        except psycopg.Error as exc:
+            raise _translate(exc) from None
+
+    # ------------------------------------------------------------ commit
+
+    def _commit(self, c: PreparedCommit) -> Commit:
+        if not self._group:
+            res = self._run_group(c.tenant, [_Slot(c)])[0]
+            if isinstance(res, BaseException):
+                raise res
+            return res
+        slot = _Slot(c)
+        with self._queues_lock:
+            q = self._queues.get(c.tenant)
+            if q is None:
+                q = self._queues[c.tenant] = _Queue()
+            q.pending.append(slot)
+            if not q.active:
+                q.active = slot.lead = True
+        if not slot.lead:
+            slot.done.wait()
+        if slot.lead:
+            self._lead(c.tenant, q)
+        if slot.error is not None:
+            raise slot.error
+        assert slot.result is not None
+        return slot.result
+
+    def _lead(self, tenant: str, q: _Queue) -> None:
+        """Run one group of queued commits (the leader's among them), then pass the lead on."""
+        with self._queues_lock:
+            group = [q.pending.popleft() for _ in range(min(len(q.pending), _MAX_GROUP))]
+        results: list[Commit | Exception] = []
+        try:
+            results = list(self._run_group(tenant, group))
+        except Exception as exc:  # noqa: BLE001  (the leader hands any error to every commit of its group)
+            err = _translate(exc) if isinstance(exc, psycopg.Error) else exc
+            # one exception object per waiting thread: each raise writes its own traceback
+            results = [err, *(_copy_error(err) for _ in group[1:])]
+        finally:
+            if len(results) != len(group):  # interrupted (KeyboardInterrupt, ...): never leave followers waiting
+                results = [
+                    Unavailable("postgresql: the commit was interrupted; it may or may not have applied") for _ in group
+                ]
+            for slot, res in zip(group, results, strict=True):
+                if isinstance(res, Commit):
+                    slot.result = res
+                else:
+                    slot.error = res
+            with self._queues_lock:
+                if q.pending:
+                    nxt = q.pending[0]
+                    nxt.lead = True
+                    nxt.done.set()
+                else:
+                    q.active = False
+                    if self._queues.get(tenant) is q:
+                        del self._queues[tenant]
+            for slot in group:
+                slot.done.set()
+
+    def _run_group(self, tenant: str, group: list[_Slot]) -> list[Commit | StatelineError]:
+        for attempt in range(_RETRIES + 1):
+            try:
+                return self._try_group(tenant, group)
+            except _Retry as exc:
+                if attempt == _RETRIES:
+                    raise _translate(exc.cause) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _try_group(self, tenant: str, group: list[_Slot]) -> list[Commit | StatelineError]:
+        q = self._q
+        keys: dict[tuple[str, str], bool] = {}
+        streams: set[str] = set()
+        for slot in group:
+            for check in slot.commit.checks:
+                if type(check) is StreamAt:
+                    streams.add(check.stream)
+                else:
+                    assert isinstance(check, VersionIs | Absent | Exists)
+                    keys.setdefault((check.namespace, check.key), False)
+            for op in slot.commit.ops:
+                t = type(op)
+                if t is PreparedAppend or t is PreparedTrim:
+                    assert isinstance(op, PreparedAppend | PreparedTrim)
+                    streams.add(op.stream)
+                else:
+                    assert isinstance(op, PreparedPut | PreparedDelete | PreparedIncr)
+                    k = (op.namespace, op.key)
+                    keys[k] = keys.get(k, False) or t is PreparedIncr
+
+        with self._connection() as conn:
+            # Round trip 1: lock the tenant's revision row, then read what the group touches.
+            try:
+                with conn.pipeline():
+                    conn.execute("BEGIN")
+                    cur_rev = conn.execute(q.lock_tenant, (tenant,), binary=True)
+                    cur_items = cur_streams = None
+                    if keys:
+                        ks = list(keys)
+                        cur_items = conn.execute(
+                            q.read_items,
+                            ([k[0] for k in ks], [k[1] for k in ks], list(keys.values()), tenant),
+                            binary=True,
+                        )
+                    if streams:
+                        cur_streams = conn.execute(q.read_streams, (tenant, list(streams)), binary=True)
+                row = cur_rev.fetchone()
+                assert row is not None
+                base = int(row[0])
+                rows: dict[tuple[str, str], _Row] = {}
+                if cur_items is not None:
+                    for ns, key, value, version, created, expires in cur_items.fetchall():
+                        rows[(ns, key)] = _Row(value, version, created, expires)
+                seqs: dict[str, int] = {}
+                if cur_streams is not None:
+                    seqs = dict(cur_streams.fetchall())
+            except psycopg.Error as exc:
+                self._abort(conn)
+                if isinstance(exc, psycopg.errors.TransactionRollback) or _is_connection_error(exc, conn):
+                    raise _Retry(exc) from None
+                raise _translate(exc) from None
+
+            now = self.clock.now_us()
+            plan = _Plan(base, now)
+            results = [self._apply(slot.commit, plan, rows, seqs) for slot in group]
+            if not plan.changes:
+                self._abort(conn)
+                return results
+
+            # Round trip 2: every write, the change records, the revision, COMMIT; then wake watchers.
+            committing = False
+            try:
+                with conn.pipeline():
+                    puts = [(k, v) for k, v in plan.items.items() if v is not None]
+                    dels = [k for k, v in plan.items.items() if v is None]
+                    if dels:
+                        conn.execute(q.delete_items, ([k[0] for k in dels], [k[1] for k in dels], tenant))
+                    if puts:
+                        conn.execute(
+                            q.upsert_items,
+                            (
+                                tenant,
+                                now,
+                                [k[0] for k, _ in puts],
+                                [k[1] for k, _ in puts],
+                                [v[0] for _, v in puts],
+                                [v[1] for _, v in puts],
+                                [v[2] for _, v in puts],
+                                [v[3] for _, v in puts],
+                                [v[4] for _, v in puts],
+                            ),
+                        )
+                    if plan.events:
+                        ev = plan.events
+                        conn.execute(
+                            q.insert_events,
+                            (
+                                tenant,
+                                now,
+                                [e[0] for e in ev],
+                                [e[1] for e in ev],
+                                [e[2] for e in ev],
+                                [e[3] for e in ev],
+                                [e[4] for e in ev],
+                                [e[5] for e in ev],
+                            ),
+                        )
+                    if plan.last_seqs:
+                        names = list(plan.last_seqs)
+                        conn.execute(q.upsert_streams, (tenant, names, [plan.last_seqs[n] for n in names]))
+                    for name, before in plan.trims.items():
+                        conn.execute(q.trim_events, (tenant, name, before))
+                    conn.execute(q.insert_changes, (tenant, [r for r, _ in plan.changes], [b for _, b in plan.changes]))
+                    conn.execute(q.set_revision, (base + len(plan.changes), tenant))
+                    committing = True
+                    conn.execute("COMMIT")
+                    conn.execute("SELECT pg_notify(%s, %s)", (self._channel, tenant))
+            except psycopg.Error as exc:
+                committed = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE and not conn.broken
+                self._abort(conn)
+                if committed:  # only the notification failed: the commit stands, watchers poll
+                    return results
+                if isinstance(exc, psycopg.errors.TransactionRollback):
+                    raise _Retry(exc) from None
+                if committing and _is_connection_error(exc, conn):
+                    raise Unavailable(
+                        f"postgresql: connection lost while committing; the commit may or may not have applied ({exc})"
+                    ) from None
+                raise _translate(exc) from None
+        return results
+
+    @staticmethod
+    def _abort(conn: psycopg.Connection[Any]) -> None:
+        if conn.closed or conn.broken:
+            return
+        with contextlib.suppress(psycopg.Error):
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.execute("ROLLBACK")
+
+    def _apply(
+        self, c: PreparedCommit, plan: _Plan, rows: dict[tuple[str, str], _Row], seqs: dict[str, int]
+    ) -> Commit | StatelineError:
+        """Evaluate one commit of a group against the state the group has built so far."""
+        now = plan.now
+        items = plan.items
+
+        def current(ns: str, key: str, staged: dict[tuple[str, str], _Row | None]) -> _Row | None:
+            k = (ns, key)
+            if k in staged:
+                return staged[k]
+            if k in items:
+                v = items[k]
+                return None if v is None else _Row(v[0], v[1], v[2], v[4])
+            r = rows.get(k)
+            if r is None or (r.expires_at is not None and r.expires_at <= now):
+                return None
+            return r
+
+        failures = []
+        for check in c.checks:
+            if type(check) is StreamAt:
+                seq = plan.last_seqs.get(check.stream, seqs.get(check.stream, 0))
+                if seq != check.seq:
+                    failures.append(CheckFailure(check, seq))
+                continue
+            assert isinstance(check, VersionIs | Absent | Exists)
+            rec = current(check.namespace, check.key, {})
+            found = None if rec is None else rec.version
+            if (
+                (type(check) is VersionIs and found != check.version)
+                or (type(check) is Absent and found is not None)
+                or (type(check) is Exists and found is None)
+            ):
+                failures.append(CheckFailure(check, found))
+        if failures:
+            return Conflict(f"{len(failures)} check(s) failed", failures=failures)
+
+        revision = plan.base_revision + len(plan.changes) + 1
+        recorder = ChangeRecorder()
+        staged: dict[tuple[str, str], _Row | None] = {}
+        values: dict[tuple[str, str], tuple[bytes, int, int, int, int | None] | None] = {}
+        events: list[tuple[str, int, str, bytes, bytes, int]] = []
+        last_seqs: dict[str, int] = {}
+        trims: dict[str, int] = {}
+        versions: dict[tuple[str, str], int] = {}
+        counters: dict[tuple[str, str], int] = {}
+        for op in c.ops:
+            if type(op) is PreparedPut:
+                old = current(op.namespace, op.key, staged)
+                exp = None if op.ttl_us is None else now + op.ttl_us
+                version = 1 if old is None else old.version + 1
+                created = now if old is None else old.created_at
+                staged[(op.namespace, op.key)] = _Row(op.value, version, created, exp)
+                values[(op.namespace, op.key)] = (op.value, version, revision, created, exp)
+                versions[(op.namespace, op.key)] = version
+                recorder.put(op.namespace, op.key, version, op.value, exp)
+            elif type(op) is PreparedDelete:
+                old = current(op.namespace, op.key, staged)
+                staged[(op.namespace, op.key)] = None
+                values[(op.namespace, op.key)] = None
+                versions[(op.namespace, op.key)] = 0
+                recorder.delete(op.namespace, op.key, 0 if old is None else old.version)
+            elif type(op) is PreparedIncr:
+                old = current(op.namespace, op.key, staged)
+                if old is None:
+                    base, version, created, exp = 0, 1, now, (None if op.ttl_us is None else now + op.ttl_us)
+                else:
+                    assert old.value is not None  # Incr keys are read with their values
+                    base = orjson.loads(old.value)
+                    if type(base) is not int:
+                        return InvalidArgument("incr", f"{op.namespace}/{op.key} holds a non-integer value")
+                    version, created, exp = old.version + 1, old.created_at, old.expires_at
+                value = base + op.by
+                if not -MAX_INT <= value <= MAX_INT:
+                    return InvalidArgument("incr", f"{op.namespace}/{op.key} would overflow 64 bits")
+                encoded = orjson.dumps(value)
+                staged[(op.namespace, op.key)] = _Row(encoded, version, created, exp)
+                values[(op.namespace, op.key)] = (encoded, version, revision, created, exp)
+                versions[(op.namespace, op.key)] = version
+                counters[(op.namespace, op.key)] = value
+                recorder.incr(op.namespace, op.key, version, value, exp)
+            elif type(op) is PreparedAppend:
+                if op.stream not in last_seqs:
+                    last_seqs[op.stream] = plan.last_seqs.get(op.stream, seqs.get(op.stream, 0))
+                first = last_seqs[op.stream] + 1
+                events.extend((op.stream, first + i, e.type, e.data, e.meta, revision) for i, e in enumerate(op.events))
+                last_seqs[op.stream] = first + len(op.events) - 1
+                recorder.append(op.stream, first, op.events)
+            else:
+                assert type(op) is PreparedTrim
+                trims[op.stream] = max(trims.get(op.stream, 0), op.before_seq)
+                recorder.trim(op.stream, op.before_seq)
+
+        # valid: merge into the group's plan
+        items.update(values)
+        plan.events.extend(events)
+        plan.last_seqs.update(last_seqs)
+        for name, before in trims.items():
+            # a trim removes only events that exist when it applies (after this commit's appends)
+            last = plan.last_seqs.get(name, seqs.get(name, 0))
+            cut = min(before, last + 1)
+            if cut > plan.trims.get(name, 0):
+                plan.trims[name] = cut
+                plan.events = [e for e in plan.events if e[0] != name or e[1] >= cut]
+        plan.changes.append((revision, recorder.body(now, c.meta)))
+        return Commit(revision, now, versions, counters, last_seqs)
+
+    # ------------------------------------------------------------ reads
+
+    def _item(self, row: tuple[Any, ...]) -> Item:
+        ns, key, value, version, revision, created, updated, expires = row
+        return Item(ns, key, orjson.loads(value), version, revision, created, updated, expires)
+
+    def _get(self, tenant: str, namespace: str, key: str) -> Item | None:
+        rows = self._read(self._q.get, (tenant, namespace, key, self.clock.now_us()))
+        return self._item(rows[0]) if rows else None
+
+    def _get_many(self, tenant: str, keys: list[tuple[str, str]]) -> list[Item | None]:
+        rows = self._read(self._q.get_many, ([k[0] for k in keys], [k[1] for k in keys], tenant, self.clock.now_us()))
+        found = {(r[0], r[1]): self._item(r) for r in rows}
+        return [found.get(k) for k in keys]
+
+    def _scan(self, tenant: str, namespace: str, prefix: str, after: str | None, limit: int) -> list[Item]:
+        end = prefix_end(prefix) if prefix else None
+        rows = self._read(self._q.scan, (tenant, namespace, self.clock.now_us(), prefix, after, after, end, end, limit))
+        return [self._item(r) for r in rows]
+
+    def _read_stream(self, tenant: str, stream: str, from_seq: int, to_seq: int, limit: int) -> list[Event]:
+        rows = self._read(self._q.read_stream, (tenant, stream, from_seq, to_seq, limit))
+        return [
+            Event(stream, seq, typ, orjson.loads(data), orjson.loads(meta), rev, at)
+            for seq, typ, data, meta, rev, at in rows
+        ]
+
+    def _stream_info(self, tenant: str, stream: str) -> StreamInfo:
+        rows = self._read(self._q.stream_info, (tenant, stream))
+        if not rows:
+            return StreamInfo(stream, 1, 0)
+        last, first = rows[0]
+        return StreamInfo(stream, last + 1 if first is None else first, last)
+
+    def _list_streams(self, tenant: str, prefix: str, after: str | None, limit: int) -> list[StreamInfo]:
+        end = prefix_end(prefix) if prefix else None
+        rows = self._read(self._q.list_streams, (tenant, prefix, after, after, end, end, limit))
+        return [StreamInfo(name, last + 1 if first is None else first, last) for name, last, first in rows]
+
+    def _revision(self, tenant: str) -> int:
+        rows = self._read(self._q.revision, (tenant,))
+        return int(rows[0][0]) if rows else 0
+
+    def _changes(self, tenant: str, after_revision: int, limit: int) -> list[Change]:
+        rows = self._read(self._q.changes, (tenant, after_revision, limit))
+        out: list[Change] = []
+        expect = after_revision + 1
+        for revision, body in rows:
+            if revision != expect:  # cannot happen (see the module docstring); never hand out a gap
+                break
+            out.append(decode_change(tenant, revision, body))
+            expect += 1
+        return out
+
+    def _watch(self, tenant: str, after_revision: int, timeout: float, limit: int) -> list[Change]:
+        deadline = time.monotonic() + timeout
+        if timeout > 0:
+            self._ensure_listener()
+        while True:
+            with self._cond:
+                gen = self._gens.get(tenant, 0)
+                listening = self._listening
+            found = self._changes(tenant, after_revision, limit)
+            remaining = deadline - time.monotonic()
+            if found or remaining <= 0 or self._closed:
+                return found
+            wait = min(remaining, _POLL_SAFETY if listening else _POLL_DOWN)
+            with self._cond:
+                self._cond.wait_for(partial(self._woken, tenant, gen, listening), wait)
+
+    def _woken(self, tenant: str, gen: int, listening: bool) -> bool:
+        return self._gens.get(tenant, 0) != gen or self._listening != listening or self._closed
+
+    def _ensure_listener(self) -> None:
+        with self._cond:
+            if self._listener is not None or self._closed:
+                return
+            self._listener = threading.Thread(target=self._listen, name=f"stateline-listen-{self.schema}", daemon=True)
+        self._listener.start()
+
+    def _listen(self) -> None:
+        """Keep one LISTEN connection; each notification bumps its tenant's generation and wakes watchers."""
+        while not self._closed:
+            conn: psycopg.Connection[Any] | None = None
+            try:
+                conn = psycopg.connect(self._conninfo, **self._connect_kwargs)
+                conn.execute(f'LISTEN "{self._channel}"')
+                with self._cond:
+                    self._listening = True
+                    self._cond.notify_all()
+                while not self._closed:
+                    for n in conn.notifies(timeout=0.5):
+                        with self._cond:
+                            self._gens[n.payload] = self._gens.get(n.payload, 0) + 1
+                            self._cond.notify_all()
+                    if conn.closed or conn.broken:
+                        break
+            except psycopg.Error:
+                pass
+            finally:
+                with self._cond:
+                    self._listening = False
+                    self._cond.notify_all()
+                if conn is not None:
+                    with contextlib.suppress(psycopg.Error):
+                        conn.close()
+            if not self._closed:
+                time.sleep(_POLL_DOWN)
+
+    def _tenants(self, after: str | None, limit: int) -> list[str]:
+        return [r[0] for r in self._read(self._q.tenants, (after, after, limit))]
+
+    def _stats(self, tenant: str) -> TenantStats:
+        rows = self._read(self._q.stats, (tenant, self.clock.now_us(), tenant, tenant, tenant))
+        revision, streams, events = 0, 0, 0
+        spaces: dict[str, NamespaceStats] = {}
+        for kind, name, a, b in rows:
+            if kind == "ns":
+                spaces[name] = NamespaceStats(int(a), int(b))
+            else:
+                revision, streams, events = int(a or 0), int(b), int(name)
+        return TenantStats(revision, spaces, streams, events)
+
+    def _sweep(self, limit: int) -> int:
+        now = self.clock.now_us()
+        return len(self._read(self._q.sweep, (now, limit, now)))
+
+    def _ping(self) -> None:
+        self._read("SELECT 1", ())
+
+    def _close(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+            listener = self._listener
+        if listener is not None:
+            listener.join(timeout=2.0)
+        self._pool.close(timeout=1.0)
+
+
+class _Retry(Exception):
+    """Internal: the transaction was rolled back with nothing written and may be run again."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _copy_error(err: Exception) -> Exception:
+    if type(err) is Unavailable or type(err) is StatelineError:
+        assert isinstance(err, StatelineError)
+        return type(err)(err.message, details=err.details)
+    return err
+
+
+def _healthy(conn: psycopg.Connection[Any]) -> bool:
+    """False if the connection is closed, or the server has sent something unasked (it closed the connection)."""
+    if conn.closed or conn.broken:
+        return False
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        readable = [True]
+    if readable:
+        with contextlib.suppress(psycopg.Error):
+            conn.close()
+        return False
+    return True
+
+
+def _int_option(value: object, name: str, low: int, high: int) -> int:
+    if type(value) is str and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if type(value) is not int or not low <= value <= high:
+        raise InvalidArgument(name, f"must be an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+def _float_option(name: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise InvalidArgument(name, f"must be a number, got {value!r}") from None
+
+
+def _bool_option(name: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise InvalidArgument(name, f"must be true or false, got {value!r}")
+
+
+_URL_OPTIONS: dict[str, Any] = {
+    "schema": lambda _n, v: v,
+    "pool_min": lambda _n, v: v,
+    "pool_max": lambda _n, v: v,
+    "pool_timeout": _float_option,
+    "connect_timeout": lambda _n, v: v,
+    "group_commit": _bool_option,
+    "max_value_bytes": lambda n, v: _int_option(v, n, 1, 256 * 1024 * 1024),
+}
+
+
+class _Queries:
+    """Every statement, with the schema filled in once."""
+
+    def __init__(self, s: str) -> None:
+        live = "(i.expires_at IS NULL OR i.expires_at > %s)"
+        cols = "i.ns, i.key, i.value, i.version, i.revision, i.created_at, i.updated_at, i.expires_at"
+        self.lock_tenant = (
+            f"INSERT INTO {s}.tenants AS t (tenant, revision) VALUES (%s, 0) "
+            "ON CONFLICT (tenant) DO UPDATE SET revision = t.revision RETURNING revision"
+        )
+        self.read_items = (
+            "SELECT i.ns, i.key, CASE WHEN k.want THEN i.value END, i.version, i.created_at, i.expires_at "
+            "FROM unnest(%s::text[], %s::text[], %s::bool[]) AS k(ns, key, want) "
+            f'JOIN {s}.items i ON i.tenant = %s AND i.ns = k.ns COLLATE "C" AND i.key = k.key COLLATE "C"'
+        )
+        self.read_streams = f"SELECT stream, last_seq FROM {s}.streams WHERE tenant = %s AND stream = ANY(%s::text[])"
+        self.delete_items = (
+            f"DELETE FROM {s}.items i USING unnest(%s::text[], %s::text[]) AS k(ns, key) "
+            'WHERE i.ns = k.ns COLLATE "C" AND i.key = k.key COLLATE "C" AND i.tenant = %s'
+        )
+        self.upsert_items = (
+            f"INSERT INTO {s}.items (tenant, ns, key, value, version, revision, created_at, updated_at, expires_at) "
+            "SELECT %s, k.ns, k.key, k.value, k.version, k.revision, k.created_at, %s, k.expires_at "
+            "FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::bigint[], %s::bigint[], %s::bigint[], "
+            "%s::bigint[]) AS k(ns, key, value, version, revision, created_at, expires_at) "
+            "ON CONFLICT (tenant, ns, key) DO UPDATE SET value = excluded.value, version = excluded.version, "
+            "revision = excluded.revision, created_at = excluded.created_at, updated_at = excluded.updated_at, "
+            "expires_at = excluded.expires_at"
+        )
+        self.insert_events = (
+            f"INSERT INTO {s}.events (tenant, stream, seq, type, data, meta, revision, recorded_at) "
+            "SELECT %s, e.stream, e.seq, e.type, e.data, e.meta, e.revision, %s "
+            "FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::bytea[], %s::bytea[], %s::bigint[]) "
+            "AS e(stream, seq, type, data, meta, revision)"
+        )
+        self.upsert_streams = (
+            f"INSERT INTO {s}.streams (tenant, stream, last_seq) "
+            "SELECT %s, k.stream, k.last_seq FROM unnest(%s::text[], %s::bigint[]) AS k(stream, last_seq) "
+            "ON CONFLICT (tenant, stream) DO UPDATE SET last_seq = excluded.last_seq"
+        )
+        self.trim_events = f"DELETE FROM {s}.events WHERE tenant = %s AND stream = %s AND seq < %s"
+        self.insert_changes = (
+            f"INSERT INTO {s}.changes (tenant, revision, body) "
+            "SELECT %s, c.revision, c.body FROM unnest(%s::bigint[], %s::bytea[]) AS c(revision, body)"
+        )
+        self.set_revision = f"UPDATE {s}.tenants SET revision = %s WHERE tenant = %s"
+        self.get = f"SELECT {cols} FROM {s}.items i WHERE i.tenant = %s AND i.ns = %s AND i.key = %s AND {live}"
+        self.get_many = (
+            f"SELECT {cols} FROM unnest(%s::text[], %s::text[]) AS k(ns, key) "
+            f'JOIN {s}.items i ON i.ns = k.ns COLLATE "C" AND i.key = k.key COLLATE "C" AND i.tenant = %s '
+            f"WHERE {live}"
+        )
+        self.scan = (
+            f"SELECT {cols} FROM {s}.items i WHERE i.tenant = %s AND i.ns = %s AND {live} AND i.key >= %s "
+            "AND (%s::text IS NULL OR i.key > %s) AND (%s::text IS NULL OR i.key < %s) ORDER BY i.key LIMIT %s"
+        )
+        self.read_stream = (
+            f"SELECT seq, type, data, meta, revision, recorded_at FROM {s}.events "
+            "WHERE tenant = %s AND stream = %s AND seq >= %s AND seq <= %s ORDER BY seq LIMIT %s"
+        )
+        first = f"(SELECT min(e.seq) FROM {s}.events e WHERE e.tenant = st.tenant AND e.stream = st.stream)"
+        self.stream_info = f"SELECT st.last_seq, {first} FROM {s}.streams st WHERE st.tenant = %s AND st.stream = %s"
+        self.list_streams = (
+            f"SELECT st.stream, st.last_seq, {first} FROM {s}.streams st WHERE st.tenant = %s AND st.stream >= %s "
+            "AND (%s::text IS NULL OR st.stream > %s) AND (%s::text IS NULL OR st.stream < %s) "
+            "ORDER BY st.stream LIMIT %s"
+        )
+        self.revision = f"SELECT revision FROM {s}.tenants WHERE tenant = %s"
+        self.changes = (
+            f"SELECT revision, body FROM {s}.changes WHERE tenant = %s AND revision > %s ORDER BY revision LIMIT %s"
+        )
+        self.tenants = (
+            f"SELECT tenant FROM {s}.tenants WHERE revision > 0 AND (%s::text IS NULL OR tenant > %s) "
+            "ORDER BY tenant LIMIT %s"
+        )
+        self.stats = (
+            f"SELECT 'ns', i.ns, count(*), sum(length(i.value)) FROM {s}.items i "
+            f"WHERE i.tenant = %s AND {live} GROUP BY i.ns "
+            f"UNION ALL SELECT 'tenant', (SELECT count(*) FROM {s}.events WHERE tenant = %s)::text, "
+            f"(SELECT revision FROM {s}.tenants WHERE tenant = %s), "
+            f"(SELECT count(*) FROM {s}.streams WHERE tenant = %s)"
+        )
+        self.sweep = (
+            f"DELETE FROM {s}.items i USING (SELECT tenant, ns, key FROM {s}.items "
+            "WHERE expires_at <= %s LIMIT %s FOR UPDATE SKIP LOCKED) d "
+            "WHERE i.tenant = d.tenant AND i.ns = d.ns AND i.key = d.key AND i.expires_at <= %s RETURNING 1"
+        )
