@@ -1,0 +1,853 @@
+"""The SQLite Store adapter: one database file in WAL mode, durable group commits, shared by processes.
+
+URL: ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``, with optional query options:
+
+* ``synchronous=FULL`` (the default): a commit is acknowledged only after the write-ahead log
+  is flushed to disk, so an acknowledged commit survives power loss.
+* ``synchronous=NORMAL``: the log is flushed at checkpoints only. An acknowledged commit
+  survives a crash (or ``kill -9``) of the process, but the last commits may be lost if the
+  machine loses power. Several times faster on slow disks.
+* ``busy_timeout_ms`` (default 5000): how long a call waits for another process that holds the
+  write lock before it raises ``Unavailable``.
+* ``watch_poll_ms`` (default 10): how often a waiting ``watch`` looks for commits made by other
+  processes (commits in this process wake it at once).
+* ``max_value_bytes``: the per-value size limit (1 MiB by default).
+
+Group commit: the commits that threads of one process submit while a transaction is being
+written are applied together in the next write transaction, each inside its own savepoint and
+with its own checks and outcome, and made durable by one ``COMMIT`` (one flush). Several
+processes may open the same file; writers serialise on SQLite's write lock (``BEGIN IMMEDIATE``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Self
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import orjson
+
+from stateline.clock import Clock
+from stateline.errors import Conflict, InvalidArgument, PayloadTooLarge, StatelineError, Unavailable
+from stateline.store.protocol import (
+    MAX_INT,
+    ChangeRecorder,
+    PreparedAppend,
+    PreparedCommit,
+    PreparedDelete,
+    PreparedIncr,
+    PreparedPut,
+    Store,
+    decode_change,
+    prefix_end,
+)
+from stateline.types import (
+    Absent,
+    Change,
+    CheckFailure,
+    Commit,
+    Event,
+    Exists,
+    Item,
+    NamespaceStats,
+    StreamAt,
+    StreamInfo,
+    TenantStats,
+    VersionIs,
+)
+
+__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
+
+SCHEMA_VERSION = 1
+
+# How many queued commits one write transaction takes at most.
+MAX_BATCH = 512
+# Idle reader connections kept for reuse.
+MAX_IDLE_READERS = 8
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sl_schema (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    version INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sl_tenants (
+    tenant TEXT NOT NULL PRIMARY KEY,
+    revision INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sl_items (
+    tenant TEXT NOT NULL,
+    ns TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL,
+    version INTEGER NOT NULL,
+    revision INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    expires_at INTEGER,
+    PRIMARY KEY (tenant, ns, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sl_items_expires ON sl_items (expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS sl_streams (
+    tenant TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    last_seq INTEGER NOT NULL,
+    PRIMARY KEY (tenant, stream)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sl_events (
+    tenant TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    data BLOB NOT NULL,
+    meta BLOB NOT NULL,
+    revision INTEGER NOT NULL,
+    recorded_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, stream, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sl_changes (
+    tenant TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (tenant, revision)
+) WITHOUT ROWID;
+"""
+
+# ---------------------------------------------------------------- statements (shared with bench/)
+
+SQL_BEGIN = "BEGIN IMMEDIATE"
+SQL_COMMIT = "COMMIT"
+SQL_ROLLBACK = "ROLLBACK"
+SQL_BUMP_REVISION = (
+    "INSERT INTO sl_tenants (tenant, revision) VALUES (?, 1) "
+    "ON CONFLICT (tenant) DO UPDATE SET revision = revision + 1 RETURNING revision"
+)
+# ?1 tenant ?2 ns ?3 key ?4 value ?5 revision ?6 now ?7 expires_at; an expired row counts as absent.
+SQL_PUT = (
+    "INSERT INTO sl_items (tenant, ns, key, value, version, revision, created_at, updated_at, expires_at) "
+    "VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?6, ?7) "
+    "ON CONFLICT (tenant, ns, key) DO UPDATE SET "
+    "version = CASE WHEN expires_at IS NOT NULL AND expires_at <= ?6 THEN 1 ELSE version + 1 END, "
+    "created_at = CASE WHEN expires_at IS NOT NULL AND expires_at <= ?6 THEN ?6 ELSE created_at END, "
+    "value = ?4, revision = ?5, updated_at = ?6, expires_at = ?7 "
+    "RETURNING version"
+)
+SQL_INSERT_CHANGE = "INSERT INTO sl_changes (tenant, revision, body) VALUES (?, ?, ?)"
+
+_SQL_SET_REVISION = "UPDATE sl_tenants SET revision = ? WHERE tenant = ?"
+_SQL_SAVEPOINT = "SAVEPOINT c"
+_SQL_ROLLBACK_TO = "ROLLBACK TO c"
+_SQL_RELEASE = "RELEASE c"
+_SQL_LIVE_VERSION = (
+    "SELECT version FROM sl_items WHERE tenant = ? AND ns = ? AND key = ? AND (expires_at IS NULL OR expires_at > ?)"
+)
+_SQL_STREAM_SEQ = "SELECT last_seq FROM sl_streams WHERE tenant = ? AND stream = ?"
+_SQL_ITEM_ROW = "SELECT value, version, created_at, expires_at FROM sl_items WHERE tenant = ? AND ns = ? AND key = ?"
+_SQL_WRITE_ITEM = (
+    "INSERT OR REPLACE INTO sl_items (tenant, ns, key, value, version, revision, created_at, updated_at, expires_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SQL_DELETE = "DELETE FROM sl_items WHERE tenant = ? AND ns = ? AND key = ? RETURNING version, expires_at"
+_SQL_INSERT_EVENT = (
+    "INSERT INTO sl_events (tenant, stream, seq, type, data, meta, revision, recorded_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SQL_SET_STREAM = (
+    "INSERT INTO sl_streams (tenant, stream, last_seq) VALUES (?, ?, ?) "
+    "ON CONFLICT (tenant, stream) DO UPDATE SET last_seq = excluded.last_seq"
+)
+_SQL_TRIM = "DELETE FROM sl_events WHERE tenant = ? AND stream = ? AND seq < ?"
+_ITEM_COLS = "ns, key, value, version, revision, created_at, updated_at, expires_at"
+_SQL_GET = (
+    f"SELECT {_ITEM_COLS} FROM sl_items "
+    "WHERE tenant = ? AND ns = ? AND key = ? AND (expires_at IS NULL OR expires_at > ?)"
+)
+_SQL_SCAN = f"SELECT {_ITEM_COLS} FROM sl_items WHERE tenant = ? AND ns = ? AND (expires_at IS NULL OR expires_at > ?)"
+_SQL_READ_STREAM = (
+    "SELECT seq, type, data, meta, revision, recorded_at FROM sl_events "
+    "WHERE tenant = ? AND stream = ? AND seq >= ? AND seq <= ? ORDER BY seq LIMIT ?"
+)
+_SQL_STREAM_INFO = (
+    "SELECT s.last_seq, (SELECT MIN(e.seq) FROM sl_events e WHERE e.tenant = s.tenant AND e.stream = s.stream) "
+    "FROM sl_streams s WHERE s.tenant = ? AND s.stream = ?"
+)
+_SQL_REVISION = "SELECT revision FROM sl_tenants WHERE tenant = ?"
+_SQL_CHANGES = "SELECT revision, body FROM sl_changes WHERE tenant = ? AND revision > ? ORDER BY revision LIMIT ?"
+_SQL_SWEEP = (
+    "DELETE FROM sl_items WHERE (tenant, ns, key) IN "
+    "(SELECT tenant, ns, key FROM sl_items WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?)"
+)
+
+_SYNCHRONOUS = {"FULL": 2, "NORMAL": 1}
+_OPTIONS = ("synchronous", "busy_timeout_ms", "watch_poll_ms", "max_value_bytes")
+
+
+def _translate(exc: sqlite3.Error) -> StatelineError:
+    """Map a sqlite3 error onto the error hierarchy."""
+    msg = str(exc)
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in msg or "busy" in msg:
+        return Unavailable(f"the database is locked by another writer beyond busy_timeout ({msg})")
+    if name.startswith("SQLITE_TOOBIG") or "too big" in msg:
+        return PayloadTooLarge(f"sqlite refused the size of a value ({msg})")
+    if isinstance(exc, sqlite3.ProgrammingError) and "closed" in msg:
+        return Unavailable("the store is closed")
+    return Unavailable(f"sqlite: {msg}" + (f" ({name})" if name else ""))
+
+
+class _RolledBack(Exception):
+    """A commit of a batch failed inside its savepoint and was rolled back alone."""
+
+    def __init__(self, cause: StatelineError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class _Request:
+    """One commit waiting in the group-commit queue."""
+
+    __slots__ = ("commit", "error", "lead", "result", "wake")
+
+    def __init__(self, commit: PreparedCommit) -> None:
+        self.commit = commit
+        self.result: Commit | None = None
+        self.error: BaseException | None = None
+        self.wake: Any = None  # a held lock, created only when the request has to wait
+        self.lead = False
+
+
+def _int_option(name: str, value: object, minimum: int, maximum: int) -> int:
+    if type(value) is str and value.isascii() and value.isdigit():
+        value = int(value)
+    if type(value) is not int or not minimum <= value <= maximum:
+        raise InvalidArgument(name, f"must be an integer from {minimum} to {maximum}, got {value!r}")
+    return value
+
+
+class SQLiteStore(Store):
+    """A Store kept in one SQLite file (WAL mode); thread-safe, and shared safely by processes.
+
+    ``batches`` counts the write transactions this handle committed (each one flush of the log
+    at ``synchronous=FULL``) and ``batched_commits`` the commits they carried, so
+    ``batched_commits / batches`` is the number of commits per flush that group commit achieved.
+    """
+
+    scheme = "sqlite"
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        clock: Clock | None = None,
+        synchronous: str = "FULL",
+        busy_timeout_ms: int = 5000,
+        watch_poll_ms: int = 10,
+        **options: Any,
+    ) -> None:
+        super().__init__(clock=clock, **options)
+        if type(path) is not str or not path:
+            raise InvalidArgument("path", "must be a non-empty file path")
+        if path == ":memory:" or path.startswith("file:"):
+            raise InvalidArgument("path", "must be a file path (use memory:// for an in-memory store)")
+        if type(synchronous) is not str or synchronous.upper() not in _SYNCHRONOUS:
+            raise InvalidArgument("synchronous", f"must be FULL or NORMAL, got {synchronous!r}")
+        self.path = path
+        self.synchronous = synchronous.upper()
+        self.busy_timeout_ms = _int_option("busy_timeout_ms", busy_timeout_ms, 0, 3_600_000)
+        self.watch_poll_s = _int_option("watch_poll_ms", watch_poll_ms, 1, 10_000) / 1000.0
+        self.batches = 0
+        self.batched_commits = 0
+
+        self._queue: list[_Request] = []
+        self._queue_lock = threading.Lock()
+        self._leading = False
+        self._write_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._commits_seen = 0
+        self._watchers = 0
+        self._idle: list[sqlite3.Connection] = []
+
+        self._writer = self._connect()
+        try:
+            self._init_schema(self._writer)
+            self._writer.execute(f"PRAGMA synchronous = {self.synchronous}")
+        except BaseException:
+            self._writer.close()
+            raise
+        self._wcur = self._writer.cursor()
+
+    # ------------------------------------------------------------ opening
+
+    @classmethod
+    def from_url(cls, url: str, *, clock: Clock | None = None, **options: Any) -> Self:
+        """Open ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db`` (options: see the module)."""
+        if type(url) is not str:
+            raise InvalidArgument("url", "must be a string")
+        parts = urlsplit(url)
+        if parts.scheme.lower() != "sqlite":
+            raise InvalidArgument("url", f"not a sqlite:// URL: {url!r}")
+        if parts.netloc:
+            raise InvalidArgument(
+                "url", "a sqlite URL has no host: use sqlite:///relative/path.db or sqlite:////absolute/path.db"
+            )
+        if parts.fragment:
+            raise InvalidArgument("url", "a sqlite URL has no fragment")
+        path = unquote(parts.path)
+        if not path.startswith("/") or len(path) < 2:
+            raise InvalidArgument("url", "missing the file path: use sqlite:///relative/path.db")
+        path = path[1:]
+        merged: dict[str, Any] = {}
+        for name, value in parse_qsl(parts.query, keep_blank_values=True):
+            if name in merged:
+                raise InvalidArgument("url", f"option {name!r} given twice")
+            merged[name] = value
+        merged.update(options)
+        for name in merged:
+            if name not in _OPTIONS:
+                raise InvalidArgument(name, f"unknown sqlite option; use one of {', '.join(_OPTIONS)}")
+        if "max_value_bytes" in merged:
+            merged["max_value_bytes"] = _int_option("max_value_bytes", merged["max_value_bytes"], 1, 256 * 1024 * 1024)
+        return cls(path, clock=clock, **merged)
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout_ms / 1000.0,
+                isolation_level=None,
+                check_same_thread=False,
+                cached_statements=256,
+            )
+        except sqlite3.Error as exc:
+            raise Unavailable(f"cannot open {self.path!r}: {exc}") from None
+        return conn
+
+    def _init_schema(self, conn: sqlite3.Connection) -> None:
+        deadline = time.monotonic() + max(self.busy_timeout_ms, 1000) / 1000.0
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise Unavailable(f"cannot switch {self.path!r} to WAL mode (got {mode!r})")
+                conn.execute(SQL_BEGIN)
+                break
+            except sqlite3.OperationalError as exc:
+                if conn.in_transaction:
+                    conn.execute(SQL_ROLLBACK)
+                if ("locked" in str(exc) or "busy" in str(exc)) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+                raise _translate(exc) from None
+            except sqlite3.Error as exc:
+                raise _translate(exc) from None
+        try:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            row = conn.execute("SELECT version FROM sl_schema WHERE id = 1").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO sl_schema (id, version) VALUES (1, ?)", (SCHEMA_VERSION,))
+            elif row[0] > SCHEMA_VERSION:
+                raise Unavailable(
+                    f"{self.path!r} has schema version {row[0]}, newer than this stateline's {SCHEMA_VERSION}"
+                )
+            conn.execute(SQL_COMMIT)
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute(SQL_ROLLBACK)
+            if isinstance(exc, sqlite3.Error):
+                raise _translate(exc) from None
+            raise
+
+    # ------------------------------------------------------------ reader connections
+
+    def _take(self) -> sqlite3.Connection:
+        try:
+            return self._idle.pop()
+        except IndexError:
+            pass
+        conn = self._connect()
+        try:
+            conn.execute("PRAGMA query_only = 1")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _translate(exc) from None
+        return conn
+
+    def _give(self, conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            try:
+                conn.execute(SQL_ROLLBACK)
+            except sqlite3.Error:
+                conn.close()
+                return
+        if self._closed or len(self._idle) >= MAX_IDLE_READERS:
+            conn.close()
+        else:
+            self._idle.append(conn)
+
+    # ------------------------------------------------------------ commits (group commit)
+
+    def _commit(self, c: PreparedCommit) -> Commit:
+        req = _Request(c)
+        with self._queue_lock:
+            self._queue.append(req)
+            if self._leading:
+                wake = req.wake = threading.Lock()
+                wake.acquire()
+            else:
+                self._leading = True
+                wake = None
+        if wake is not None:
+            wake.acquire()  # released by the leader: our outcome is ready, or we lead the next batch
+            if not req.lead:
+                return self._outcome(req)
+        self._lead()
+        return self._outcome(req)
+
+    @staticmethod
+    def _outcome(req: _Request) -> Commit:
+        if req.error is not None:
+            raise req.error.with_traceback(None)
+        assert req.result is not None
+        return req.result
+
+    def _lead(self) -> None:
+        """Write one batch: every commit queued now, our own first. Then hand over to the next waiter."""
+        batch: list[_Request] = []
+        try:
+            with self._write_lock:
+                with self._queue_lock:
+                    batch = self._queue[:MAX_BATCH]
+                    del self._queue[:MAX_BATCH]
+                self._write_batch(batch)
+        finally:
+            # Whatever happened, every request gets an outcome and the next waiter takes over.
+            for r in batch:
+                if r.result is None and r.error is None:
+                    r.error = Unavailable("the commit was interrupted; its outcome is unknown")
+            with self._queue_lock:
+                if self._queue:
+                    nxt: _Request | None = self._queue[0]
+                    self._queue[0].lead = True
+                else:
+                    nxt = None
+                    self._leading = False
+            for r in batch:
+                if r.wake is not None:
+                    r.wake.release()
+            if nxt is not None:
+                nxt.wake.release()
+
+    def _write_batch(self, batch: list[_Request]) -> None:
+        """Apply ``batch`` in one write transaction; give each request its own outcome."""
+        if self._closed:
+            for r in batch:
+                r.error = Unavailable("the store is closed")
+            return
+        cur = self._wcur
+        clock = self.clock
+        try:
+            cur.execute(SQL_BEGIN)
+        except sqlite3.Error as exc:
+            err = _translate(exc)
+            for r in batch:
+                r.error = err
+            return
+        # Per batch: tenant -> [revision assigned last, revision stored in sl_tenants], and the change rows.
+        revs: dict[str, list[int]] = {}
+        changes: list[tuple[str, int, bytes]] = []
+        applied = 0
+        try:
+            if len(batch) == 1:
+                r = batch[0]
+                try:
+                    r.result = self._apply(cur, r.commit, clock.now_us(), revs, changes, False)
+                    applied = 1
+                except StatelineError as exc:
+                    r.error = exc
+                except sqlite3.Error as exc:
+                    r.error = _translate(exc)
+                except Exception as exc:  # noqa: BLE001  # the commit's own outcome; the transaction rolls back
+                    r.error = exc
+            else:
+                for r in batch:
+                    try:
+                        r.result = self._apply(cur, r.commit, clock.now_us(), revs, changes, True)
+                        applied += 1
+                    except (StatelineError, _RolledBack) as exc:
+                        r.error = exc.cause if isinstance(exc, _RolledBack) else exc
+            if applied:
+                for tenant, (assigned, stored) in revs.items():
+                    if assigned != stored:
+                        cur.execute(_SQL_SET_REVISION, (assigned, tenant))
+                cur.executemany(SQL_INSERT_CHANGE, changes)
+                cur.execute(SQL_COMMIT)
+            else:
+                cur.execute(SQL_ROLLBACK)
+        except Exception as exc:  # noqa: BLE001  # a write failed outside any savepoint: the whole batch fails
+            if self._writer.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    cur.execute(SQL_ROLLBACK)
+            failure: BaseException = _translate(exc) if isinstance(exc, sqlite3.Error) else exc
+            for r in batch:
+                r.result = None
+                r.error = failure
+            return
+        if applied:
+            self.batches += 1
+            self.batched_commits += applied
+            with self._cond:
+                self._commits_seen += 1
+                if self._watchers:
+                    self._cond.notify_all()
+
+    def _apply(
+        self,
+        cur: sqlite3.Cursor,
+        c: PreparedCommit,
+        now: int,
+        revs: dict[str, list[int]],
+        changes: list[tuple[str, int, bytes]],
+        batched: bool,
+    ) -> Commit:
+        """Apply one commit inside the open write transaction, or raise having written nothing of it."""
+        tenant = c.tenant
+        if c.checks:
+            failures: list[CheckFailure] = []
+            for check in c.checks:
+                if type(check) is StreamAt:
+                    row = cur.execute(_SQL_STREAM_SEQ, (tenant, check.stream)).fetchone()
+                    seq = 0 if row is None else row[0]
+                    if seq != check.seq:
+                        failures.append(CheckFailure(check, seq))
+                    continue
+                assert isinstance(check, VersionIs | Absent | Exists)
+                row = cur.execute(_SQL_LIVE_VERSION, (tenant, check.namespace, check.key, now)).fetchone()
+                found = None if row is None else row[0]
+                t = type(check)
+                if (
+                    (t is VersionIs and found != check.version)  # type: ignore[union-attr]
+                    or (t is Absent and found is not None)
+                    or (t is Exists and found is None)
+                ):
+                    failures.append(CheckFailure(check, found))
+            if failures:
+                raise Conflict(f"{len(failures)} check(s) failed", failures=failures)
+
+        # The checks hold and nothing is written yet. Of the ops, only an incr can still fail (on a
+        # non-integer or an overflow), so in a batch a commit with an incr runs inside its own
+        # savepoint and a failure undoes that commit alone. Any other failure from here on is the
+        # backend's (I/O, disk full) and fails the whole batch.
+        savepoint = batched and any(type(op) is PreparedIncr for op in c.ops)
+        if savepoint:
+            cur.execute(_SQL_SAVEPOINT)
+        rev = revs.get(tenant)
+        try:
+            if rev is None:
+                revision: int = cur.execute(SQL_BUMP_REVISION, (tenant,)).fetchone()[0]
+            else:
+                revision = rev[0] + 1
+            commit, body = self._write_ops(cur, c, now, revision)
+        except StatelineError as exc:
+            if not savepoint:
+                raise  # alone in its transaction: the whole transaction rolls back
+            cur.execute(_SQL_ROLLBACK_TO)
+            cur.execute(_SQL_RELEASE)
+            raise _RolledBack(exc) from None
+        if savepoint:
+            cur.execute(_SQL_RELEASE)
+        if rev is None:
+            revs[tenant] = [revision, revision]
+        else:
+            rev[0] = revision
+        changes.append((tenant, revision, body))
+        return commit
+
+    def _write_ops(self, cur: sqlite3.Cursor, c: PreparedCommit, now: int, revision: int) -> tuple[Commit, bytes]:
+        tenant = c.tenant
+        recorder = ChangeRecorder()
+        versions: dict[tuple[str, str], int] = {}
+        counters: dict[tuple[str, str], int] = {}
+        last_seqs: dict[str, int] = {}
+        trims: dict[str, int] | None = None
+        for op in c.ops:
+            t = type(op)
+            if t is PreparedPut:
+                assert isinstance(op, PreparedPut)
+                exp = None if op.ttl_us is None else now + op.ttl_us
+                version: int = cur.execute(
+                    SQL_PUT, (tenant, op.namespace, op.key, op.value, revision, now, exp)
+                ).fetchone()[0]
+                versions[(op.namespace, op.key)] = version
+                recorder.put(op.namespace, op.key, version, op.value, exp)
+            elif t is PreparedDelete:
+                assert isinstance(op, PreparedDelete)
+                row = cur.execute(_SQL_DELETE, (tenant, op.namespace, op.key)).fetchone()
+                old = 0 if row is None or (row[1] is not None and row[1] <= now) else row[0]
+                versions[(op.namespace, op.key)] = 0
+                recorder.delete(op.namespace, op.key, old)
+            elif t is PreparedIncr:
+                assert isinstance(op, PreparedIncr)
+                row = cur.execute(_SQL_ITEM_ROW, (tenant, op.namespace, op.key)).fetchone()
+                if row is None or (row[3] is not None and row[3] <= now):
+                    base, version, created = 0, 1, now
+                    exp = None if op.ttl_us is None else now + op.ttl_us
+                else:
+                    base = orjson.loads(row[0])
+                    if type(base) is not int:
+                        raise InvalidArgument("incr", f"{op.namespace}/{op.key} holds a non-integer value")
+                    version, created, exp = row[1] + 1, row[2], row[3]
+                value = base + op.by
+                if not -MAX_INT <= value <= MAX_INT:
+                    raise InvalidArgument("incr", f"{op.namespace}/{op.key} would overflow 64 bits")
+                cur.execute(
+                    _SQL_WRITE_ITEM,
+                    (tenant, op.namespace, op.key, orjson.dumps(value), version, revision, created, now, exp),
+                )
+                versions[(op.namespace, op.key)] = version
+                counters[(op.namespace, op.key)] = value
+                recorder.incr(op.namespace, op.key, version, value, exp)
+            elif t is PreparedAppend:
+                assert isinstance(op, PreparedAppend)
+                stream = op.stream
+                last = last_seqs.get(stream)
+                if last is None:
+                    row = cur.execute(_SQL_STREAM_SEQ, (tenant, stream)).fetchone()
+                    last = 0 if row is None else row[0]
+                first = last + 1
+                events = op.events
+                cur.executemany(
+                    _SQL_INSERT_EVENT,
+                    [(tenant, stream, first + i, e.type, e.data, e.meta, revision, now) for i, e in enumerate(events)],
+                )
+                last_seqs[stream] = first + len(events) - 1
+                recorder.append(stream, first, events)
+            else:
+                # PreparedTrim: applied after every append of the commit, like the reference adapter.
+                if trims is None:
+                    trims = {}
+                stream, before = op.stream, op.before_seq  # type: ignore[union-attr]
+                trims[stream] = max(trims.get(stream, 0), before)
+                recorder.trim(stream, before)
+        for stream, last in last_seqs.items():
+            cur.execute(_SQL_SET_STREAM, (tenant, stream, last))
+        if trims:
+            for stream, before in trims.items():
+                cur.execute(_SQL_TRIM, (tenant, stream, before))
+        return Commit(revision, now, versions, counters, last_seqs), recorder.body(now, c.meta)
+
+    # ------------------------------------------------------------ reads
+
+    @staticmethod
+    def _item(row: Sequence[Any]) -> Item:
+        return Item(row[0], row[1], orjson.loads(row[2]), row[3], row[4], row[5], row[6], row[7])
+
+    def _get(self, tenant: str, namespace: str, key: str) -> Item | None:
+        conn = self._take()
+        try:
+            row = conn.execute(_SQL_GET, (tenant, namespace, key, self.clock.now_us())).fetchone()
+        except sqlite3.Error as exc:
+            raise _translate(exc) from None
+        finally:
+            self._give(conn)
+        return None if row is None else self._item(row)
+
+    def _get_many(self, tenant: str, keys: list[tuple[str, str]]) -> list[Item | None]:
+        conn = self._take()
+        try:
+            now = self.clock.now_us()
+            rows = []
+            conn.execute("BEGIN")  # one snapshot for every key
+            for ns, key in keys:
+                rows.append(conn.execute(_SQL_GET, (tenant, ns, key, now)).fetchone())
+            conn.execute(SQL_COMMIT)
+        except sqlite3.Error as exc:
+            raise _translate(exc) from None
+        finally:
+            self._give(conn)
+        return [None if row is None else self._item(row) for row in rows]
+
+    def _scan(self, tenant: str, namespace: str, prefix: str, after: str | None, limit: int) -> list[Item]:
+        sql = _SQL_SCAN
+        params: list[Any] = [tenant, namespace, self.clock.now_us()]
+        if after is not None and after >= prefix:
+            sql += " AND key > ?"
+            params.append(after)
+        elif prefix:
+            sql += " AND key >= ?"
+            params.append(prefix)
+        end = prefix_end(prefix) if prefix else None
+        if end is not None:
+            sql += " AND key < ?"
+            params.append(end)
+        sql += " ORDER BY key LIMIT ?"
+        params.append(limit)
+        rows = self._read_all(sql, params)
+        return [self._item(row) for row in rows]
+
+    def _read_all(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        conn = self._take()
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise _translate(exc) from None
+        finally:
+            self._give(conn)
+
+    def _read_one(self, sql: str, params: Sequence[Any]) -> Any:
+        conn = self._take()
+        try:
+            return conn.execute(sql, params).fetchone()
+        except sqlite3.Error as exc:
+            raise _translate(exc) from None
+        finally:
+            self._give(conn)
+
+    def _read_stream(self, tenant: str, stream: str, from_seq: int, to_seq: int, limit: int) -> list[Event]:
+        rows = self._read_all(_SQL_READ_STREAM, (tenant, stream, from_seq, to_seq, limit))
+        loads = orjson.loads
+        return [Event(stream, seq, typ, loads(data), loads(meta), rev, at) for seq, typ, data, meta, rev, at in rows]
+
+    def _stream_info(self, tenant: str, stream: str) -> StreamInfo:
+        row = self._read_one(_SQL_STREAM_INFO, (tenant, stream))
+        if row is None:
+            return StreamInfo(stream, 1, 0)
+        last, first = row
+        return StreamInfo(stream, last + 1 if first is None else first, last)
+
+    def _list_streams(self, tenant: str, prefix: str, after: str | None, limit: int) -> list[StreamInfo]:
+        sql = (
+            "SELECT s.stream, s.last_seq, "
+            "(SELECT MIN(e.seq) FROM sl_events e WHERE e.tenant = s.tenant AND e.stream = s.stream) "
+            "FROM sl_streams s WHERE s.tenant = ?"
+        )
+        params: list[Any] = [tenant]
+        if after is not None and after >= prefix:
+            sql += " AND s.stream > ?"
+            params.append(after)
+        elif prefix:
+            sql += " AND s.stream >= ?"
+            params.append(prefix)
+        end = prefix_end(prefix) if prefix else None
+        if end is not None:
+            sql += " AND s.stream < ?"
+            params.append(end)
+        sql += " ORDER BY s.stream LIMIT ?"
+        params.append(limit)
+        return [
+            StreamInfo(name, last + 1 if first is None else first, last)
+            for name, last, first in self._read_all(sql, params)
+        ]
+
+    def _revision(self, tenant: str) -> int:
+        row = self._read_one(_SQL_REVISION, (tenant,))
+        return 0 if row is None else int(row[0])
+
+    def _changes(self, tenant: str, after_revision: int, limit: int) -> list[Change]:
+        rows = self._read_all(_SQL_CHANGES, (tenant, after_revision, limit))
+        return [decode_change(tenant, rev, body) for rev, body in rows]
+
+    def _watch(self, tenant: str, after_revision: int, timeout: float, limit: int) -> list[Change]:
+        deadline = time.monotonic() + timeout
+        conn = self._take()
+        try:
+            with self._cond:
+                self._watchers += 1
+            while True:
+                with self._cond:
+                    seen = self._commits_seen
+                data_version = conn.execute("PRAGMA data_version").fetchone()[0]
+                rows = conn.execute(_SQL_CHANGES, (tenant, after_revision, limit)).fetchall()
+                if rows or self._closed:
+                    return [decode_change(tenant, rev, body) for rev, body in rows]
+                # Wait for a commit in this process (instant) or by another process (polled).
+                while True:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return []
+                    with self._cond:
+                        if self._commits_seen == seen and not self._closed:
+                            self._cond.wait(min(remaining, self.watch_poll_s))
+                        if self._commits_seen != seen or self._closed:
+                            break
+                    if conn.execute("PRAGMA data_version").fetchone()[0] != data_version:
+                        break
+        except sqlite3.Error as exc:
+            raise _translate(exc) from None
+        finally:
+            with self._cond:
+                self._watchers -= 1
+            self._give(conn)
+
+    def _tenants(self, after: str | None, limit: int) -> list[str]:
+        if after is None:
+            rows = self._read_all("SELECT tenant FROM sl_tenants ORDER BY tenant LIMIT ?", (limit,))
+        else:
+            rows = self._read_all(
+                "SELECT tenant FROM sl_tenants WHERE tenant > ? ORDER BY tenant LIMIT ?", (after, limit)
+            )
+        return [r[0] for r in rows]
+
+    def _stats(self, tenant: str) -> TenantStats:
+        conn = self._take()
+        try:
+            conn.execute("BEGIN")  # one snapshot for every count
+            row = conn.execute(_SQL_REVISION, (tenant,)).fetchone()
+            spaces = conn.execute(
+                "SELECT ns, COUNT(*), SUM(LENGTH(value)) FROM sl_items "
+                "WHERE tenant = ? AND (expires_at IS NULL OR expires_at > ?) GROUP BY ns",
+                (tenant, self.clock.now_us()),
+            ).fetchall()
+            streams = conn.execute("SELECT COUNT(*) FROM sl_streams WHERE tenant = ?", (tenant,)).fetchone()[0]
+            events = conn.execute("SELECT COUNT(*) FROM sl_events WHERE tenant = ?", (tenant,)).fetchone()[0]
+            conn.execute(SQL_COMMIT)
+        except sqlite3.Error as exc:
+            raise _translate(exc) from None
+        finally:
+            self._give(conn)
+        return TenantStats(
+            0 if row is None else row[0],
+            {ns: NamespaceStats(n, size) for ns, n, size in spaces},
+            streams,
+            events,
+        )
+
+    # ------------------------------------------------------------ maintenance
+
+    def _sweep(self, limit: int) -> int:
+        with self._write_lock:
+            if self._closed:
+                raise Unavailable("the store is closed")
+            cur = self._wcur
+            try:
+                cur.execute(SQL_BEGIN)
+                removed = cur.execute(_SQL_SWEEP, (self.clock.now_us(), limit)).rowcount
+                cur.execute(SQL_COMMIT)
+            except sqlite3.Error as exc:
+                if self._writer.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        cur.execute(SQL_ROLLBACK)
+                raise _translate(exc) from None
+        return max(removed, 0)
+
+    def _ping(self) -> None:
+        self._read_one("SELECT 1", ())
+
+    def _close(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+        with self._write_lock:
+            self._writer.close()
+        while self._idle:
+            try:
+                self._idle.pop().close()
+            except IndexError:
+                break
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({os.fspath(self.path)!r}, synchronous={self.synchronous})"
