@@ -1,14 +1,1519 @@
-"""Placeholder for the runs layer (being written)."""
+"""Workflow runs and their steps: a DAG of steps leased to workers, with retries, dead letters and usage metering."""
 
 from __future__ import annotations
 
-from typing import TypeVar
+import contextlib
+import math
+import random
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
+from stateline import codec
+from stateline.errors import Conflict, InvalidArgument, NotFound
 from stateline.store.protocol import Store
+from stateline.types import (
+    Absent,
+    Append,
+    Check,
+    Commit,
+    Delete,
+    Event,
+    Incr,
+    Item,
+    NewEvent,
+    Op,
+    Put,
+    VersionIs,
+    check_key,
+    check_tenant,
+)
 
-T = TypeVar("T")
+__all__ = [
+    "ASSIGNED_EVENT_FIELDS",
+    "ASSIGNED_SUBJECT",
+    "CORRELATION_FIELDS",
+    "MAX_STEPS_PER_RUN",
+    "RESULT_EVENT_FIELDS",
+    "RESULT_SUBJECT",
+    "RUN_STATUSES",
+    "RUN_TRANSITIONS",
+    "STEP_STATUSES",
+    "STEP_TRANSITIONS",
+    "USAGE_EVENT_FIELDS",
+    "USAGE_SUBJECT",
+    "Claim",
+    "Heartbeat",
+    "RetryPolicy",
+    "Run",
+    "Runs",
+    "Step",
+    "StepSpec",
+    "Usage",
+]
+
+# ---------------------------------------------------------------- storage layout
+#
+# runs            <run_id>                                   the run document
+# runs.steps      <run_id>/<step_id>                         one document per step
+# runs.ready      <kind>/<due µs, 20 digits>/<run_id>/<step_id>
+#                 the due index: a pending/retrying step is due when it may be claimed, an
+#                 assigned/running step when its lease expires (then it may be re-claimed)
+# runs.kinds      <kind>                                     every step kind ever created
+# runs.open       <run_id>                                   counter: steps not yet settled
+# runs.usage      <µs, 20 digits>/<run_id>/<step_id>         one usage record per metered step
+# runs.by_status  <status>/<run_id>                          index for list(status=...)
+# runs.by_flow    <flow_id>/<run_id>                         index for list(flow_id=...)
+# stream runs:<run_id>                                       the run's history
+
+NS_RUNS = "runs"
+NS_STEPS = "runs.steps"
+NS_READY = "runs.ready"
+NS_KINDS = "runs.kinds"
+NS_OPEN = "runs.open"
+NS_USAGE = "runs.usage"
+NS_BY_STATUS = "runs.by_status"
+NS_BY_FLOW = "runs.by_flow"
+
+MAX_STEPS_PER_RUN = 2000
+"""A run is created, cancelled and resumed in single commits, so its size is bounded."""
+
+MAX_LEASE_SECONDS = 7 * 86400.0
+MAX_CLAIM_LIMIT = 1000
+_KINDS_CACHE_SECONDS = 1.0
+_MAX_RETRIES = 200  # bounded re-tries of a commit that lost a race on an item other than the caller's step
+
+# ---------------------------------------------------------------- statuses and transitions
+
+RUN_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
+STEP_STATUSES = ("pending", "assigned", "running", "completed", "failed", "retrying", "dead", "cancelled")
+
+RUN_TRANSITIONS: Mapping[str, frozenset[str]] = {
+    "pending": frozenset({"running", "cancelled"}),
+    "running": frozenset({"completed", "failed", "cancelled"}),
+    "failed": frozenset({"running", "cancelled"}),  # running again: retry_dead revived the last dead step
+    "completed": frozenset(),
+    "cancelled": frozenset(),
+}
+"""Legal run transitions: ``RUN_TRANSITIONS[from]`` is the set of statuses a run may move to."""
+
+STEP_TRANSITIONS: Mapping[str, frozenset[str]] = {
+    "pending": frozenset({"assigned", "cancelled"}),
+    "assigned": frozenset({"running", "completed", "failed", "retrying", "dead", "cancelled"}),
+    "running": frozenset({"completed", "failed", "retrying", "dead", "cancelled"}),
+    "retrying": frozenset({"assigned", "cancelled"}),
+    "completed": frozenset(),
+    "failed": frozenset({"pending", "cancelled"}),  # pending again: retry_dead
+    "dead": frozenset({"pending", "cancelled"}),
+    "cancelled": frozenset(),
+}
+"""Legal step transitions. An expired lease is ``assigned|running -> retrying`` (no delay), then
+``retrying -> assigned`` for the next claimer, or ``-> dead`` when the attempts are used up."""
+
+# ---------------------------------------------------------------- event shapes
+
+CORRELATION_FIELDS = ("run_id", "flow_id", "step_id", "idempotency_key", "trace_id", "tenant_id")
+"""Every event of a run's history carries these (``step_id`` is ``None`` on run events)."""
+
+ASSIGNED_SUBJECT = "caf.exec.assigned.v1"
+ASSIGNED_EVENT_FIELDS = ("assignment_id", "worker_id", "run_id", "step_id")
+"""``step.assigned`` events carry these fields of the assignment subject (plus the correlation fields,
+``attempt`` and ``lease_expires_at``); their ``meta.subject`` is ``ASSIGNED_SUBJECT``."""
+
+RESULT_SUBJECT = "caf.exec.result.v1"
+RESULT_EVENT_FIELDS = ("assignment_id", "status", "result", "error")
+"""Events that end an assignment (``step.completed``, ``step.retrying``, ``step.failed``, ``step.dead``,
+``step.lease_expired``, ``step.cancelled`` of an assigned step) carry these fields; ``status`` is one of
+``success``, ``error``, ``timeout`` or ``cancelled``; their ``meta.subject`` is ``RESULT_SUBJECT``."""
+
+USAGE_SUBJECT = "beamline.usage.v1.metered"
+USAGE_EVENT_FIELDS = ("tenant_id", "run_id", "step_id", "tokens_used", "cost_usd")
+"""``step.metered`` events (one per step completed with usage) carry these fields; ``meta.subject`` is
+``USAGE_SUBJECT``."""
+
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
+
+
+def _check_id(value: object, field_name: str) -> str:
+    if type(value) is not str:
+        raise InvalidArgument(field_name, f"must be a string, got {type(value).__name__}")
+    if _ID_RE.fullmatch(value) is None:
+        raise InvalidArgument(
+            field_name, f"{value[:80]!r} is not allowed: use letters, digits and _.:- (at most 128, no '/')"
+        )
+    return value
+
+
+def _check_seconds(value: object, field_name: str, *, minimum: float = 0.0, maximum: float, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(field_name, f"must be a number of seconds, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or v < minimum or v > maximum or (positive and v <= 0):
+        raise InvalidArgument(
+            field_name, f"must be {'positive and ' if positive else ''}at most {maximum:g}, got {v!r}"
+        )
+    return v
+
+
+def _check_int(value: object, field_name: str, minimum: int, maximum: int) -> int:
+    if type(value) is not int:
+        raise InvalidArgument(field_name, f"must be an integer, got {type(value).__name__}")
+    if not minimum <= value <= maximum:
+        raise InvalidArgument(field_name, f"must be from {minimum} to {maximum}, got {value}")
+    return value
+
+
+def _check_json(value: object, field_name: str) -> Any:
+    codec.encode(value, field_name)
+    return value
+
+
+def _us(value: object, field_name: str) -> int:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise InvalidArgument(field_name, "a datetime must be timezone-aware")
+        return round(value.timestamp() * 1_000_000)
+    if type(value) is not int or value < 0:
+        raise InvalidArgument(field_name, "must be µs since the epoch (a non-negative int) or an aware datetime")
+    return value
+
+
+# ---------------------------------------------------------------- public value types
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with jitter: the delay before attempt ``n + 1`` after ``n`` failures is
+    ``min(max_delay, initial_delay * multiplier ** (n - 1))``, scaled by a random factor in
+    ``[1 - jitter, 1 + jitter]`` and capped at ``max_delay``."""
+
+    initial_delay: float = 1.0
+    multiplier: float = 2.0
+    max_delay: float = 300.0
+    jitter: float = 0.2
+
+    def validate(self, field_name: str = "retry") -> RetryPolicy:
+        """Return self if every field is in range, else raise ``InvalidArgument`` naming it."""
+        _check_seconds(self.initial_delay, f"{field_name}.initial_delay", maximum=MAX_LEASE_SECONDS, positive=False)
+        _check_seconds(self.multiplier, f"{field_name}.multiplier", minimum=1.0, maximum=100.0, positive=True)
+        _check_seconds(self.max_delay, f"{field_name}.max_delay", maximum=MAX_LEASE_SECONDS, positive=False)
+        _check_seconds(self.jitter, f"{field_name}.jitter", maximum=1.0, positive=False)
+        if self.max_delay < self.initial_delay:
+            raise InvalidArgument(f"{field_name}.max_delay", "must not be below initial_delay")
+        return self
+
+    def base_delay(self, failures: int) -> float:
+        """The delay without jitter after ``failures`` failed attempts (``failures >= 1``)."""
+        exp = min(max(failures - 1, 0), 1000)
+        try:
+            d = self.initial_delay * self.multiplier**exp
+        except OverflowError:
+            d = self.max_delay
+        return min(self.max_delay, d)
+
+    def delay(self, failures: int, rng: random.Random | None = None) -> float:
+        """The delay with jitter applied (seconds)."""
+        base = self.base_delay(failures)
+        r = (rng or random).uniform(1.0 - self.jitter, 1.0 + self.jitter)
+        return min(self.max_delay, base * r)
+
+    def to_json(self) -> dict[str, float]:
+        return {
+            "initial_delay": float(self.initial_delay),
+            "multiplier": float(self.multiplier),
+            "max_delay": float(self.max_delay),
+            "jitter": float(self.jitter),
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> RetryPolicy:
+        return cls(raw["initial_delay"], raw["multiplier"], raw["max_delay"], raw["jitter"])
+
+
+@dataclass(frozen=True, slots=True)
+class StepSpec:
+    """One step of a run as given to ``Runs.create``.
+
+    ``id`` is unique within the run; ``kind`` selects the workers that may claim it; ``payload`` is any
+    JSON value; ``depends_on`` names steps that must complete (or, if optional, be given up on) first;
+    after ``max_attempts`` failed attempts the step is dead, and the run fails unless ``optional``.
+    """
+
+    id: str
+    kind: str = "default"
+    payload: Any = None
+    depends_on: Sequence[str] = ()
+    max_attempts: int = 3
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    optional: bool = False
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Metered usage: ``tokens``, ``cost_usd`` and how many metered ``steps`` contributed."""
+
+    tokens: int = 0
+    cost_usd: float = 0.0
+    steps: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """A step as stored. Times are µs since the epoch. ``cancel_requested`` is true when the run was
+    cancelled while this step was assigned or running (the worker learns it on its next heartbeat)."""
+
+    run_id: str
+    step_id: str
+    kind: str
+    payload: Any
+    status: str
+    depends_on: tuple[str, ...]
+    optional: bool
+    max_attempts: int
+    attempts: int
+    worker_id: str | None
+    assignment_id: str | None
+    lease_expires_at: int | None
+    retry_at: int | None
+    result: Any
+    error: Any
+    usage: Usage | None
+    idempotency_key: str
+    created_at: int
+    updated_at: int
+    started_at: int | None
+    completed_at: int | None
+    cancel_requested: bool
+    version: int
+
+    @property
+    def key(self) -> str:
+        """``<run_id>/<step_id>``: accepted wherever a step is named."""
+        return f"{self.run_id}/{self.step_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A run as stored; ``steps`` is filled by ``Runs.get`` and empty in ``Runs.list``."""
+
+    run_id: str
+    flow_id: str
+    status: str
+    metadata: dict[str, Any]
+    trace_id: str
+    step_ids: tuple[str, ...]
+    dead_steps: tuple[str, ...]
+    created_at: int
+    updated_at: int
+    started_at: int | None
+    finished_at: int | None
+    version: int
+    steps: tuple[Step, ...] = ()
+
+    def step(self, step_id: str) -> Step:
+        """The step called ``step_id`` (``Runs.get`` fills the steps)."""
+        for s in self.steps:
+            if s.step_id == step_id:
+                return s
+        raise NotFound(f"run {self.run_id} has no step {step_id!r} loaded")
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A step assigned to a worker by ``Runs.claim``: pass it (or ``key``) and ``lease_token`` to
+    ``heartbeat``, ``start``, ``complete`` and ``fail``."""
+
+    run_id: str
+    step_id: str
+    flow_id: str
+    kind: str
+    payload: Any
+    attempt: int
+    worker_id: str
+    assignment_id: str
+    lease_token: str
+    lease_expires_at: int
+    idempotency_key: str
+    trace_id: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.run_id}/{self.step_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """The answer to a heartbeat: the new lease expiry, or ``cancel_requested`` when the run was
+    cancelled (the step is then cancelled and the lease released: stop working on it)."""
+
+    lease_expires_at: int
+    cancel_requested: bool
+
+
+StepRef = str | tuple[str, str] | Step | Claim
+
+# ---------------------------------------------------------------- helpers
+
+
+def _pad(us: int) -> str:
+    return f"{max(us, 0):020d}"
+
+
+def _due_key(kind: str, due_us: int, run_id: str, step_id: str) -> str:
+    return f"{kind}/{_pad(due_us)}/{run_id}/{step_id}"
+
+
+def _illegal(what: str, frm: str, to: str) -> Conflict:
+    return Conflict(
+        f"{what}: transition {frm} -> {to} is not allowed",
+        details={"reason": "illegal_transition", "from": frm, "to": to},
+    )
+
+
+def _require_step(what: str, frm: str, to: str) -> None:
+    if to not in STEP_TRANSITIONS[frm]:
+        raise _illegal(what, frm, to)
+
+
+def _require_run(what: str, frm: str, to: str) -> None:
+    if to not in RUN_TRANSITIONS[frm]:
+        raise _illegal(what, frm, to)
+
+
+def _step_ref(step: object) -> tuple[str, str]:
+    if isinstance(step, Step | Claim):
+        return step.run_id, step.step_id
+    if isinstance(step, tuple) and len(step) == 2:
+        return _check_id(step[0], "step.run_id"), _check_id(step[1], "step.step_id")
+    if isinstance(step, str):
+        run_id, sep, step_id = step.partition("/")
+        if not sep:
+            raise InvalidArgument("step", "must be '<run_id>/<step_id>', a (run_id, step_id) tuple, a Step or a Claim")
+        return _check_id(run_id, "step.run_id"), _check_id(step_id, "step.step_id")
+    raise InvalidArgument("step", f"must name a step, got {type(step).__name__}")
+
+
+def _run_ref(run: object) -> str:
+    if isinstance(run, Run):
+        return run.run_id
+    return _check_id(run, "run")
+
+
+def _check_token(token: object) -> str:
+    if type(token) is not str or not token or len(token) > 256:
+        raise InvalidArgument("lease_token", "must be the non-empty string a claim returned")
+    return token
+
+
+class _Plan:
+    """Checks and ops of one commit being built, plus the history events."""
+
+    __slots__ = ("checks", "events", "ops")
+
+    def __init__(self) -> None:
+        self.checks: list[Check] = []
+        self.ops: list[Op] = []
+        self.events: list[NewEvent] = []
+
+
+# ---------------------------------------------------------------- the layer
 
 
 class Runs:
+    """Workflow runs of one tenant: create a DAG of steps, let workers claim them under leases, and
+    follow every transition in the run's history.
+
+    Every transition is one Store commit guarded by the versions of the items it read, with the
+    history events appended in the same commit, so concurrent workers on any number of processes
+    never both own a step and a stale worker can never overwrite the current owner's outcome.
+    """
+
     def __init__(self, store: Store, tenant: str) -> None:
-        raise NotImplementedError
+        self.store = store
+        self.tenant = check_tenant(tenant)
+        self._kinds: list[str] = []
+        self._kinds_at = -math.inf
+        self._kinds_lock = threading.Lock()
+
+    # ------------------------------------------------------------ events
+
+    def _event(
+        self,
+        type_: str,
+        doc: Mapping[str, Any],
+        data: Mapping[str, Any],
+        *,
+        step: bool = True,
+        subject: str | None = None,
+    ) -> NewEvent:
+        body: dict[str, Any] = {
+            "run_id": doc["run_id"],
+            "flow_id": doc["flow_id"],
+            "step_id": doc["step_id"] if step else None,
+            "idempotency_key": doc["idempotency_key"] if step else doc["run_id"],
+            "trace_id": doc["trace_id"],
+            "tenant_id": self.tenant,
+        }
+        body.update(data)
+        return NewEvent(type_, body, {"subject": subject} if subject else None)
+
+    def _commit(self, plan: _Plan, run_id: str, trace_id: str) -> Commit:
+        ops = list(plan.ops)
+        if plan.events:
+            ops.append(Append(f"runs:{run_id}", plan.events))
+        return self.store.commit(self.tenant, plan.checks, ops, {"layer": "runs", "trace_id": trace_id})
+
+    # ------------------------------------------------------------ create
+
+    def create(
+        self,
+        flow_id: str,
+        steps: Sequence[StepSpec | Mapping[str, Any]],
+        run_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        trace_id: str | None = None,
+    ) -> Run:
+        """Create a run of ``flow_id`` with ``steps`` (``StepSpec`` or dicts with the same keys).
+
+        The steps form a DAG through ``depends_on``: unknown ids, duplicates and cycles raise
+        ``InvalidArgument`` and nothing is written. Steps without dependencies are claimable at once.
+        ``run_id`` defaults to a new time-ordered id; an existing one raises ``Conflict``.
+        """
+        flow_id = _check_id(flow_id, "flow_id")
+        if run_id is None:
+            run_id = f"r{self.store.clock.now_us():x}-{secrets.token_hex(6)}"
+        run_id = _check_id(run_id, "run_id")
+        meta = {} if metadata is None else metadata
+        if not isinstance(meta, Mapping):
+            raise InvalidArgument("metadata", f"must be an object, got {type(meta).__name__}")
+        meta = _check_json(dict(meta), "metadata")
+        if trace_id is None:
+            trace_id = secrets.token_hex(16)
+        elif type(trace_id) is not str or not trace_id or len(trace_id) > 128:
+            raise InvalidArgument("trace_id", "must be a non-empty string of at most 128 characters")
+        specs = self._validate_steps(steps, run_id)
+
+        now = self.store.clock.now_us()
+        known = self._known_kinds()
+        run_doc: dict[str, Any] = {
+            "run_id": run_id,
+            "flow_id": flow_id,
+            "status": "pending",
+            "metadata": meta,
+            "trace_id": trace_id,
+            "steps": [s.id for s in specs],
+            "dead_steps": [],
+            "created_at": now,
+            "updated_at": now,
+            "started_at": None,
+            "finished_at": None,
+        }
+        plan = _Plan()
+        plan.checks.append(Absent(NS_RUNS, run_id))
+        plan.ops += [
+            Put(NS_RUNS, run_id, run_doc),
+            Put(NS_BY_STATUS, f"pending/{run_id}", 1),
+            Put(NS_BY_FLOW, f"{flow_id}/{run_id}", 1),
+            Put(NS_OPEN, run_id, len(specs)),
+        ]
+        dependents: dict[str, list[str]] = {s.id: [] for s in specs}
+        for s in specs:
+            for d in s.depends_on:
+                dependents[d].append(s.id)
+        new_kinds = sorted({s.kind for s in specs} - set(known))
+        for k in new_kinds:
+            plan.ops.append(Put(NS_KINDS, k, 1))
+        for s in specs:
+            due = _due_key(s.kind, now, run_id, s.id) if not s.depends_on else None
+            doc = {
+                "run_id": run_id,
+                "step_id": s.id,
+                "flow_id": flow_id,
+                "trace_id": trace_id,
+                "kind": s.kind,
+                "payload": s.payload,
+                "depends_on": list(s.depends_on),
+                "dependents": dependents[s.id],
+                "waiting": len(s.depends_on),
+                "optional": s.optional,
+                "max_attempts": s.max_attempts,
+                "retry": s.retry.to_json(),
+                "idempotency_key": s.idempotency_key or f"{run_id}/{s.id}",
+                "status": "pending",
+                "attempts": 0,
+                "claims": 0,
+                "released": False,
+                "parked": False,
+                "due_key": due,
+                "worker_id": None,
+                "assignment_id": None,
+                "lease_token": None,
+                "lease_seconds": None,
+                "lease_expires_at": None,
+                "retry_at": None,
+                "result": None,
+                "error": None,
+                "usage": None,
+                "created_at": now,
+                "updated_at": now,
+                "started_at": None,
+                "completed_at": None,
+            }
+            plan.ops.append(Put(NS_STEPS, f"{run_id}/{s.id}", doc))
+            if due is not None:
+                plan.ops.append(Put(NS_READY, due, 1))
+        plan.events.append(
+            self._event(
+                "run.created",
+                run_doc,
+                {"from": None, "to": "pending", "at": now, "steps": [s.id for s in specs], "metadata": meta},
+                step=False,
+            )
+        )
+        try:
+            commit = self._commit(plan, run_id, trace_id)
+        except Conflict as exc:
+            raise Conflict(f"run {run_id} already exists", details={"reason": "exists", "run_id": run_id}) from exc
+        if new_kinds:
+            with self._kinds_lock:
+                self._kinds = sorted(set(self._kinds) | set(new_kinds))
+        return self._run_from(run_doc, commit.versions[(NS_RUNS, run_id)])
+
+    def _validate_steps(self, steps: object, run_id: str) -> list[StepSpec]:
+        if isinstance(steps, str | bytes | Mapping) or not isinstance(steps, Sequence):
+            raise InvalidArgument("steps", "must be a list of StepSpec or objects")
+        if not steps:
+            raise InvalidArgument("steps", "a run needs at least one step")
+        if len(steps) > MAX_STEPS_PER_RUN:
+            raise InvalidArgument("steps", f"at most {MAX_STEPS_PER_RUN} steps per run, got {len(steps)}")
+        specs: list[StepSpec] = []
+        seen: set[str] = set()
+        for i, raw in enumerate(steps):
+            f = f"steps[{i}]"
+            if isinstance(raw, StepSpec):
+                spec = raw
+            elif isinstance(raw, Mapping):
+                unknown = set(raw) - set(StepSpec.__dataclass_fields__)
+                if unknown:
+                    raise InvalidArgument(f, f"unknown field(s) {sorted(unknown)}")
+                if "id" not in raw:
+                    raise InvalidArgument(f"{f}.id", "is required")
+                kw = dict(raw)
+                retry = kw.get("retry")
+                if isinstance(retry, Mapping):
+                    try:
+                        kw["retry"] = RetryPolicy(**retry)
+                    except TypeError as exc:
+                        raise InvalidArgument(f"{f}.retry", str(exc)) from None
+                spec = StepSpec(**kw)
+            else:
+                raise InvalidArgument(f, f"must be a StepSpec or an object, got {type(raw).__name__}")
+            sid = _check_id(spec.id, f"{f}.id")
+            if sid in seen:
+                raise InvalidArgument(f"{f}.id", f"duplicate step id {sid!r}")
+            seen.add(sid)
+            _check_id(spec.kind, f"{f}.kind")
+            _check_json(spec.payload, f"{f}.payload")
+            deps = spec.depends_on
+            if isinstance(deps, str | bytes) or not isinstance(deps, Sequence):
+                raise InvalidArgument(f"{f}.depends_on", "must be a list of step ids")
+            for j, d in enumerate(deps):
+                _check_id(d, f"{f}.depends_on[{j}]")
+            if len(set(deps)) != len(deps):
+                raise InvalidArgument(f"{f}.depends_on", "lists a step twice")
+            if sid in deps:
+                raise InvalidArgument(f"{f}.depends_on", f"step {sid!r} depends on itself")
+            _check_int(spec.max_attempts, f"{f}.max_attempts", 1, 1000)
+            if not isinstance(spec.retry, RetryPolicy):
+                raise InvalidArgument(f"{f}.retry", "must be a RetryPolicy or an object with its fields")
+            spec.retry.validate(f"{f}.retry")
+            if type(spec.optional) is not bool:
+                raise InvalidArgument(f"{f}.optional", "must be a bool")
+            if spec.idempotency_key is not None:
+                check_key(spec.idempotency_key, f"{f}.idempotency_key")
+            specs.append(
+                StepSpec(
+                    sid,
+                    spec.kind,
+                    spec.payload,
+                    tuple(deps),
+                    spec.max_attempts,
+                    spec.retry,
+                    spec.optional,
+                    spec.idempotency_key,
+                )
+            )
+        for i, s in enumerate(specs):
+            for d in s.depends_on:
+                if d not in seen:
+                    raise InvalidArgument(f"steps[{i}].depends_on", f"unknown step {d!r}")
+        cycle = _find_cycle({s.id: list(s.depends_on) for s in specs})
+        if cycle:
+            raise InvalidArgument("steps", f"dependency cycle: {' -> '.join(cycle)}", details={"cycle": cycle})
+        check_key(f"runs:{run_id}", "run_id")
+        return specs
+
+    # ------------------------------------------------------------ kinds
+
+    def _known_kinds(self, fresh: bool = False) -> list[str]:
+        now = time.monotonic()
+        if fresh or now - self._kinds_at > _KINDS_CACHE_SECONDS:
+            kinds: list[str] = []
+            while True:
+                page = self.store.scan(self.tenant, NS_KINDS, after=kinds[-1] if kinds else None, limit=1000)
+                kinds.extend(i.key for i in page)
+                if len(page) < 1000:
+                    break
+            with self._kinds_lock:
+                self._kinds = kinds
+                self._kinds_at = now
+        return self._kinds
+
+    # ------------------------------------------------------------ claim
+
+    def claim(
+        self,
+        worker_id: str,
+        lease: float = 30.0,
+        kinds: Iterable[str] | None = None,
+        limit: int = 1,
+    ) -> list[Claim]:
+        """Assign up to ``limit`` ready steps to ``worker_id`` for ``lease`` seconds and return them.
+
+        A step is ready when its dependencies have completed and any retry delay has passed, or when
+        the lease of its previous owner expired (which counts that attempt; a step whose attempts are
+        used up becomes dead instead). Each assignment is one commit guarded by the step's version,
+        so under any number of concurrent claimers a step has one owner at a time. ``kinds`` limits
+        the step kinds considered (default: every kind). Returns ``[]`` when nothing is ready.
+        """
+        worker_id = check_key(worker_id, "worker_id")
+        lease = _check_seconds(lease, "lease", maximum=MAX_LEASE_SECONDS, positive=True)
+        limit = _check_int(limit, "limit", 1, MAX_CLAIM_LIMIT)
+        if kinds is None:
+            kind_list = None
+        else:
+            if isinstance(kinds, str | bytes):
+                raise InvalidArgument("kinds", "must be a list of kinds, not a string")
+            kind_list = sorted({_check_id(k, "kinds[]") for k in kinds})
+            if not kind_list:
+                return []
+        out: list[Claim] = []
+        window = max(32, 4 * limit)
+        tried: set[str] = set()
+        for _round in range(8):
+            now = self.store.clock.now_us()
+            candidates = self._due(kind_list, now, window, tried)
+            if not candidates and kind_list is None and _round == 0:
+                self._known_kinds(fresh=True)  # a kind created elsewhere in the last second
+                candidates = self._due(kind_list, now, window, tried)
+            if not candidates:
+                break
+            random.shuffle(candidates)
+            for item in candidates:
+                tried.add(item.key)
+                got = self._try_claim(item, worker_id, lease, now)
+                if got is not None:
+                    out.append(got)
+                    if len(out) >= limit:
+                        return out
+        return out
+
+    def _due(self, kinds: list[str] | None, now: int, window: int, tried: set[str]) -> list[Item]:
+        kind_list = kinds if kinds is not None else self._known_kinds()
+        found: list[Item] = []
+        for kind in kind_list:
+            prefix = f"{kind}/"
+            after: str | None = None
+            while True:
+                page = self.store.scan(self.tenant, NS_READY, prefix=prefix, after=after, limit=window)
+                stop = len(page) < window
+                for it in page:
+                    due = int(it.key[len(prefix) : len(prefix) + 20])
+                    if due > now:
+                        stop = True
+                        break
+                    if it.key not in tried:
+                        found.append(it)
+                if stop or len(found) >= window:
+                    break
+                after = page[-1].key
+        if len(kind_list) > 1:
+            found.sort(key=lambda it: it.key.split("/", 2)[1])
+        return found[:window]
+
+    def _try_claim(self, due: Item, worker_id: str, lease: float, now: int) -> Claim | None:
+        _kind, _due_at, run_id, step_id = due.key.split("/", 3)
+        skey = f"{run_id}/{step_id}"
+        step_item, run_item = self.store.get_many(self.tenant, [(NS_STEPS, skey), (NS_RUNS, run_id)])
+        if step_item is None or run_item is None or step_item.value["due_key"] != due.key:
+            # an index entry without its step (cannot be produced by this layer): drop it
+            if step_item is None:
+                with contextlib.suppress(Conflict):
+                    self.store.commit(
+                        self.tenant, [VersionIs(NS_READY, due.key, due.version)], [Delete(NS_READY, due.key)]
+                    )
+            return None
+        doc = dict(step_item.value)
+        run = run_item.value
+        status = doc["status"]
+        expired = status in ("assigned", "running")
+        if expired and doc["lease_expires_at"] > now:
+            return None
+        if not expired and status not in ("pending", "retrying"):
+            return None
+        plan = _Plan()
+        plan.checks += [VersionIs(NS_STEPS, skey, step_item.version), VersionIs(NS_RUNS, run_id, run_item.version)]
+        try:
+            if run["status"] == "cancelled":
+                self._cancel_step_ops(plan, doc, now, skey, step_item.version, checked=True)
+                self._commit(plan, run_id, doc["trace_id"])
+                return None
+            if expired and doc["attempts"] >= doc["max_attempts"]:
+                self._terminal(
+                    plan,
+                    step_item,
+                    doc,
+                    "dead",
+                    now,
+                    {"error": "lease expired", "retry_at": None},
+                    run_item=run_item,
+                    checked=True,
+                    result_status="timeout",
+                )
+                commit = self._commit(plan, run_id, doc["trace_id"])
+                self._after_settle(commit, doc)
+                return None
+            plan.ops.append(Delete(NS_READY, due.key))
+            if expired:
+                plan.events.append(
+                    self._end_event("step.lease_expired", doc, "retrying", "timeout", now, None, "lease expired")
+                )
+                doc.update(status="retrying", lease_token=None, lease_expires_at=None)
+            if run["status"] == "failed":
+                # park: the step waits until retry_dead revives the run
+                doc.update(due_key=None, parked=True, updated_at=now)
+                plan.ops.append(Put(NS_STEPS, skey, doc))
+                self._commit(plan, run_id, doc["trace_id"])
+                return None
+        except Conflict:
+            return None
+
+        token = secrets.token_hex(16)
+        expires = now + round(lease * 1_000_000)
+        new_due = _due_key(doc["kind"], expires, run_id, step_id)
+        attempt = doc["attempts"] + 1
+        claims = doc["claims"] + 1
+        assignment_id = f"{run_id}/{step_id}/{claims}"
+        _require_step(f"step {skey}", doc["status"], "assigned")
+        frm = doc["status"]
+        doc.update(
+            status="assigned",
+            attempts=attempt,
+            claims=claims,
+            worker_id=worker_id,
+            assignment_id=assignment_id,
+            lease_token=token,
+            lease_seconds=lease,
+            lease_expires_at=expires,
+            due_key=new_due,
+            retry_at=None,
+            updated_at=now,
+        )
+        plan.ops += [Put(NS_STEPS, skey, doc), Put(NS_READY, new_due, 1)]
+        plan.events.append(
+            self._event(
+                "step.assigned",
+                doc,
+                {
+                    "from": frm,
+                    "to": "assigned",
+                    "at": now,
+                    "assignment_id": assignment_id,
+                    "worker_id": worker_id,
+                    "attempt": attempt,
+                    "lease_expires_at": expires,
+                },
+                subject=ASSIGNED_SUBJECT,
+            )
+        )
+        if run["status"] == "pending":
+            self._run_transition(plan, run_item, "running", now)
+        try:
+            self._commit(plan, run_id, doc["trace_id"])
+        except Conflict:
+            return None
+        return Claim(
+            run_id,
+            step_id,
+            doc["flow_id"],
+            doc["kind"],
+            doc["payload"],
+            attempt,
+            worker_id,
+            assignment_id,
+            token,
+            expires,
+            doc["idempotency_key"],
+            doc["trace_id"],
+        )
+
+    # ------------------------------------------------------------ worker calls
+
+    def _leased(self, step: object, token: object, to: str | None) -> tuple[str, str, Item, dict[str, Any], int]:
+        run_id, step_id = _step_ref(step)
+        token = _check_token(token)
+        skey = f"{run_id}/{step_id}"
+        item = self.store.get(self.tenant, NS_STEPS, skey)
+        if item is None:
+            raise NotFound(f"no step {skey}")
+        doc = dict(item.value)
+        if to is not None:
+            _require_step(f"step {skey}", doc["status"], to)
+        elif doc["status"] not in ("assigned", "running"):
+            raise Conflict(
+                f"step {skey}: is {doc['status']}, not leased",
+                details={"reason": "not_leased", "status": doc["status"]},
+            )
+        now = self.store.clock.now_us()
+        if doc["status"] not in ("assigned", "running") or not secrets.compare_digest(doc["lease_token"] or "", token):
+            raise Conflict(
+                f"step {skey}: the lease token is not current (the step was re-assigned)",
+                details={"reason": "stale_lease", "run_id": run_id, "step_id": step_id},
+            )
+        if doc["lease_expires_at"] <= now:
+            raise Conflict(
+                f"step {skey}: the lease expired",
+                details={"reason": "lease_expired", "run_id": run_id, "step_id": step_id},
+            )
+        return run_id, skey, item, doc, now
+
+    def heartbeat(self, step: StepRef, lease_token: str, lease: float | None = None) -> Heartbeat:
+        """Extend the lease of a step you hold by ``lease`` seconds (default: the claim's lease).
+
+        Raises ``Conflict`` if ``lease_token`` is not the current one or the lease already expired.
+        If the run was cancelled, the step is cancelled now and ``cancel_requested`` is true.
+        """
+        if lease is not None:
+            lease = _check_seconds(lease, "lease", maximum=MAX_LEASE_SECONDS, positive=True)
+        run_id, skey, item, doc, now = self._leased(step, lease_token, None)
+        run_item = self.store.get(self.tenant, NS_RUNS, run_id)
+        assert run_item is not None
+        plan = _Plan()
+        if run_item.value["status"] == "cancelled":
+            plan.checks.append(VersionIs(NS_RUNS, run_id, run_item.version))
+            self._cancel_step_ops(plan, doc, now, skey, item.version)
+            self._commit_owned(plan, run_id, doc, skey)
+            return Heartbeat(now, True)
+        expires = now + round((lease if lease is not None else doc["lease_seconds"]) * 1_000_000)
+        new_due = _due_key(doc["kind"], expires, doc["run_id"], doc["step_id"])
+        plan.checks.append(VersionIs(NS_STEPS, skey, item.version))
+        if doc["due_key"] != new_due:
+            plan.ops += [Delete(NS_READY, doc["due_key"]), Put(NS_READY, new_due, 1)]
+        doc.update(lease_expires_at=expires, due_key=new_due, updated_at=now)
+        if lease is not None:
+            doc["lease_seconds"] = lease
+        plan.ops.append(Put(NS_STEPS, skey, doc))
+        self._commit_owned(plan, run_id, doc, skey)
+        return Heartbeat(expires, False)
+
+    def _commit_owned(self, plan: _Plan, run_id: str, doc: Mapping[str, Any], skey: str) -> Commit:
+        try:
+            return self._commit(plan, run_id, doc["trace_id"])
+        except Conflict as exc:
+            raise Conflict(
+                f"step {skey}: changed concurrently (lease lost or step re-assigned)",
+                details={"reason": "stale_lease", "run_id": doc["run_id"], "step_id": doc["step_id"]},
+            ) from exc
+
+    def start(self, step: StepRef, lease_token: str) -> Step:
+        """Mark a step you hold as running (``assigned -> running``)."""
+        run_id, skey, item, doc, now = self._leased(step, lease_token, "running")
+        plan = _Plan()
+        plan.checks.append(VersionIs(NS_STEPS, skey, item.version))
+        doc.update(status="running", started_at=now, updated_at=now)
+        plan.ops.append(Put(NS_STEPS, skey, doc))
+        plan.events.append(
+            self._event(
+                "step.running",
+                doc,
+                {"from": "assigned", "to": "running", "at": now, "assignment_id": doc["assignment_id"]},
+            )
+        )
+        commit = self._commit_owned(plan, run_id, doc, skey)
+        return self._step_from(doc, commit.versions[(NS_STEPS, skey)], False)
+
+    def complete(
+        self,
+        step: StepRef,
+        lease_token: str,
+        result: Any = None,
+        usage: Mapping[str, Any] | None = None,
+    ) -> Step:
+        """Record a step you hold as completed with ``result`` (any JSON value) and optional
+        ``usage={"tokens": int, "cost_usd": float}``; dependents whose dependencies are now all
+        complete become claimable, and the run completes with its last step.
+
+        Raises ``Conflict`` if the token is stale or the lease expired (the outcome is then not
+        recorded), or if the step's status does not allow completion.
+        """
+        _check_json(result, "result")
+        metered = None if usage is None else _check_usage(usage)
+        run_id, step_id = _step_ref(step)
+        for _ in range(_MAX_RETRIES):
+            run_id, skey, item, doc, now = self._leased((run_id, step_id), lease_token, "completed")
+            plan = _Plan()
+            fields: dict[str, Any] = {"result": result, "error": None, "completed_at": now}
+            if metered is not None:
+                fields["usage"] = {"tokens": metered.tokens, "cost_usd": metered.cost_usd}
+                plan.ops.append(
+                    Put(
+                        NS_USAGE,
+                        f"{_pad(now)}/{skey}",
+                        {"run_id": run_id, "step_id": step_id, "flow_id": doc["flow_id"], "at": now, **fields["usage"]},
+                    )
+                )
+            self._terminal(plan, item, doc, "completed", now, fields)
+            if metered is not None:
+                plan.events.append(
+                    self._event(
+                        "step.metered",
+                        doc,
+                        {"at": now, "tokens_used": metered.tokens, "cost_usd": metered.cost_usd},
+                        subject=USAGE_SUBJECT,
+                    )
+                )
+            try:
+                commit = self._commit(plan, run_id, doc["trace_id"])
+            except Conflict:
+                continue  # a dependent or the run changed (or the step: the next read refuses)
+            self._after_settle(commit, doc)
+            return self._step_from(doc, commit.versions[(NS_STEPS, skey)], False)
+        raise Conflict(f"step {run_id}/{step_id}: too much contention, gave up", details={"reason": "contention"})
+
+    def fail(self, step: StepRef, lease_token: str, error: Any, retryable: bool = True) -> Step:
+        """Record a failed attempt of a step you hold. ``error`` is any JSON value (a message, an object).
+
+        A retryable failure with attempts left makes the step ``retrying``: it is claimable again
+        after the backoff of its retry policy. Otherwise the step is ``dead`` (attempts used up) or
+        ``failed`` (not retryable); the run then fails, unless the step is optional, in which case
+        its dependents go on without it. Raises ``Conflict`` for a stale token or expired lease.
+        """
+        if error is None:
+            raise InvalidArgument("error", "must describe the failure")
+        _check_json(error, "error")
+        if type(retryable) is not bool:
+            raise InvalidArgument("retryable", "must be a bool")
+        run_id, step_id = _step_ref(step)
+        for _ in range(_MAX_RETRIES):
+            run_id, skey, item, doc, now = self._leased((run_id, step_id), lease_token, "retrying")
+            plan = _Plan()
+            if retryable and doc["attempts"] < doc["max_attempts"]:
+                policy = RetryPolicy.from_json(doc["retry"])
+                retry_at = now + round(policy.delay(doc["attempts"]) * 1_000_000)
+                new_due = _due_key(doc["kind"], retry_at, run_id, step_id)
+                plan.checks.append(VersionIs(NS_STEPS, skey, item.version))
+                plan.ops += [Delete(NS_READY, doc["due_key"]), Put(NS_READY, new_due, 1)]
+                frm = doc["status"]
+                doc.update(
+                    status="retrying",
+                    error=error,
+                    retry_at=retry_at,
+                    due_key=new_due,
+                    lease_token=None,
+                    lease_expires_at=None,
+                    updated_at=now,
+                )
+                plan.ops.append(Put(NS_STEPS, skey, doc))
+                plan.events.append(
+                    self._end_event("step.retrying", doc, "retrying", "error", now, None, error, frm=frm)
+                )
+                plan.events[-1].data["retry_at"] = retry_at
+                commit = self._commit_owned(plan, run_id, doc, skey)
+                return self._step_from(doc, commit.versions[(NS_STEPS, skey)], False)
+            to = "dead" if retryable else "failed"
+            self._terminal(plan, item, doc, to, now, {"error": error, "retry_at": None})
+            try:
+                commit = self._commit(plan, run_id, doc["trace_id"])
+            except Conflict:
+                continue
+            self._after_settle(commit, doc)
+            return self._step_from(doc, commit.versions[(NS_STEPS, skey)], False)
+        raise Conflict(f"step {run_id}/{step_id}: too much contention, gave up", details={"reason": "contention"})
+
+    # ------------------------------------------------------------ transitions shared by several calls
+
+    def _end_event(
+        self,
+        type_: str,
+        doc: Mapping[str, Any],
+        to: str,
+        status: str,
+        now: int,
+        result: Any,
+        error: Any,
+        *,
+        frm: str | None = None,
+    ) -> NewEvent:
+        return self._event(
+            type_,
+            doc,
+            {
+                "from": frm or doc["status"],
+                "to": to,
+                "at": now,
+                "assignment_id": doc["assignment_id"],
+                "worker_id": doc["worker_id"],
+                "attempt": doc["attempts"],
+                "status": status,
+                "result": result,
+                "error": error,
+            },
+            subject=RESULT_SUBJECT,
+        )
+
+    def _terminal(
+        self,
+        plan: _Plan,
+        item: Item,
+        doc: dict[str, Any],
+        to: str,
+        now: int,
+        fields: Mapping[str, Any],
+        *,
+        run_item: Item | None = None,
+        checked: bool = False,
+        result_status: str = "error",
+    ) -> None:
+        """Plan ``doc -> to`` for completed/failed/dead: settle the step (release dependents, count
+        it down) when it completed or is optional, else fail the run."""
+        skey = f"{doc['run_id']}/{doc['step_id']}"
+        _require_step(f"step {skey}", doc["status"], to)
+        if not checked:
+            plan.checks.append(VersionIs(NS_STEPS, skey, item.version))
+        if doc["due_key"]:
+            plan.ops.append(Delete(NS_READY, doc["due_key"]))
+        settles = to == "completed" or doc["optional"]
+        if to == "completed":
+            plan.events.append(self._end_event("step.completed", doc, to, "success", now, fields.get("result"), None))
+        else:
+            plan.events.append(self._end_event(f"step.{to}", doc, to, result_status, now, None, fields.get("error")))
+        doc.update(fields)
+        doc.update(status=to, due_key=None, lease_token=None, lease_expires_at=None, updated_at=now)
+        if settles:
+            if not doc["released"] and doc["dependents"]:
+                self._release(plan, doc, now)
+            doc["released"] = True
+            plan.ops.append(Incr(NS_OPEN, doc["run_id"], -1))
+        else:
+            if run_item is None:
+                run_item = self.store.get(self.tenant, NS_RUNS, doc["run_id"])
+                assert run_item is not None
+            run = dict(run_item.value)
+            if run["status"] != "cancelled":
+                if not any(isinstance(c, VersionIs) and c.namespace == NS_RUNS for c in plan.checks):
+                    plan.checks.append(VersionIs(NS_RUNS, doc["run_id"], run_item.version))
+                run["dead_steps"] = sorted({*run["dead_steps"], doc["step_id"]})
+                if run["status"] != "failed":
+                    self._run_transition(plan, run_item, "failed", now, run, reason=f"step {doc['step_id']} {to}")
+                else:
+                    run["updated_at"] = now
+                    plan.ops.append(Put(NS_RUNS, doc["run_id"], run))
+        plan.ops.append(Put(NS_STEPS, skey, doc))
+
+    def _release(self, plan: _Plan, doc: Mapping[str, Any], now: int) -> None:
+        run_id = doc["run_id"]
+        keys = [(NS_STEPS, f"{run_id}/{d}") for d in doc["dependents"]]
+        for dep_item in self.store.get_many(self.tenant, keys):
+            if dep_item is None:
+                continue
+            dep = dict(dep_item.value)
+            if dep["status"] != "pending":
+                continue  # cancelled with its run
+            dep["waiting"] = max(dep["waiting"] - 1, 0)
+            dep["updated_at"] = now
+            plan.checks.append(VersionIs(NS_STEPS, dep_item.key, dep_item.version))
+            if dep["waiting"] == 0:
+                dep["due_key"] = _due_key(dep["kind"], now, run_id, dep["step_id"])
+                plan.ops.append(Put(NS_READY, dep["due_key"], 1))
+            plan.ops.append(Put(NS_STEPS, dep_item.key, dep))
+
+    def _run_transition(
+        self,
+        plan: _Plan,
+        run_item: Item,
+        to: str,
+        now: int,
+        run: dict[str, Any] | None = None,
+        *,
+        reason: str | None = None,
+    ) -> dict[str, Any]:
+        run = dict(run_item.value) if run is None else run
+        frm = run_item.value["status"]
+        _require_run(f"run {run['run_id']}", frm, to)
+        if not any(isinstance(c, VersionIs) and c.namespace == NS_RUNS for c in plan.checks):
+            plan.checks.append(VersionIs(NS_RUNS, run["run_id"], run_item.version))
+        run.update(status=to, updated_at=now)
+        if to == "running" and run["started_at"] is None:
+            run["started_at"] = now
+        if to in ("completed", "failed", "cancelled"):
+            run["finished_at"] = now
+        elif to == "running":
+            run["finished_at"] = None
+        plan.ops += [
+            Put(NS_RUNS, run["run_id"], run),
+            Delete(NS_BY_STATUS, f"{frm}/{run['run_id']}"),
+            Put(NS_BY_STATUS, f"{to}/{run['run_id']}", 1),
+        ]
+        data: dict[str, Any] = {"from": frm, "to": to, "at": now}
+        if reason:
+            data["reason"] = reason
+        plan.events.append(self._event(f"run.{to}", run, data, step=False))
+        return run
+
+    def _cancel_step_ops(
+        self, plan: _Plan, doc: dict[str, Any], now: int, skey: str, version: int, *, checked: bool = False
+    ) -> None:
+        frm = doc["status"]
+        _require_step(f"step {skey}", frm, "cancelled")
+        if not checked:
+            plan.checks.append(VersionIs(NS_STEPS, skey, version))
+        if doc["due_key"]:
+            plan.ops.append(Delete(NS_READY, doc["due_key"]))
+        if frm in ("assigned", "running"):
+            plan.events.append(self._end_event("step.cancelled", doc, "cancelled", "cancelled", now, None, None))
+        else:
+            plan.events.append(self._event("step.cancelled", doc, {"from": frm, "to": "cancelled", "at": now}))
+        doc.update(status="cancelled", due_key=None, lease_token=None, lease_expires_at=None, updated_at=now)
+        plan.ops.append(Put(NS_STEPS, skey, doc))
+
+    def _after_settle(self, commit: Commit, doc: Mapping[str, Any]) -> None:
+        left = commit.counters.get((NS_OPEN, doc["run_id"]))
+        if left is not None and left <= 0:
+            self._finish(doc["run_id"])
+
+    def _finish(self, run_id: str) -> None:
+        """Complete a running run whose steps are all settled (idempotent; also heals a crash
+        between a last step's commit and this one)."""
+        for _ in range(_MAX_RETRIES):
+            run_item, open_item = self.store.get_many(self.tenant, [(NS_RUNS, run_id), (NS_OPEN, run_id)])
+            if run_item is None or open_item is None or open_item.value > 0:
+                return
+            if run_item.value["status"] != "running":
+                return
+            now = self.store.clock.now_us()
+            plan = _Plan()
+            plan.checks.append(VersionIs(NS_OPEN, run_id, open_item.version))
+            run = self._run_transition(plan, run_item, "completed", now)
+            try:
+                self._commit(plan, run_id, run["trace_id"])
+                return
+            except Conflict:
+                continue
+
+    # ------------------------------------------------------------ operator calls
+
+    def retry_dead(self, step: StepRef) -> Step:
+        """Put a dead (or failed) step back to pending with its attempts reset; a failed run whose
+        last dead step this was runs again, and its steps held back meanwhile become claimable."""
+        run_id, step_id = _step_ref(step)
+        skey = f"{run_id}/{step_id}"
+        for _ in range(_MAX_RETRIES):
+            item, run_item = self.store.get_many(self.tenant, [(NS_STEPS, skey), (NS_RUNS, run_id)])
+            if item is None or run_item is None:
+                raise NotFound(f"no step {skey}")
+            doc = dict(item.value)
+            _require_step(f"step {skey}", doc["status"], "pending")
+            run = dict(run_item.value)
+            now = self.store.clock.now_us()
+            plan = _Plan()
+            plan.checks += [VersionIs(NS_STEPS, skey, item.version), VersionIs(NS_RUNS, run_id, run_item.version)]
+            if run["status"] in ("completed", "cancelled"):
+                raise _illegal(f"run {run_id}", run["status"], "running")
+            frm = doc["status"]
+            due = _due_key(doc["kind"], now, run_id, step_id)
+            doc.update(status="pending", attempts=0, due_key=due, retry_at=None, updated_at=now, parked=False)
+            plan.ops += [Put(NS_STEPS, skey, doc), Put(NS_READY, due, 1)]
+            plan.events.append(self._event("step.requeued", doc, {"from": frm, "to": "pending", "at": now}))
+            if doc["optional"] and doc["released"]:
+                plan.ops.append(Incr(NS_OPEN, run_id, 1))
+            run["dead_steps"] = [s for s in run["dead_steps"] if s != step_id]
+            if run["status"] == "failed" and not run["dead_steps"]:
+                self._run_transition(plan, run_item, "running", now, run, reason=f"step {step_id} requeued")
+                self._unpark(plan, run_id, skey, now)
+            else:
+                run["updated_at"] = now
+                plan.ops.append(Put(NS_RUNS, run_id, run))
+            try:
+                commit = self._commit(plan, run_id, doc["trace_id"])
+            except Conflict:
+                continue
+            return self._step_from(doc, commit.versions[(NS_STEPS, skey)], False)
+        raise Conflict(f"step {skey}: too much contention, gave up", details={"reason": "contention"})
+
+    def _unpark(self, plan: _Plan, run_id: str, skip: str, now: int) -> None:
+        for sitem in self._step_items(run_id):
+            s = sitem.value
+            if sitem.key == skip or not s["parked"]:
+                continue
+            doc = dict(s)
+            doc.update(parked=False, updated_at=now)
+            doc["due_key"] = _due_key(doc["kind"], now, run_id, doc["step_id"])
+            plan.checks.append(VersionIs(NS_STEPS, sitem.key, sitem.version))
+            plan.ops += [Put(NS_STEPS, sitem.key, doc), Put(NS_READY, doc["due_key"], 1)]
+
+    def cancel(self, run: str | Run, reason: str | None = None) -> Run:
+        """Cancel a run: its pending and retrying steps are cancelled now; assigned and running steps
+        are marked for cancellation, which their worker sees on its next heartbeat (a later claim of
+        an expired one cancels it too). Cancelling a completed or cancelled run raises ``Conflict``."""
+        run_id = _run_ref(run)
+        if reason is not None and (type(reason) is not str or len(reason) > 1024):
+            raise InvalidArgument("reason", "must be a string of at most 1024 characters")
+        for _ in range(_MAX_RETRIES):
+            run_item = self.store.get(self.tenant, NS_RUNS, run_id)
+            if run_item is None:
+                raise NotFound(f"no run {run_id}")
+            _require_run(f"run {run_id}", run_item.value["status"], "cancelled")
+            now = self.store.clock.now_us()
+            plan = _Plan()
+            doc = self._run_transition(plan, run_item, "cancelled", now, reason=reason)
+            for sitem in self._step_items(run_id):
+                if sitem.value["status"] in ("pending", "retrying", "dead", "failed"):
+                    self._cancel_step_ops(plan, dict(sitem.value), now, sitem.key, sitem.version)
+            try:
+                commit = self._commit(plan, run_id, doc["trace_id"])
+            except Conflict:
+                continue
+            return self._run_from(doc, commit.versions[(NS_RUNS, run_id)])
+        raise Conflict(f"run {run_id}: too much contention, gave up", details={"reason": "contention"})
+
+    # ------------------------------------------------------------ reads
+
+    def _step_items(self, run_id: str) -> list[Item]:
+        out: list[Item] = []
+        prefix = f"{run_id}/"
+        while True:
+            page = self.store.scan(self.tenant, NS_STEPS, prefix=prefix, after=out[-1].key if out else None, limit=1000)
+            out.extend(page)
+            if len(page) < 1000:
+                return out
+
+    def get(self, run: str | Run) -> Run:
+        """The run with all its steps (in creation order). Raises ``NotFound``."""
+        run_id = _run_ref(run)
+        item = self.store.get(self.tenant, NS_RUNS, run_id)
+        if item is None:
+            raise NotFound(f"no run {run_id}")
+        if item.value["status"] == "running":
+            open_item = self.store.get(self.tenant, NS_OPEN, run_id)
+            if open_item is not None and open_item.value <= 0:
+                self._finish(run_id)
+                item = self.store.get(self.tenant, NS_RUNS, run_id)
+                assert item is not None
+        cancelled = item.value["status"] == "cancelled"
+        by_id = {i.value["step_id"]: i for i in self._step_items(run_id)}
+        steps = tuple(
+            self._step_from(by_id[s].value, by_id[s].version, cancelled) for s in item.value["steps"] if s in by_id
+        )
+        return self._run_from(item.value, item.version, steps)
+
+    def step(self, step: StepRef) -> Step:
+        """One step. Raises ``NotFound``."""
+        run_id, step_id = _step_ref(step)
+        item, run_item = self.store.get_many(self.tenant, [(NS_STEPS, f"{run_id}/{step_id}"), (NS_RUNS, run_id)])
+        if item is None or run_item is None:
+            raise NotFound(f"no step {run_id}/{step_id}")
+        return self._step_from(item.value, item.version, run_item.value["status"] == "cancelled")
+
+    def history(self, run: str | Run, from_seq: int = 1, limit: int | None = None) -> list[Event]:
+        """The run's events in order: every transition of the run and its steps."""
+        run_id = _run_ref(run)
+        _check_int(from_seq, "from_seq", 1, 2**62)
+        if limit is not None:
+            _check_int(limit, "limit", 1, 2**31)
+        stream = f"runs:{run_id}"
+        out: list[Event] = []
+        seq = from_seq
+        while limit is None or len(out) < limit:
+            want = 10_000 if limit is None else min(10_000, limit - len(out))
+            page = self.store.read_stream(self.tenant, stream, seq, None, want)
+            out.extend(page)
+            if len(page) < want:
+                break
+            seq = page[-1].seq + 1
+        if not out and from_seq == 1 and self.store.get(self.tenant, NS_RUNS, run_id) is None:
+            raise NotFound(f"no run {run_id}")
+        return out
+
+    def usage(self, run: str | Run) -> Usage:
+        """The usage metered by the run's completed steps, summed."""
+        run_id = _run_ref(run)
+        if self.store.get(self.tenant, NS_RUNS, run_id) is None:
+            raise NotFound(f"no run {run_id}")
+        tokens, cost, n = 0, 0.0, 0
+        for it in self._step_items(run_id):
+            u = it.value["usage"]
+            if u is not None:
+                tokens += u["tokens"]
+                cost += u["cost_usd"]
+                n += 1
+        return Usage(tokens, cost, n)
+
+    def usage_by_tenant(self, from_: int | datetime | None = None, to: int | datetime | None = None) -> Usage:
+        """The tenant's usage metered at ``from_ <= t < to`` (µs since the epoch or aware datetimes;
+        ``None`` leaves that end open), summed over every run."""
+        lo = None if from_ is None else _us(from_, "from_")
+        hi = None if to is None else _us(to, "to")
+        after = None if not lo else f"{_pad(lo - 1)}~"
+        tokens, cost, n = 0, 0.0, 0
+        while True:
+            page = self.store.scan(self.tenant, NS_USAGE, after=after, limit=1000)
+            for it in page:
+                if hi is not None and int(it.key[:20]) >= hi:
+                    return Usage(tokens, cost, n)
+                tokens += it.value["tokens"]
+                cost += it.value["cost_usd"]
+                n += 1
+            if len(page) < 1000:
+                return Usage(tokens, cost, n)
+            after = page[-1].key
+
+    def list(
+        self,
+        status: str | None = None,
+        flow_id: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[Run]:
+        """Runs in run-id order (ids default to creation order), optionally only those with
+        ``status`` and/or of ``flow_id``, after run id ``after``, at most ``limit`` (steps not loaded)."""
+        if status is not None and status not in RUN_STATUSES:
+            raise InvalidArgument("status", f"must be one of {', '.join(RUN_STATUSES)}")
+        if flow_id is not None:
+            _check_id(flow_id, "flow_id")
+        if after is not None:
+            _check_id(after, "after")
+        limit = _check_int(limit, "limit", 1, 10_000)
+        if status is not None:
+            ns, prefix = NS_BY_STATUS, f"{status}/"
+        elif flow_id is not None:
+            ns, prefix = NS_BY_FLOW, f"{flow_id}/"
+        else:
+            ns, prefix = NS_RUNS, ""
+        cursor = None if after is None else f"{prefix}{after}"
+        out: list[Run] = []
+        while len(out) < limit:
+            page = self.store.scan(self.tenant, ns, prefix=prefix, after=cursor, limit=min(1000, max(limit * 2, 50)))
+            if not page:
+                break
+            cursor = page[-1].key
+            if ns == NS_RUNS:
+                items: list[Item | None] = list(page)
+            else:
+                items = self.store.get_many(self.tenant, [(NS_RUNS, i.key[len(prefix) :]) for i in page])
+            for it in items:
+                if it is None:
+                    continue
+                v = it.value
+                if (status is None or v["status"] == status) and (flow_id is None or v["flow_id"] == flow_id):
+                    out.append(self._run_from(v, it.version))
+                    if len(out) >= limit:
+                        break
+        return out
+
+    # ------------------------------------------------------------ conversions
+
+    @staticmethod
+    def _run_from(v: Mapping[str, Any], version: int, steps: tuple[Step, ...] = ()) -> Run:
+        return Run(
+            v["run_id"],
+            v["flow_id"],
+            v["status"],
+            v["metadata"],
+            v["trace_id"],
+            tuple(v["steps"]),
+            tuple(v["dead_steps"]),
+            v["created_at"],
+            v["updated_at"],
+            v["started_at"],
+            v["finished_at"],
+            version,
+            steps,
+        )
+
+    @staticmethod
+    def _step_from(v: Mapping[str, Any], version: int, run_cancelled: bool) -> Step:
+        u = v["usage"]
+        return Step(
+            v["run_id"],
+            v["step_id"],
+            v["kind"],
+            v["payload"],
+            v["status"],
+            tuple(v["depends_on"]),
+            v["optional"],
+            v["max_attempts"],
+            v["attempts"],
+            v["worker_id"],
+            v["assignment_id"],
+            v["lease_expires_at"],
+            v["retry_at"],
+            v["result"],
+            v["error"],
+            None if u is None else Usage(u["tokens"], u["cost_usd"], 1),
+            v["idempotency_key"],
+            v["created_at"],
+            v["updated_at"],
+            v["started_at"],
+            v["completed_at"],
+            run_cancelled and v["status"] in ("assigned", "running"),
+            version,
+        )
+
+
+def _check_usage(usage: object) -> Usage:
+    if not isinstance(usage, Mapping):
+        raise InvalidArgument("usage", "must be an object with tokens and cost_usd")
+    unknown = set(usage) - {"tokens", "cost_usd"}
+    if unknown:
+        raise InvalidArgument("usage", f"unknown field(s) {sorted(unknown)}")
+    tokens = usage.get("tokens", 0)
+    cost = usage.get("cost_usd", 0.0)
+    _check_int(tokens, "usage.tokens", 0, 2**53)
+    if type(cost) not in (int, float) or not math.isfinite(cost) or cost < 0:
+        raise InvalidArgument("usage.cost_usd", "must be a finite, non-negative number")
+    return Usage(tokens, float(cost), 1)
+
+
+def _find_cycle(graph: Mapping[str, Sequence[str]]) -> list[str]:
+    """A cycle of ``graph`` (node -> nodes it points to) as a closed path, or ``[]``."""
+    white, grey, black = 0, 1, 2
+    color = dict.fromkeys(graph, white)
+    for root in graph:
+        if color[root] != white:
+            continue
+        path: list[str] = []
+        stack: list[tuple[str, int]] = [(root, 0)]
+        while stack:
+            node, i = stack.pop()
+            if i == 0:
+                color[node] = grey
+                path.append(node)
+            nexts = graph.get(node, ())
+            if i < len(nexts):
+                stack.append((node, i + 1))
+                nxt = nexts[i]
+                if color.get(nxt, black) == grey:
+                    return [*path[path.index(nxt) :], nxt]
+                if color.get(nxt) == white:
+                    stack.append((nxt, 0))
+            else:
+                color[node] = black
+                path.pop()
+    return []
