@@ -14,6 +14,7 @@ from stateline.types import Change, Check, Commit, Event, Item, Op, StreamInfo, 
 
 if TYPE_CHECKING:
     from stateline.audit import AuditLog
+    from stateline.bus.subscribe import ChangeFilter, Subscription
     from stateline.cases import Cases
     from stateline.docs import Documents, Transaction
     from stateline.gates import Gates
@@ -84,6 +85,20 @@ class Database:
             out.extend(page)
             if len(page) < 1000:
                 return out
+
+    def subscribe(
+        self,
+        tenant: str,
+        filter: ChangeFilter,  # noqa: A002 - the public name of the argument
+        callback: Callable[[Change], object],
+        *,
+        after: int | None = None,
+    ) -> Subscription:
+        """Call ``callback(change)`` on a background thread for each new change of ``tenant`` matching
+        ``filter`` (a namespace/stream prefix, a predicate, or ``None`` for all). See ``Subscription``."""
+        from stateline.bus.subscribe import Subscription
+
+        return Subscription(self.store, tenant, callback, filter, after=after)
 
     @property
     def gates(self) -> Gates:

@@ -1,0 +1,264 @@
+"""The relay: follows every tenant's change feed and publishes each change to NATS JetStream, exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from typing import Any
+
+import nats
+import orjson
+from nats.js.api import RetentionPolicy, StreamConfig
+from nats.js.errors import NotFoundError
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from stateline.bus.envelope import alias_messages, envelope_of, subject_of
+from stateline.errors import InvalidArgument, StatelineError
+from stateline.store.protocol import Store
+from stateline.types import Put, check_key
+
+__all__ = ["Relay"]
+
+log = logging.getLogger("stateline.bus")
+
+SYSTEM_TENANT = "system"
+CURSOR_NAMESPACE = "bus.cursors"
+_RETENTION = {
+    "limits": RetentionPolicy.LIMITS,
+    "interest": RetentionPolicy.INTEREST,
+    "workqueue": RetentionPolicy.WORK_QUEUE,
+}
+
+
+class Relay:
+    """Publishes every committed change of every tenant to a JetStream stream.
+
+    * Subject ``<prefix>.<tenant>.<layer>.<event>``; run events also go to their seed subjects
+      (``caf.exec.assigned.v1``, ``caf.exec.result.v1``, ``beamline.usage.v1.metered``), each
+      behind ``alias_prefix``.
+    * ``Nats-Msg-Id`` is ``<tenant>:<revision>`` (aliases add ``:<seq>:<alias>``), so JetStream drops
+      a message published twice within ``duplicate_window`` seconds.
+    * The cursor of each tenant is an item of the ``system`` tenant, advanced only after JetStream
+      acknowledged every message of a change. A crash re-publishes from the cursor; the duplicates
+      are dropped, so each change is stored once, in revision order per tenant.
+    * While NATS is unreachable, commits keep succeeding; the relay retries and catches up.
+
+    Run one relay per stream: ``start()``/``stop()`` on a thread, or ``await run(stop_event)``.
+    The ``system`` tenant itself is not relayed (it holds the cursors).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        nats_url: str = "nats://127.0.0.1:4222",
+        *,
+        stream: str = "STATELINE",
+        prefix: str = "stateline",
+        aliases: bool = True,
+        alias_prefix: str = "",
+        retention: str = "limits",
+        max_age: float | None = None,
+        duplicate_window: float = 120.0,
+        batch: int = 500,
+        ack_timeout: float = 5.0,
+        poll_interval: float = 0.005,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        if retention not in _RETENTION:
+            raise InvalidArgument("retention", f"must be one of {sorted(_RETENTION)}")
+        if not stream.replace("_", "").replace("-", "").isalnum():
+            raise InvalidArgument("stream", "use letters, digits, '_' and '-'")
+        if not prefix or any(c in prefix for c in " *>"):
+            raise InvalidArgument("prefix", "must be a NATS subject prefix without wildcards")
+        if not 1 <= batch <= 10_000:
+            raise InvalidArgument("batch", "must be between 1 and 10000")
+        self.store = store
+        self.nats_url = nats_url
+        self.stream = stream
+        self.prefix = prefix
+        self.aliases = aliases
+        self.alias_prefix = alias_prefix
+        self.retention = retention
+        self.max_age = max_age
+        self.duplicate_window = duplicate_window
+        self.batch = batch
+        self.ack_timeout = ack_timeout
+        self.poll_interval = poll_interval
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._lag = Gauge("stateline_relay_lag_revisions", "Revisions committed but not yet acknowledged by NATS",
+                          ["tenant"], registry=self.registry)  # fmt: skip
+        self._published = Counter("stateline_relay_published", "Changes acknowledged by JetStream",
+                                  registry=self.registry)  # fmt: skip
+        self._cursors: dict[str, int] = {}
+        self.published = 0
+        self.errors = 0
+        self.connected = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+
+    # ------------------------------------------------------------ cursors
+
+    def _cursor_key(self, tenant: str) -> str:
+        return check_key(f"{self.stream}/{tenant}")
+
+    def cursor(self, tenant: str) -> int:
+        """The last revision of ``tenant`` that JetStream acknowledged (0 if none)."""
+        item = self.store.get(SYSTEM_TENANT, CURSOR_NAMESPACE, self._cursor_key(tenant))
+        return 0 if item is None else int(item.value)
+
+    def _save_cursor(self, tenant: str, revision: int) -> None:
+        self.store.commit(SYSTEM_TENANT, ops=[Put(CURSOR_NAMESPACE, self._cursor_key(tenant), revision)])
+        self._cursors[tenant] = revision
+
+    def _tenants(self) -> list[str]:
+        out: list[str] = []
+        while True:
+            page = self.store.tenants(after=out[-1] if out else None, limit=1000)
+            out.extend(page)
+            if len(page) < 1000:
+                return [t for t in out if t != SYSTEM_TENANT]
+
+    def lag(self) -> dict[str, int]:
+        """Revisions behind, per tenant (also exported as the ``stateline_relay_lag_revisions`` gauge)."""
+        out = {}
+        for tenant in self._tenants():
+            behind = self.store.revision(tenant) - self._cursors.get(tenant, self.cursor(tenant))
+            out[tenant] = behind
+            self._lag.labels(tenant).set(behind)
+        return out
+
+    # ------------------------------------------------------------ NATS
+
+    def _subjects(self) -> list[str]:
+        subjects = [f"{self.prefix}.>"]
+        if self.aliases:
+            subjects += [f"{self.alias_prefix}caf.exec.>", f"{self.alias_prefix}beamline.usage.>"]
+        return subjects
+
+    async def _ensure_stream(self, js: Any) -> None:
+        try:
+            await js.stream_info(self.stream)
+        except NotFoundError:
+            await js.add_stream(
+                StreamConfig(
+                    name=self.stream,
+                    subjects=self._subjects(),
+                    retention=_RETENTION[self.retention],
+                    max_age=self.max_age,
+                    duplicate_window=self.duplicate_window,
+                )
+            )
+
+    async def _connect(self) -> Any:
+        return await nats.connect(
+            self.nats_url,
+            connect_timeout=2,
+            allow_reconnect=True,
+            reconnect_time_wait=0.25,
+            max_reconnect_attempts=-1,
+            ping_interval=5,
+        )
+
+    async def pump(self, js: Any) -> int:
+        """Publish what is pending for every tenant, one batch each; returns how many changes were acknowledged."""
+        total = 0
+        for tenant in await asyncio.to_thread(self._tenants):
+            if tenant not in self._cursors:
+                self._cursors[tenant] = await asyncio.to_thread(self.cursor, tenant)
+            cursor = self._cursors[tenant]
+            changes = await asyncio.to_thread(self.store.changes, tenant, cursor, self.batch)
+            if not changes:
+                continue
+            pending: list[tuple[int, list[asyncio.Future[Any]]]] = []
+            acked = cursor
+            try:
+                for change in changes:
+                    futures = [
+                        await js.publish_async(
+                            subject_of(change, self.prefix),
+                            orjson.dumps(envelope_of(change)),
+                            headers={"Nats-Msg-Id": f"{change.tenant}:{change.revision}"},
+                        )
+                    ]
+                    if self.aliases:
+                        for subject, msg_id, body in alias_messages(change, self.alias_prefix):
+                            futures.append(
+                                await js.publish_async(subject, orjson.dumps(body), headers={"Nats-Msg-Id": msg_id})
+                            )
+                    pending.append((change.revision, futures))
+                for revision, futures in pending:
+                    await asyncio.wait_for(asyncio.gather(*futures), self.ack_timeout)
+                    acked = revision
+            finally:
+                for _, futures in pending:
+                    for f in futures:
+                        if not f.done():
+                            f.cancel()
+                        elif not f.cancelled():
+                            f.exception()  # retrieved, so asyncio does not report it as lost
+                if acked > cursor:
+                    await asyncio.to_thread(self._save_cursor, tenant, acked)
+                    self.published += acked - cursor
+                    self._published.inc(acked - cursor)
+            total += acked - cursor
+        return total
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Relay until ``stop`` is set; reconnects and retries on every NATS or store failure."""
+        stop = stop or asyncio.Event()
+        backoff = 0.1
+        while not stop.is_set():
+            nc = None
+            try:
+                nc = await self._connect()
+                js = nc.jetstream(timeout=self.ack_timeout)
+                await self._ensure_stream(js)
+                self.connected = True
+                backoff = 0.1
+                while not stop.is_set():
+                    if await self.pump(js) == 0:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), self.poll_interval)
+            except (OSError, TimeoutError, nats.errors.Error, StatelineError) as exc:
+                self.errors += 1
+                self.connected = False
+                log.warning("relay: %s: %s; retrying in %.1fs", type(exc).__name__, exc, backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                self.connected = False
+                if nc is not None:
+                    with contextlib.suppress(Exception):
+                        await nc.close()
+
+    def start(self) -> None:
+        """Run the relay on a background thread with its own event loop."""
+        if self._thread is not None:
+            raise InvalidArgument("relay", "already started")
+        ready = threading.Event()
+
+        def main() -> None:
+            async def runner() -> None:
+                self._loop = asyncio.get_running_loop()
+                self._stop_event = asyncio.Event()
+                ready.set()
+                await self.run(self._stop_event)
+
+            asyncio.run(runner())
+
+        self._thread = threading.Thread(target=main, name="stateline-relay", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the background relay (after its current batch) and wait for it."""
+        if self._thread is None or self._loop is None or self._stop_event is None:
+            return
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._stop_event.set)
+        self._thread.join(timeout)
+        self._thread = None
