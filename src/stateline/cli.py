@@ -55,6 +55,105 @@ def get(key: str, namespace: str = "docs", url: str = URL_OPTION, tenant: str = 
     console.print_json(orjson.dumps({"value": item.value, "version": item.version}).decode())
 
 
+keys_app = typer.Typer(no_args_is_help=True, help="Manage API keys (stored hashed; a key's secret is shown once).")
+app.add_typer(keys_app, name="keys")
+
+
+@app.command()
+def serve(
+    url: str = URL_OPTION,
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
+    port: int = typer.Option(8080, "--port", "-p", help="Port to listen on."),
+    workers: int = typer.Option(1, "--workers", "-w", min=1, help="Worker processes."),
+    rate_limit: float = typer.Option(
+        1000.0, "--rate-limit", envvar="STATELINE_RATE_LIMIT", help="Requests/s per tenant per worker (0: off)."
+    ),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    bootstrap_tenant: str = typer.Option(
+        "default", "--bootstrap-tenant", help="Tenant of the admin key created when the store has no key."
+    ),
+) -> None:
+    """Run the HTTP service and its dashboard (FastAPI on uvicorn)."""
+    import os  # noqa: PLC0415  # the server's imports stay off the other commands' start-up path
+
+    import uvicorn  # noqa: PLC0415
+
+    from stateline.api import ApiSettings, create_app  # noqa: PLC0415
+    from stateline.api.server import bootstrap_admin_key  # noqa: PLC0415
+    from stateline.observability import configure_logging  # noqa: PLC0415
+
+    if workers > 1 and url.startswith("memory:"):
+        raise typer.BadParameter("memory:// lives in one process; use --workers 1 or a shared store")
+    db = stateline.open(url)
+    token = bootstrap_admin_key(db, bootstrap_tenant)
+    where = f"http://{host}:{port}"
+    console.print(f"stateline {stateline.__version__} serving [bold]{url}[/bold] on {where}")
+    console.print(f"  dashboard: {where}/ui/    API docs: {where}/docs    metrics: {where}/metrics")
+    if token is not None:
+        console.print(f"  admin key for tenant {bootstrap_tenant!r} (shown once, keep it): [bold]{token}[/bold]")
+    else:
+        console.print(
+            f"  keys exist; make another with: stateline keys create --url {url} --tenant NAME --scopes read,write"
+        )
+    configure_logging(log_level.upper())
+    common = {"host": host, "port": port, "log_config": None, "timeout_graceful_shutdown": 10, "access_log": False}
+    if workers == 1:
+        app_obj = create_app(db, settings=ApiSettings(rate_limit=rate_limit or None))
+        try:
+            uvicorn.run(app_obj, **common)  # type: ignore[arg-type]
+        finally:
+            db.close()
+        return
+    db.close()
+    os.environ["STATELINE_URL"] = url
+    os.environ["STATELINE_RATE_LIMIT"] = str(rate_limit)
+    uvicorn.run("stateline.api.server:app_from_env", factory=True, workers=workers, **common)  # type: ignore[arg-type]
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: str = typer.Option(..., "--tenant", "-t", help="The tenant the key works in."),
+    scopes: str = typer.Option("read,write", "--scopes", help="Comma-separated: read, write, admin, docs:write, ..."),
+    name: str = typer.Option("", "--name", help="A label for people."),
+    expires_in: float | None = typer.Option(None, "--expires-in", help="Seconds until the key expires."),
+    url: str = URL_OPTION,
+) -> None:
+    """Create an API key and print it (the only time it is shown)."""
+    from stateline.api.auth import KeyStore  # noqa: PLC0415
+
+    with stateline.open(url) as db:
+        token, key = KeyStore(db.store).create(
+            tenant, [s.strip() for s in scopes.split(",") if s.strip()], name=name, expires_in=expires_in
+        )
+    console.print(f"key id {key.id} for tenant {key.tenant!r}, scopes {', '.join(key.scopes)}")
+    print(token)
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: str | None = typer.Option(None, "--tenant", "-t", help="Only this tenant's keys."),
+    url: str = URL_OPTION,
+) -> None:
+    """List keys (never their secrets)."""
+    from stateline.api.auth import KeyStore  # noqa: PLC0415
+
+    with stateline.open(url) as db:
+        keys = KeyStore(db.store).list(tenant)
+    for k in keys:
+        state = "revoked" if k.revoked else "active"
+        console.print(orjson.dumps({**k.to_dict(), "state": state}).decode(), highlight=False, soft_wrap=True)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, url: str = URL_OPTION) -> None:
+    """Revoke a key by its id (the part after ``sl_``)."""
+    from stateline.api.auth import KeyStore  # noqa: PLC0415
+
+    with stateline.open(url) as db:
+        key = KeyStore(db.store).revoke(key_id)
+    console.print(f"revoked {key.id} (tenant {key.tenant!r})")
+
+
 def main() -> None:
     """Entry point of the ``stateline`` script."""
     try:

@@ -1,0 +1,506 @@
+"""The HTTP service: ``create_app(db)`` builds the FastAPI app with auth, limits, audit, metrics and traces."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import CollectorRegistry
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+from starlette.staticfiles import StaticFiles
+
+from stateline.api.auditing import ApiAuditor, AuditEntry
+from stateline.api.auth import KeyStore, Principal
+from stateline.api.errors import error_response, install_error_handlers
+from stateline.api.hub import ChangeHub
+from stateline.api.idempotency import HttpIdempotency, Replay, fingerprint
+from stateline.api.instrument import InstrumentedStore
+from stateline.clock import Clock
+from stateline.database import Database
+from stateline.errors import InvalidArgument, PayloadTooLarge, RateLimited, StatelineError
+from stateline.observability import Metrics, make_tracer_provider
+
+__all__ = ["ApiContext", "ApiSettings", "TenantRateLimiter", "create_app"]
+
+_log = logging.getLogger("stateline.api")
+_access = logging.getLogger("stateline.api.access")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+UI_DIR = Path(__file__).resolve().parent.parent / "ui" / "static"
+_WRITE_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
+_PROPAGATOR = TraceContextTextMapPropagator()
+_HEADERS = frozenset(
+    {b"authorization", b"x-api-key", b"content-length", b"idempotency-key", b"traceparent", b"tracestate"}
+)
+
+
+@dataclass
+class ApiSettings:
+    """Limits and knobs of the HTTP service.
+
+    ``rate_limit`` is requests per second per tenant in this process (``None``: no limit) with bursts
+    up to ``rate_burst``; ``max_body_bytes`` bounds every request body (413 beyond);
+    ``key_cache_seconds`` is how long a verified key is trusted before it is read again (a revoke made
+    by another process takes effect within it); ``idempotency_ttl`` is how long a POST's response is
+    kept for replay; ``max_wait`` bounds long polls; ``heartbeat_seconds`` spaces SSE keep-alives.
+    ``inline_store`` calls the store on the event loop (default: only for ``memory://``).
+    """
+
+    max_body_bytes: int = 2 * 1024 * 1024
+    rate_limit: float | None = 1000.0
+    rate_burst: int | None = None
+    key_cache_seconds: float = 2.0
+    idempotency_ttl: float = 86400.0
+    max_wait: float = 30.0
+    heartbeat_seconds: float = 15.0
+    inline_store: bool | None = None
+    ui: bool = True
+
+
+class TenantRateLimiter:
+    """A token bucket per tenant, in this process: ``rate`` requests per second, bursts up to ``burst``.
+
+    Runs on the event loop only (no locking). With several worker processes each one has its own buckets.
+    """
+
+    def __init__(self, rate: float, burst: int, clock: Clock) -> None:
+        if not rate > 0:
+            raise InvalidArgument("rate_limit", "must be positive")
+        if burst < 1:
+            raise InvalidArgument("rate_burst", "must be at least 1")
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self._buckets: dict[str, list[float]] = {}
+
+    def hit(self, tenant: str) -> float | None:
+        """Take one token for ``tenant``; ``None`` if admitted, else seconds until a token is free."""
+        now = self.clock.now_us() / 1e6
+        b = self._buckets.get(tenant)
+        if b is None:
+            if len(self._buckets) > 100_000:
+                self._buckets.clear()
+            b = self._buckets[tenant] = [float(self.burst), now]
+        tokens = min(float(self.burst), b[0] + (now - b[1]) * self.rate)
+        b[1] = now
+        if tokens >= 1.0:
+            b[0] = tokens - 1.0
+            return None
+        b[0] = tokens
+        return (1.0 - tokens) / self.rate
+
+
+class ApiContext:
+    """Everything the routes share: the instrumented database, keys, hub, limits, metrics and tracer."""
+
+    def __init__(
+        self,
+        db: Database,
+        settings: ApiSettings,
+        registry: CollectorRegistry | None,
+        tracer_provider: TracerProvider | None,
+    ) -> None:
+        self.settings = settings
+        self.source = db
+        self.metrics = Metrics(registry)
+        self.tracer_provider = tracer_provider if tracer_provider is not None else make_tracer_provider()
+        self.tracer = self.tracer_provider.get_tracer("stateline.api")
+        self.store = InstrumentedStore(db.store, self.metrics, self.tracer)
+        self.db = Database(self.store)
+        self.clock = db.store.clock
+        self.keys = KeyStore(self.store, cache_seconds=settings.key_cache_seconds)
+        self.hub = ChangeHub(self.store)
+        self.idempotency = HttpIdempotency(self.store, ttl=settings.idempotency_ttl)
+        self.auditor = ApiAuditor(self.db)
+        self.inline = settings.inline_store if settings.inline_store is not None else db.store.scheme == "memory"
+        self.limiter = (
+            TenantRateLimiter(
+                settings.rate_limit,
+                settings.rate_burst if settings.rate_burst is not None else max(1, math.ceil(settings.rate_limit)),
+                self.clock,
+            )
+            if settings.rate_limit
+            else None
+        )
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call ``fn`` inline on the memory store, in the thread pool otherwise."""
+        if self.inline:
+            return fn(*args)
+        return await run_in_threadpool(fn, *args)
+
+    def close(self) -> None:
+        """Stop background threads (the database stays open: its owner closes it)."""
+        self.hub.close()
+
+
+def create_app(
+    db: Database,
+    *,
+    settings: ApiSettings | None = None,
+    registry: CollectorRegistry | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> FastAPI:
+    """The stateline HTTP service over ``db``.
+
+    ``registry`` receives the Prometheus metrics (a fresh one by default, so several apps can live in
+    one process); ``tracer_provider`` makes the spans (by default one of its own that exports only when
+    OTLP is configured in the environment). The app does not close ``db``.
+    """
+    from stateline.api import (  # noqa: PLC0415  # route modules import this module's names
+        routes_changes,
+        routes_keys,
+        routes_ops,
+        routes_store,
+    )
+
+    ctx = ApiContext(db, settings or ApiSettings(), registry, tracer_provider)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await run_in_threadpool(ctx.close)
+
+    app = FastAPI(
+        title="stateline",
+        version=_version(),
+        summary="Durable, multi-tenant state over HTTP.",
+        description=(
+            "Every `/v1` route needs an API key (`Authorization: Bearer sl_...` or `X-API-Key`). "
+            "The key decides the tenant. Errors share one shape: `{error: {code, message, details}}`."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.stateline = ctx
+    install_error_handlers(app)
+    for module in (routes_ops, routes_keys, routes_store, routes_changes):
+        app.include_router(module.router)
+    _include_layer_routes(app)
+    if ctx.settings.ui and UI_DIR.is_dir():
+        app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
+    app.add_middleware(ServiceMiddleware, ctx=ctx)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _include_layer_routes(app: FastAPI) -> None:
+    """Routes of the layers (each module is present once its layer is)."""
+    import importlib  # noqa: PLC0415
+
+    for name in ("routes_layers",):
+        try:
+            module = importlib.import_module(f"stateline.api.{name}")
+        except ModuleNotFoundError:
+            continue
+        app.include_router(module.router)
+
+
+def _version() -> str:
+    import stateline  # noqa: PLC0415
+
+    return stateline.__version__
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title,
+        version=app.version,
+        summary=app.summary,
+        description=app.description,
+        routes=app.routes,
+    )
+    components = schema.setdefault("components", {})
+    components.setdefault("securitySchemes", {})["apiKey"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key `sl_<id>_<secret>`; `X-API-Key: <key>` works too.",
+    }
+    for path, ops in schema.get("paths", {}).items():
+        for op in ops.values():
+            # Request validation errors are 400 in the one error shape, never 422.
+            op.get("responses", {}).pop("422", None)
+            if path.startswith("/v1/"):
+                op["security"] = [{"apiKey": []}]
+        post = ops.get("post")
+        if post is not None and path.startswith("/v1/"):
+            post.setdefault("parameters", []).append(
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "description": "A repeat with the same key and request returns the stored response",
+                    "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
+                }
+            )
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.get("schemas", {}).pop(name, None)
+    app.openapi_schema = schema
+    return schema
+
+
+# ---------------------------------------------------------------- middleware
+
+
+class ServiceMiddleware:
+    """One pass around every request: trace span, body limit, authentication, per-tenant rate limit,
+    Idempotency-Key, audit of writes, metrics, access log and a 500 that never leaks internals."""
+
+    def __init__(self, app: ASGIApp, ctx: ApiContext) -> None:
+        self.app = app
+        self.ctx = ctx
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = self.ctx
+        started = time.perf_counter()
+        method: str = scope["method"]
+        path: str = scope["path"]
+        hdrs: dict[bytes, bytes] = {k: v for k, v in scope["headers"] if k in _HEADERS}
+        parent = None
+        if b"traceparent" in hdrs:
+            parent = _PROPAGATOR.extract(
+                {k.decode(): v.decode("latin-1") for k, v in hdrs.items() if k.startswith(b"trace")}
+            )
+        span = ctx.tracer.start_span(f"{method} {path}", context=parent, kind=trace.SpanKind.SERVER)
+        token = otel_context.attach(trace.set_span_in_context(span))
+        status = [500]
+        started_response = [False]
+        principal: Principal | None = None
+
+        async def send_plain(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                started_response[0] = True
+            await send(message)
+
+        try:
+            if not path.startswith("/v1/"):
+                await self.app(scope, receive, send_plain)
+                return
+            limit = ctx.settings.max_body_bytes
+            length = hdrs.get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes", details={"limit": limit})
+            principal = await self._authenticate(hdrs)
+            scope.setdefault("state", {})["principal"] = principal
+            span.set_attribute("stateline.tenant", principal.tenant)
+            span.set_attribute("stateline.key_id", principal.key_id)
+            if ctx.limiter is not None:
+                wait = ctx.limiter.hit(principal.tenant)
+                if wait is not None:
+                    ctx.metrics.rate_limited.inc()
+                    raise RateLimited(
+                        f"tenant {principal.tenant!r} is over {ctx.settings.rate_limit:g} requests per second",
+                        retry_after=wait,
+                    )
+            receive = _limited(receive, limit)
+            idem = hdrs.get(b"idempotency-key")
+            if method == "POST" and idem is not None:
+                await self._idempotent(scope, receive, send_plain, principal, idem.decode("latin-1"))
+            elif method in _WRITE_METHODS:
+                await self.app(scope, receive, self._audited(scope, send_plain, principal, status))
+            else:
+                await self.app(scope, receive, send_plain)
+        except StatelineError as exc:
+            if started_response[0]:
+                raise
+            await error_response(exc)(scope, receive, send_plain)
+        except Exception as exc:  # noqa: BLE001  # the one place that turns any failure into a bare 500
+            _log.error("unhandled error", exc_info=exc, extra={"path": path, "method": method})
+            span.record_exception(exc)
+            if not started_response[0]:
+                body = {"error": {"code": "internal", "message": "internal error", "details": {}}}
+                await Response(orjson.dumps(body), 500, media_type="application/json")(scope, receive, send_plain)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            template = getattr(route, "path", None) or ("/ui" if path.startswith("/ui") else "unmatched")
+            span.update_name(f"{method} {template}")
+            span.set_attribute("http.request.method", method)
+            span.set_attribute("http.route", template)
+            span.set_attribute("http.response.status_code", status[0])
+            trace_id = format(span.get_span_context().trace_id, "032x")
+            span.end()
+            otel_context.detach(token)
+            ctx.metrics.requests.labels(template, method, str(status[0])).inc()
+            ctx.metrics.latency.labels(template, method).observe(elapsed)
+            if _access.isEnabledFor(logging.INFO):
+                _access.info(
+                    "request",
+                    extra={
+                        "method": method,
+                        "path": path,
+                        "route": template,
+                        "status": status[0],
+                        "duration_ms": round(elapsed * 1000, 3),
+                        "tenant": principal.tenant if principal else None,
+                        "key_id": principal.key_id if principal else None,
+                        "trace_id": trace_id,
+                    },
+                )
+
+    async def _authenticate(self, hdrs: dict[bytes, bytes]) -> Principal:
+        raw = hdrs.get(b"authorization")
+        token: str | None = None
+        if raw is not None:
+            text = raw.decode("latin-1").strip()
+            scheme, _, value = text.partition(" ")
+            token = value.strip() if scheme.lower() == "bearer" else None
+        elif b"x-api-key" in hdrs:
+            token = hdrs[b"x-api-key"].decode("latin-1").strip()
+        keys = self.ctx.keys
+        if self.ctx.inline or keys.is_cached(token):
+            return keys.authenticate(token)
+        principal: Principal = await run_in_threadpool(keys.authenticate, token)
+        return principal
+
+    def _audited(self, scope: Scope, send: Send, principal: Principal, status: list[int]) -> Send:
+        """A ``send`` that writes the audit entry of a successful write before the response completes."""
+        ctx = self.ctx
+
+        async def audited_send(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body") and status[0] < 400:
+                entry = _audit_entry(scope, principal, status[0])
+                try:
+                    await ctx.run(ctx.auditor.record, principal.tenant, entry)
+                except Exception as exc:  # noqa: BLE001  # the write is committed: report, don't hide it
+                    ctx.metrics.store_errors.labels("audit", "audit_failed").inc()
+                    _log.error("audit write failed", exc_info=exc, extra={"audit_action": entry.action})
+            await send(message)
+
+        return audited_send
+
+    async def _idempotent(self, scope: Scope, receive: Receive, send: Send, principal: Principal, key: str) -> None:
+        ctx = self.ctx
+        HttpIdempotency.check_key(key)
+        body, receive = await _buffer_body(receive)
+        fp = fingerprint(scope["method"], scope["path"], scope.get("query_string", b""), body)
+        tenant = principal.tenant
+        claim = await ctx.run(ctx.idempotency.begin, tenant, key, fp)
+        if isinstance(claim, Replay):
+            headers = [(k.encode(), v.encode()) for k, v in claim.headers]
+            headers.append((b"idempotent-replayed", b"true"))
+            headers.append((b"content-length", str(len(claim.body)).encode()))
+            await send({"type": "http.response.start", "status": claim.status, "headers": headers})
+            await send({"type": "http.response.body", "body": claim.body})
+            return
+        captured_status = [500]
+        captured_headers: list[tuple[str, str]] = []
+        chunks: list[bytes] = []
+        status_box = [500]
+        inner_send = self._audited(scope, send, principal, status_box)
+
+        async def capture(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                captured_status[0] = status_box[0] = message["status"]
+                captured_headers.extend((k.decode().lower(), v.decode("latin-1")) for k, v in message["headers"])
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    # Store the response before the client sees it complete.
+                    if captured_status[0] < 500:
+                        await ctx.run(
+                            ctx.idempotency.finish,
+                            tenant,
+                            key,
+                            claim,
+                            fp,
+                            captured_status[0],
+                            captured_headers,
+                            b"".join(chunks),
+                        )
+                    else:
+                        await ctx.run(ctx.idempotency.abandon, tenant, key, claim)
+            await inner_send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await ctx.run(ctx.idempotency.abandon, tenant, key, claim)
+            raise
+
+
+def _audit_entry(scope: Scope, principal: Principal, status: int) -> AuditEntry:
+    route = scope.get("route")
+    template: str = getattr(route, "path", "") or scope["path"]
+    name: str = getattr(route, "name", "") or f"{scope['method']} {template}"
+    parts = [p for p in template.split("/") if p and p != "v1"]
+    resource_type = parts[0] if parts else "api"
+    params = scope.get("path_params") or {}
+    resource_id = "/".join(str(v) for v in params.values())
+    client = scope.get("client")
+    span_ctx = trace.get_current_span().get_span_context()
+    return AuditEntry(
+        key_id=principal.key_id,
+        action=name,
+        resource_type=resource_type,
+        resource_id=resource_id,
+        method=scope["method"],
+        path=scope["path"],
+        status=status,
+        ip=client[0] if client else None,
+        trace_id=format(span_ctx.trace_id, "032x") if span_ctx.is_valid else None,
+    )
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    """A ``receive`` that refuses a body growing over ``limit`` bytes (chunked uploads included)."""
+    seen = [0]
+
+    async def limited() -> Message:
+        message = await receive()
+        if message["type"] == "http.request":
+            seen[0] += len(message.get("body", b""))
+            if seen[0] > limit:
+                raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes", details={"limit": limit})
+        return message
+
+    return limited
+
+
+async def _buffer_body(receive: Receive) -> tuple[bytes, Receive]:
+    """Read the whole body; return it and a ``receive`` that replays it, then passes through."""
+    parts: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        parts.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    body = b"".join(parts)
+    replayed = [False]
+
+    async def replay() -> Message:
+        if not replayed[0]:
+            replayed[0] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay

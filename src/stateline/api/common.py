@@ -1,0 +1,185 @@
+"""Helpers every route module shares: the request's context and principal, store calls, JSON in and out."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+import orjson
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from stateline.api.auth import Principal, require_tenant_data
+from stateline.errors import InvalidArgument, Unauthenticated
+from stateline.observability import current_trace_id
+from stateline.types import Change, ChangeOp, Event, Item
+
+if TYPE_CHECKING:
+    from stateline.api.app import ApiContext
+    from stateline.database import Tenant
+
+__all__ = [
+    "ApiModel",
+    "Caller",
+    "change_dict",
+    "ctx_of",
+    "event_dict",
+    "item_dict",
+    "json_response",
+    "parse_body",
+    "parse_etag",
+    "read_json",
+]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+_ETAG_RE = re.compile(r'(?:W/)?"(\d{1,19})"')
+
+
+class ApiModel(BaseModel):
+    """Base of request bodies: strict JSON types, unknown fields refused."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+def ctx_of(request: Request) -> ApiContext:
+    """The service context of the app that serves ``request``."""
+    ctx: ApiContext = request.app.state.stateline
+    return ctx
+
+
+@dataclass(slots=True)
+class Caller:
+    """The authenticated caller of one request, bound to its tenant (which only the key decides)."""
+
+    ctx: ApiContext
+    principal: Principal
+    tenant: Tenant
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, request: Request, layer: str, level: str) -> Caller:
+        """The caller if its key grants ``level`` on ``layer``; else ``Forbidden``."""
+        ctx = ctx_of(request)
+        principal: Principal | None = request.scope.get("state", {}).get("principal")
+        if principal is None:  # pragma: no cover - the middleware authenticates every /v1 request
+            raise Unauthenticated("an API key is required")
+        principal.require(layer, level)
+        tenant = ctx.db.tenant(require_tenant_data(principal))
+        meta = {"actor": f"key:{principal.key_id}", "via": "api"}
+        trace_id = current_trace_id()
+        if trace_id:
+            meta["trace_id"] = trace_id
+        return cls(ctx, principal, tenant, meta)
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Call ``fn`` inline on the memory store, in the thread pool on stores that may block."""
+        if self.ctx.inline:
+            return fn(*args, **kwargs)
+        return await run_in_threadpool(fn, *args, **kwargs)
+
+    def commit_meta(self, extra: dict[str, Any] | None) -> dict[str, Any]:
+        """The meta stored with a commit: the caller's (actor, trace id) over any ``extra`` given."""
+        if not extra:
+            return self.meta
+        return {**extra, **self.meta}
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON response encoded with orjson."""
+    return Response(orjson.dumps(data), status, headers, media_type="application/json")
+
+
+async def read_json(request: Request) -> Any:
+    """The request body as JSON; ``InvalidArgument`` (400) if it is not."""
+    body = await request.body()
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument("body", f"not valid JSON ({exc.msg} at position {exc.pos})") from None
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """Validate the request body against ``model`` (pydantic, from JSON); errors are 400 with every problem."""
+    body = await request.body()
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = [
+            {"loc": [str(p) for p in e["loc"]], "msg": e["msg"], "type": e["type"]}
+            for e in exc.errors(include_url=False, include_context=False, include_input=False)
+        ]
+        first = errors[0] if errors else {"loc": [], "msg": "invalid body"}
+        field_name = ".".join(first["loc"]) or "body"
+        raise InvalidArgument(field_name, str(first["msg"]), details={"errors": errors[:20]}) from None
+
+
+def parse_etag(value: str | None, header: str) -> int | str | None:
+    """An If-Match / If-None-Match header: ``None`` if absent, ``"*"``, or the version in ``"<version>"``."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value == "*":
+        return "*"
+    m = _ETAG_RE.fullmatch(value)
+    if m is None or int(m.group(1)) < 1:
+        raise InvalidArgument(header, 'must be "*" or one ETag such as "3"')
+    return int(m.group(1))
+
+
+def item_dict(item: Item) -> dict[str, Any]:
+    """An item as JSON."""
+    return {
+        "namespace": item.namespace,
+        "key": item.key,
+        "value": item.value,
+        "version": item.version,
+        "revision": item.revision,
+        "created_at": item.created_at,
+        "updated_at": item.updated_at,
+        "expires_at": item.expires_at,
+    }
+
+
+def event_dict(e: Event) -> dict[str, Any]:
+    """An event as JSON."""
+    return {
+        "stream": e.stream,
+        "seq": e.seq,
+        "type": e.type,
+        "data": e.data,
+        "meta": e.meta,
+        "revision": e.revision,
+        "recorded_at": e.recorded_at,
+    }
+
+
+def _op_dict(o: ChangeOp) -> dict[str, Any]:
+    if o.op == "append":
+        return {"op": "append", "stream": o.stream, "events": [event_dict(e) for e in o.events]}
+    if o.op == "trim":
+        return {"op": "trim", "stream": o.stream, "before_seq": o.before_seq}
+    return {
+        "op": o.op,
+        "namespace": o.namespace,
+        "key": o.key,
+        "version": o.version,
+        "value": o.value,
+        "expires_at": o.expires_at,
+    }
+
+
+def change_dict(c: Change, ops: tuple[ChangeOp, ...] | None = None) -> dict[str, Any]:
+    """A change record as JSON (``ops`` restricts it to the ops a filter kept)."""
+    return {
+        "revision": c.revision,
+        "committed_at": c.committed_at,
+        "meta": c.meta,
+        "ops": [_op_dict(o) for o in (c.ops if ops is None else ops)],
+    }

@@ -1,0 +1,56 @@
+"""Running the service: the bootstrap admin key and the app factory used by ``stateline serve``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+import stateline
+from stateline.api.app import ApiSettings, create_app
+from stateline.api.auth import KeyStore
+from stateline.database import DEFAULT_URL, Database
+
+__all__ = ["app_from_env", "bootstrap_admin_key", "settings_from_env"]
+
+
+def bootstrap_admin_key(db: Database, tenant: str) -> str | None:
+    """Create an admin key for ``tenant`` if the store holds no usable key at all; returns the token
+    (to show once) or ``None`` when keys already exist."""
+    keys = KeyStore(db.store)
+    if keys.has_keys():
+        return None
+    token, _ = keys.create(tenant, ["admin"], name="bootstrap admin key")
+    return token
+
+
+def settings_from_env() -> ApiSettings:
+    """Service settings from ``STATELINE_RATE_LIMIT`` (0: off) and ``STATELINE_MAX_BODY_BYTES``."""
+    s = ApiSettings()
+    rate = os.environ.get("STATELINE_RATE_LIMIT")
+    if rate is not None:
+        s.rate_limit = float(rate) or None
+    body = os.environ.get("STATELINE_MAX_BODY_BYTES")
+    if body is not None:
+        s.max_body_bytes = int(body)
+    return s
+
+
+def app_from_env() -> FastAPI:
+    """An app over ``STATELINE_URL`` that owns its database (closed at shutdown); for worker processes."""
+    db = stateline.open(os.environ.get("STATELINE_URL", DEFAULT_URL))
+    app = create_app(db, settings=settings_from_env())
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(a: FastAPI) -> AsyncIterator[None]:
+        try:
+            async with inner(a):
+                yield
+        finally:
+            db.close()
+
+    app.router.lifespan_context = lifespan
+    return app

@@ -1,0 +1,125 @@
+"""Observability: JSON logs carrying the trace id, OpenTelemetry tracer providers and Prometheus metrics."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from typing import IO, Any
+
+import orjson
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = [
+    "JsonFormatter",
+    "Metrics",
+    "configure_logging",
+    "current_trace_id",
+    "make_tracer_provider",
+]
+
+_log = logging.getLogger("stateline.observability")
+
+# Attributes every LogRecord has; anything else passed with ``extra=`` is emitted as a field.
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
+
+
+def current_trace_id() -> str | None:
+    """The hex trace id of the current span, or ``None`` outside a recorded span."""
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``ts``, ``level``, ``logger``, ``msg``, ``trace_id`` and any extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        trace_id = getattr(record, "trace_id", None) or current_trace_id()
+        if trace_id:
+            out["trace_id"] = trace_id
+        for k, v in record.__dict__.items():
+            if k not in _STANDARD and k not in out:
+                out[k] = v
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=str).decode()
+
+
+def configure_logging(level: str | int = "INFO", stream: IO[str] | None = None) -> None:
+    """Send every log record to ``stream`` (stderr by default) as JSON lines, replacing other handlers."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        lg = logging.getLogger(name)
+        lg.handlers[:] = []
+        lg.propagate = True
+
+
+def make_tracer_provider(service_name: str = "stateline") -> TracerProvider:
+    """A tracer provider of its own (the global one is left alone).
+
+    Spans get real trace ids (they show in logs and audit entries) but go nowhere unless
+    ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) is set and the
+    ``opentelemetry-exporter-otlp-proto-http`` package is installed; then they are batched to it.
+    """
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        try:
+            exporter_mod = importlib.import_module("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+        except ImportError:
+            _log.warning("OTLP endpoint configured but opentelemetry-exporter-otlp-proto-http is not installed")
+        else:
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: PLC0415  # only with OTLP
+
+            provider.add_span_processor(BatchSpanProcessor(exporter_mod.OTLPSpanExporter()))
+    return provider
+
+
+class Metrics:
+    """The service's Prometheus metrics, on a registry of their own (one per app)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "stateline_http_requests",
+            "HTTP requests by route, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "stateline_http_request_duration_seconds",
+            "HTTP request latency by route and method.",
+            ["route", "method"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=r,
+        )
+        self.commits = Counter("stateline_commits", "Store commits that succeeded.", registry=r)
+        self.conflicts = Counter("stateline_conflicts", "Store commits refused because a check failed.", registry=r)
+        self.store_errors = Counter(
+            "stateline_store_errors", "Store calls that failed other than by conflict.", ["call", "code"], registry=r
+        )
+        self.store_latency = Histogram(
+            "stateline_store_call_duration_seconds",
+            "Store call latency by call.",
+            ["call"],
+            buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0),
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "stateline_rate_limited", "Requests refused by the per-tenant rate limit.", registry=r
+        )
+        self.watchers = Gauge("stateline_watchers", "Open change-feed subscriptions (SSE and long polls).", registry=r)
