@@ -553,7 +553,7 @@ class PostgresStore(Store):
                 return staged[k]
             if k in items:
                 v = items[k]
-                return None if v is None else _Row(v[0], v[1], v[2], v[4])
+                return None if v is None else _Row(v[0], v[1], v[3], v[4])
             r = rows.get(k)
             if r is None or (r.expires_at is not None and r.expires_at <= now):
                 return None

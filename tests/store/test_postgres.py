@@ -1,0 +1,522 @@
+"""PostgreSQL adapter specifics: URL options, schema versions, group commit, the gap-free feed under
+concurrent writer processes, and outages (connections cut through a proxy, or killed by the server)."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from stateline import (
+    Absent,
+    Append,
+    Conflict,
+    Delete,
+    FakeClock,
+    Incr,
+    InvalidArgument,
+    NewEvent,
+    Put,
+    StreamAt,
+    Trim,
+    Unavailable,
+    VersionIs,
+    open_store,
+)
+from stateline.store.memory import MemoryStore
+from stateline.store.postgres import _MIGRATIONS, SCHEMA_VERSION, PostgresStore, _Slot
+from stateline.types import Commit
+from tests.conftest import require_service
+from tests.faultproxy import FaultProxy
+
+ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+T = "acme"
+# Generous bound that only proves "does not hang"; the configured timeouts are 2 s.
+OUTAGE_BOUND = 15.0
+
+
+def _admin(sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with psycopg.connect(ADMIN, autocommit=True, connect_timeout=10) as conn:
+        cur = conn.execute(sql, params)
+        return cur.fetchall() if cur.description else []
+
+
+@pytest.fixture
+def schema() -> Iterator[str]:
+    """A fresh schema name, dropped afterwards."""
+    require_service("postgresql")
+    name = f"sl_{uuid.uuid4().hex[:12]}"
+    yield name
+    _admin(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+@pytest.fixture
+def opened() -> Iterator[list[PostgresStore]]:
+    """Stores a test opens; all closed at the end."""
+    stores: list[PostgresStore] = []
+    yield stores
+    for s in stores:
+        with contextlib.suppress(Exception):
+            s.close()
+
+
+def _open(opened: list[PostgresStore], url: str, **options: Any) -> PostgresStore:
+    store = open_store(url, **options)
+    assert isinstance(store, PostgresStore)
+    opened.append(store)
+    return store
+
+
+# ------------------------------------------------------------------ URL and options
+
+
+def test_url_options_and_schema(schema: str, opened: list[PostgresStore]) -> None:
+    store = _open(
+        opened,
+        f"postgres://postgres@127.0.0.1:5432/test?schema={schema}&pool_max=3&pool_timeout=2.5"
+        "&application_name=sl-url-test&group_commit=false",
+        clock=FakeClock(),
+    )
+    assert store.schema == schema
+    assert store._pool.max_size == 3
+    store.commit(T, ops=[Put("ns", "k", 1)])
+    tables = {
+        r[0] for r in _admin("SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (schema,))
+    }
+    assert {"items", "tenants", "changes", "events", "streams", "schema_version"} <= tables
+    # libpq parameters pass through untouched
+    names = _admin("SELECT application_name FROM pg_stat_activity WHERE application_name = 'sl-url-test'")
+    assert names
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("schema=Bad-Name", "schema"),
+        ("schema=1abc", "schema"),
+        ("pool_max=0", "pool_max"),
+        ("pool_max=x", "pool_max"),
+        ("pool_timeout=-1", "pool_timeout"),
+        ("pool_timeout=soon", "pool_timeout"),
+        ("group_commit=maybe", "group_commit"),
+    ],
+)
+def test_bad_url_options_are_refused(query: str, field: str) -> None:
+    require_service("postgresql")
+    with pytest.raises(InvalidArgument) as info:
+        open_store(f"postgresql://postgres@127.0.0.1:5432/test?{query}")
+    assert info.value.field == field
+
+
+def test_unreachable_server_raises_unavailable_quickly() -> None:
+    with FaultProxy("127.0.0.1", 5432) as proxy:
+        proxy.refuse()
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            open_store(f"postgresql://postgres@127.0.0.1:{proxy.port}/test?pool_timeout=2&connect_timeout=2")
+        assert time.monotonic() - started < OUTAGE_BOUND
+
+
+# ------------------------------------------------------------------ schema versions
+
+
+def test_older_schema_is_migrated_with_its_data(schema: str, opened: list[PostgresStore]) -> None:
+    s = f'"{schema}"'
+    _admin(f"CREATE SCHEMA {s}")
+    _admin(f"CREATE TABLE {s}.schema_version (id int PRIMARY KEY CHECK (id = 1), version int NOT NULL)")
+    for statement in _MIGRATIONS[0]:
+        _admin(statement.format(s=s))
+    _admin(f"INSERT INTO {s}.schema_version VALUES (1, 1)")
+    _admin(f"INSERT INTO {s}.tenants VALUES ('acme', 0)")  # a row left by nothing committed: not a tenant
+    store = _open(opened, f"{ADMIN}?schema={schema}", clock=FakeClock())
+    assert _admin(f"SELECT version FROM {s}.schema_version") == [(SCHEMA_VERSION,)]
+    assert _admin("SELECT 1 FROM pg_indexes WHERE schemaname = %s AND indexname = 'items_expiry'", (schema,))
+    assert store.tenants() == []
+    assert store.commit(T, ops=[Put("ns", "k", 1)]).revision == 1
+
+
+def test_newer_schema_is_refused(schema: str) -> None:
+    s = f'"{schema}"'
+    _admin(f"CREATE SCHEMA {s}")
+    _admin(f"CREATE TABLE {s}.schema_version (id int PRIMARY KEY CHECK (id = 1), version int NOT NULL)")
+    _admin(f"INSERT INTO {s}.schema_version VALUES (1, %s)", (SCHEMA_VERSION + 1,))
+    with pytest.raises(InvalidArgument, match="newer"):
+        open_store(f"{ADMIN}?schema={schema}")
+
+
+def test_many_opening_at_once_create_the_schema_once(schema: str, opened: list[PostgresStore]) -> None:
+    barrier = threading.Barrier(6)
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def opener() -> None:
+        try:
+            barrier.wait()
+            store = _open(opened, f"{ADMIN}?schema={schema}&pool_min=0")
+            store.commit(T, ops=[Incr("ns", "opened")])
+        except BaseException as exc:
+            with lock:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=opener) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert _admin(f'SELECT version FROM "{schema}".schema_version') == [(SCHEMA_VERSION,)]
+    item = opened[0].get(T, "ns", "opened")
+    assert item is not None
+    assert item.value == 6
+
+
+def test_json_values_keep_key_order_and_exact_form(schema: str, opened: list[PostgresStore]) -> None:
+    store = _open(opened, f"{ADMIN}?schema={schema}", clock=FakeClock())
+    value = {"zeta": 1, "alpha": {"b": 2, "a": [1.5, "\u0000x", None]}, "": True}
+    store.commit(T, ops=[Put("ns", "k", value), Append("s", [NewEvent("t", value, {"z": 1, "a": 2})])])
+    item = store.get(T, "ns", "k")
+    assert item is not None
+    assert list(item.value) == ["zeta", "alpha", ""]
+    assert list(item.value["alpha"]) == ["b", "a"]
+    assert item.value == value
+    (event,) = store.read_stream(T, "s")
+    assert list(event.meta) == ["z", "a"]
+    (change,) = store.changes(T)
+    assert list(change.ops[0].value) == ["zeta", "alpha", ""]
+
+
+# ------------------------------------------------------------------ group commit
+
+
+def _group(store: PostgresStore, commits: list[tuple[list[Any], list[Any]]]) -> list[Any]:
+    slots = [_Slot(store.prepare(T, checks, ops)) for checks, ops in commits]
+    return store._run_group(T, slots)
+
+
+def test_group_commit_evaluates_each_commit_on_its_own(schema: str, opened: list[PostgresStore]) -> None:
+    store = _open(opened, f"{ADMIN}?schema={schema}", clock=FakeClock())
+    store.commit(T, ops=[Put("ns", "text", "x"), Append("s", [NewEvent("a"), NewEvent("b")])])
+    results = _group(
+        store,
+        [
+            ([Absent("ns", "k")], [Put("ns", "k", 1)]),
+            ([Absent("ns", "k")], [Put("ns", "k", 2)]),  # sees the first one: conflict
+            ([VersionIs("ns", "k", 1)], [Put("ns", "k", 3), Incr("ns", "n", 2)]),
+            ([], [Incr("ns", "text")]),  # not an integer: refused, nothing of it written
+            ([StreamAt("s", 2)], [Trim("s", 10)]),  # removes only what exists: seqs 1 and 2
+            ([StreamAt("s", 2)], [Append("s", [NewEvent("c")]), Delete("ns", "text")]),
+        ],
+    )
+    assert isinstance(results[0], Commit)
+    assert results[0].revision == 2
+    assert isinstance(results[1], Conflict)
+    assert isinstance(results[2], Commit)
+    assert results[2].revision == 3
+    assert results[2].versions[("ns", "k")] == 2
+    assert isinstance(results[3], InvalidArgument)
+    assert [r.revision for r in results if isinstance(r, Commit)] == [2, 3, 4, 5]
+    assert results[5].seqs == {"s": 3}
+    assert store.revision(T) == 5
+    assert [c.revision for c in store.changes(T)] == [1, 2, 3, 4, 5]
+    assert [e.seq for e in store.read_stream(T, "s")] == [3]
+    assert store.get(T, "ns", "text") is None
+    k = store.get(T, "ns", "k")
+    assert k is not None
+    assert (k.value, k.version, k.revision) == (3, 2, 3)
+
+
+def test_a_group_with_only_failures_writes_nothing(schema: str, opened: list[PostgresStore]) -> None:
+    store = _open(opened, f"{ADMIN}?schema={schema}", clock=FakeClock())
+    results = _group(store, [([VersionIs("ns", "k", 1)], [Put("ns", "k", 1)]), ([], [Put("ns", "j", 1)])][:1])
+    assert isinstance(results[0], Conflict)
+    assert store.revision(T) == 0
+    assert store.tenants() == []
+
+
+_names = st.sampled_from(["a", "b", "c"])
+_op = st.one_of(
+    st.builds(Put, st.just("ns"), _names, st.integers(-5, 5) | st.text(max_size=3), st.none() | st.just(5.0)),
+    st.builds(Delete, st.just("ns"), _names),
+    st.builds(Incr, st.just("ns"), _names, st.integers(-3, 3), st.none() | st.just(5.0)),
+    st.builds(
+        Append, st.sampled_from(["s1", "s2"]), st.lists(st.builds(NewEvent, st.just("e")), min_size=1, max_size=3)
+    ),
+    st.builds(Trim, st.sampled_from(["s1", "s2"]), st.integers(1, 8)),
+)
+_check = st.one_of(
+    st.builds(VersionIs, st.just("ns"), _names, st.integers(1, 3)),
+    st.builds(Absent, st.just("ns"), _names),
+    st.builds(StreamAt, st.sampled_from(["s1", "s2"]), st.integers(0, 4)),
+)
+_commit = st.tuples(st.lists(_check, max_size=2), st.lists(_op, min_size=1, max_size=4))
+
+
+@pytest.fixture(scope="module")
+def shared_store() -> Iterator[PostgresStore]:
+    require_service("postgresql")
+    name = f"sl_{uuid.uuid4().hex[:12]}"
+    store = open_store(f"{ADMIN}?schema={name}", clock=FakeClock())
+    assert isinstance(store, PostgresStore)
+    yield store
+    store.close()
+    _admin(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(commits=st.lists(_commit, min_size=1, max_size=8), cuts=st.lists(st.integers(1, 4), max_size=4))
+def test_groups_give_the_same_result_as_one_commit_at_a_time(
+    shared_store: PostgresStore, commits: list[tuple[list[Any], list[Any]]], cuts: list[int]
+) -> None:
+    """Any split of a sequence of commits into groups ends in the memory adapter's state and feed."""
+    clock = FakeClock()
+    shared_store.clock = clock
+    tenant = f"t{uuid.uuid4().hex[:10]}"
+    model = MemoryStore(clock=clock)
+    expected: list[Any] = []
+    for checks, ops in commits:
+        try:
+            expected.append(model.commit(tenant, checks, ops))
+        except (Conflict, InvalidArgument) as exc:
+            expected.append(type(exc))
+    got: list[Any] = []
+    i = 0
+    for size in [*cuts, len(commits)]:
+        chunk = commits[i : i + size]
+        i += size
+        if chunk:
+            slots = [_Slot(shared_store.prepare(tenant, c, o)) for c, o in chunk]
+            got.extend(r if isinstance(r, Commit) else type(r) for r in shared_store._run_group(tenant, slots))
+        if i >= len(commits):
+            break
+    assert got == expected
+    assert shared_store.changes(tenant) == model.changes(tenant)
+    assert shared_store.scan(tenant, "ns") == model.scan(tenant, "ns")
+    for s in ("s1", "s2"):
+        assert shared_store.read_stream(tenant, s) == model.read_stream(tenant, s)
+        assert shared_store.stream_info(tenant, s) == model.stream_info(tenant, s)
+    assert shared_store.stats(tenant) == model.stats(tenant)
+
+
+def test_threads_on_one_tenant_commit_in_groups_without_losing_anything(
+    schema: str, opened: list[PostgresStore]
+) -> None:
+    store = _open(opened, f"{ADMIN}?schema={schema}&pool_max=4")
+    n_threads, per_thread = 8, 40
+    errors: list[BaseException] = []
+
+    def worker(w: int) -> None:
+        try:
+            for i in range(per_thread):
+                store.commit(T, ops=[Incr("ns", "n"), Append(f"w{w}", [NewEvent("e", i)])])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    total = n_threads * per_thread
+    assert store.revision(T) == total
+    changes = store.changes(T, limit=total)
+    assert [c.revision for c in changes] == list(range(1, total + 1))
+    # the counter value recorded in each change is its revision: commits applied in revision order
+    assert all(c.ops[0].value == c.revision for c in changes)
+    for w in range(n_threads):
+        assert [e.data for e in store.read_stream(T, f"w{w}")] == list(range(per_thread))
+
+
+# ------------------------------------------------------------------ the change feed never skips
+
+
+def _writer(url: str, seconds: float, threads: int, out: Any) -> None:
+    """Child process: commit as fast as possible for ``seconds`` from ``threads`` threads."""
+    store = open_store(url)
+    stop = time.monotonic() + seconds
+    counts = [0] * threads
+
+    def run(i: int) -> None:
+        while time.monotonic() < stop:
+            store.commit(T, ops=[Incr("feed", "n"), Put("feed", f"last-{i}", counts[i])])
+            counts[i] += 1
+            if counts[i] % 10 == 0:  # a failing commit now and then must not leave a gap either
+                with contextlib.suppress(Conflict):
+                    store.commit(T, checks=[Absent("feed", "n")], ops=[Put("feed", "n", 0)])
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    store.close()
+    out.put(sum(counts))
+
+
+def test_change_feed_never_skips_under_concurrent_writer_processes(schema: str, opened: list[PostgresStore]) -> None:
+    url = f"{ADMIN}?schema={schema}"
+    reader = _open(opened, url)
+    reader.commit(T, ops=[Put("feed", "start", True)])  # revision 1, schema created before the writers start
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    writers = [
+        ctx.Process(target=_writer, args=(f"{url}&group_commit={'true' if i % 2 else 'false'}", 3.0, 2, out))
+        for i in range(4)
+    ]
+    for p in writers:
+        p.start()
+
+    polled: list[int] = []
+    poll_errors: list[str] = []
+
+    def poller() -> None:  # a second reader that pages through changes() while they are written
+        after = 1
+        while any(p.is_alive() for p in writers) or after < reader.revision(T):
+            for c in reader.changes(T, after, limit=7):
+                if c.revision != after + 1:
+                    poll_errors.append(f"after {after} came {c.revision}")
+                after = c.revision
+                polled.append(after)
+            time.sleep(0.01)
+
+    pt = threading.Thread(target=poller)
+    pt.start()
+    seen = 1
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            batch = reader.watch(T, seen, timeout=1.0, limit=500)
+            for c in batch:
+                assert c.revision == seen + 1, f"after revision {seen} the feed gave {c.revision}"
+                # every commit but the first increments n once: the value it wrote is its revision - 1
+                assert c.ops[0].op == "incr"
+                assert c.ops[0].value == c.revision - 1
+                seen = c.revision
+            if not batch and not any(p.is_alive() for p in writers) and seen == reader.revision(T):
+                break
+    finally:
+        for p in writers:
+            p.join(timeout=60)
+        pt.join(timeout=60)
+    assert all(p.exitcode == 0 for p in writers)
+    committed = sum(out.get(timeout=10) for _ in writers)
+    assert committed > 0
+    assert seen == 1 + committed == reader.revision(T)
+    assert poll_errors == []
+    assert polled == list(range(2, seen + 1))
+
+
+# ------------------------------------------------------------------ outages
+
+
+def _proxied(opened: list[PostgresStore], proxy: FaultProxy, schema: str, clock: Any = None) -> PostgresStore:
+    return _open(
+        opened,
+        f"postgresql://postgres@127.0.0.1:{proxy.port}/test?schema={schema}"
+        "&pool_timeout=2&connect_timeout=2&pool_max=4",
+        clock=clock,
+    )
+
+
+def test_cut_connections_are_replaced_transparently(schema: str, opened: list[PostgresStore]) -> None:
+    with FaultProxy("127.0.0.1", 5432) as proxy:
+        store = _proxied(opened, proxy, schema)
+        store.commit(T, ops=[Put("ns", "k", 1)])
+        proxy.cut()  # the server is still there: stale pooled connections must not surface as errors
+        assert store.commit(T, checks=[VersionIs("ns", "k", 1)], ops=[Put("ns", "k", 2)]).revision == 2
+        item = store.get(T, "ns", "k")
+        assert item is not None
+        assert item.value == 2
+
+
+@pytest.mark.parametrize("fault", ["refuse", "blackhole"])
+def test_outage_raises_unavailable_quickly_and_the_same_store_recovers(
+    schema: str, opened: list[PostgresStore], fault: str
+) -> None:
+    clock = FakeClock()
+    with FaultProxy("127.0.0.1", 5432) as proxy:
+        store = _proxied(opened, proxy, schema, clock)
+        store.commit(T, ops=[Put("ns", "k", 1)])
+        proxy.cut()
+        getattr(proxy, fault)()
+        calls = [
+            lambda: store.commit(T, ops=[Put("ns", "k", 2)]),
+            lambda: store.get(T, "ns", "k"),
+            lambda: store.changes(T),
+            store.ping,
+        ]
+        for call in calls:
+            started = time.monotonic()
+            with pytest.raises(Unavailable) as info:
+                call()
+            assert info.value.transient
+            assert time.monotonic() - started < OUTAGE_BOUND
+        proxy.restore()
+        store.commit(T, checks=[VersionIs("ns", "k", 1)], ops=[Put("ns", "k", 3)])
+        item = store.get(T, "ns", "k")
+        assert item is not None
+        assert (item.value, item.version) == (3, 2)
+        assert [c.revision for c in store.changes(T)] == [1, 2]
+
+
+def test_connections_killed_by_the_server_are_survived(schema: str, opened: list[PostgresStore]) -> None:
+    app = f"sl-kill-{uuid.uuid4().hex[:8]}"
+    store = _open(opened, f"{ADMIN}?schema={schema}&application_name={app}&pool_min=2", clock=FakeClock())
+    store.commit(T, ops=[Put("ns", "k", 1)])
+    done = threading.Event()
+    seen: list[int] = []
+    watcher = threading.Thread(target=lambda: (seen.extend(c.revision for c in store.watch(T, 1, 20)), done.set()))
+    watcher.start()
+    time.sleep(0.3)  # let the listener connect, so that it is killed too
+    killed = _admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (app,))
+    assert killed
+    # what a server restart does to open connections: the same store carries on
+    assert store.commit(T, checks=[VersionIs("ns", "k", 1)], ops=[Put("ns", "k", 2)]).revision == 2
+    assert done.wait(20)
+    assert seen == [2]
+    watcher.join()
+
+
+def test_watch_survives_an_outage(schema: str, opened: list[PostgresStore]) -> None:
+    with FaultProxy("127.0.0.1", 5432) as proxy:
+        watching = _proxied(opened, proxy, schema)
+        direct = _open(opened, f"{ADMIN}?schema={schema}")
+        direct.commit(T, ops=[Put("ns", "k", 1)])
+        got: list[int] = []
+        errors: list[BaseException] = []
+
+        def watch() -> None:
+            after = 1
+            while after < 3:
+                try:
+                    batch = watching.watch(T, after, timeout=1.0)
+                except Unavailable:
+                    time.sleep(0.1)
+                    continue
+                except BaseException as exc:
+                    errors.append(exc)
+                    return
+                got.extend(c.revision for c in batch)
+                after = got[-1] if got else after
+
+        t = threading.Thread(target=watch)
+        t.start()
+        time.sleep(0.3)
+        proxy.refuse()
+        direct.commit(T, ops=[Put("ns", "k", 2)])  # committed while the watcher cannot reach the server
+        time.sleep(0.5)
+        proxy.restore()
+        direct.commit(T, ops=[Put("ns", "k", 3)])
+        t.join(timeout=30)
+        assert not t.is_alive()
+        assert errors == []
+        assert got == [2, 3]
