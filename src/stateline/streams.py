@@ -342,9 +342,9 @@ class Streams:
         if to_seq <= after_seq:
             return state, 0
         events = list(self._events(sname, after_seq + 1, to_seq))
-        if events and events[0].seq != after_seq + 1:
+        if not events or events[0].seq != after_seq + 1:
             raise NotFound(
-                f"stream {stream!r}: events {after_seq + 1}..{events[0].seq - 1} were removed by cleanup and "
+                f"stream {stream!r}: events from {after_seq + 1} were removed by cleanup and "
                 f"no kept snapshot of projection {projection.name!r} covers them",
                 details={"stream": stream, "from_seq": after_seq + 1},
             )
@@ -451,7 +451,14 @@ class Streams:
             state, base_seq = proj.start(), 0
         else:
             state, base_seq = base.state, base.seq
-        state, _ = self._replay(stream, sname, proj, state, base_seq, last)
+        try:
+            state, _ = self._replay(stream, sname, proj, state, base_seq, last)
+        except NotFound:
+            found = self.store.stream_info(self.tenant, sname).last_seq
+            if found != last:  # an expected_seq beyond the stream: a conflict, not lost history
+                failure = CheckFailure(StreamAt(sname, last), found)
+                raise Conflict(f"stream {stream!r}: expected seq {last}, found {found}", failures=[failure]) from None
+            raise
         pending = (
             Event(sname, last + 1 + i, e.type, e.data, e.meta or {}, 0, 0) for i, e in enumerate(new[: snap_seq - last])
         )
