@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Self, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -558,6 +558,10 @@ class RedisStore(Store):
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             if self._closed:
                 raise Unavailable("the store is closed") from exc
+            # the other idle connections likely share this one's fate (a restart, a partition):
+            # drop them so that the next calls connect afresh instead of failing one by one
+            with contextlib.suppress(Exception):
+                self._r.connection_pool.disconnect(inuse_connections=False)
             details = {"outcome": "unknown"} if commit else None
             raise Unavailable(f"redis unreachable during {what}: {exc}", details=details) from exc
         except redis.ResponseError as exc:
@@ -565,6 +569,17 @@ class RedisStore(Store):
             if msg.startswith(_TRANSIENT_REPLIES):
                 raise Unavailable(f"redis cannot serve {what} now: {msg}") from exc
             raise StatelineError(f"redis error during {what}: {msg}") from exc
+
+    def _read(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run a read; a connection found reset (not timed out) is retried once on a fresh one."""
+        with self._io(what):
+            try:
+                return fn()
+            except redis.ConnectionError as exc:
+                if isinstance(exc, redis.BusyLoadingError | redis.AuthenticationError) or self._closed:
+                    raise
+                self._r.connection_pool.disconnect(inuse_connections=False)
+            return fn()
 
     def _t(self, tenant: str) -> str:
         return f"{self._prefix}:{{{tenant}}}:"
@@ -709,17 +724,20 @@ class RedisStore(Store):
     # ------------------------------------------------------------ reads
 
     def _get(self, tenant: str, namespace: str, key: str) -> Item | None:
-        with self._io("get"):
-            row = self._r.hmget(f"{self._t(tenant)}i:{namespace}|{key}", "v", "n", "r", "c", "u", "e")
+        hk = f"{self._t(tenant)}i:{namespace}|{key}"
+        row = self._read("get", lambda: self._r.hmget(hk, "v", "n", "r", "c", "u", "e"))
         return self._item(namespace, key, row, self.clock.now_us())
 
     def _get_many(self, tenant: str, keys: list[tuple[str, str]]) -> list[Item | None]:
         t = self._t(tenant)
-        with self._io("get_many"):
+
+        def run() -> list[Any]:
             pipe = self._r.pipeline(transaction=True)
             for ns, key in keys:
                 pipe.hmget(f"{t}i:{ns}|{key}", "v", "n", "r", "c", "u", "e")
-            rows = pipe.execute()
+            return pipe.execute()
+
+        rows = self._read("get_many", run)
         now = self.clock.now_us()
         return [self._item(ns, key, row, now) for (ns, key), row in zip(keys, rows, strict=True)]
 
@@ -729,8 +747,8 @@ class RedisStore(Store):
         start = b"(" + after.encode() if after is not None and after >= prefix else b"[" + pb
         stop = b"[" + pb + b"\xff" if prefix else b"+"
         now = self.clock.now_us()
-        with self._io("scan"):
-            flat = self._scan_script(keys=[f"{t}z:{namespace}"], args=[now, start, stop, limit, f"{t}i:{namespace}|"])
+        args: list[Any] = [now, start, stop, limit, f"{t}i:{namespace}|"]
+        flat = self._read("scan", lambda: self._scan_script(keys=[f"{t}z:{namespace}"], args=args))
         out: list[Item] = []
         for k in range(0, len(flat), 7):
             it = self._item(namespace, _bstr(flat[k]), flat[k + 1 : k + 7], now)
@@ -739,21 +757,24 @@ class RedisStore(Store):
         return out
 
     def _read_stream(self, tenant: str, stream: str, from_seq: int, to_seq: int, limit: int) -> list[Event]:
-        with self._io("read_stream"):
-            rows = self._r.zrangebyscore(f"{self._t(tenant)}s:{stream}", from_seq, to_seq, start=0, num=limit)
+        sk = f"{self._t(tenant)}s:{stream}"
+        rows = self._read("read_stream", lambda: self._r.zrangebyscore(sk, from_seq, to_seq, start=0, num=limit))
         out = []
         for row in rows:
-            seq, rev, at, typ, data, meta = orjson.loads(row)  # type: ignore[arg-type]  # members are bytes
+            seq, rev, at, typ, data, meta = orjson.loads(row)
             out.append(Event(stream, seq, typ, data, meta, rev, at))
         return out
 
     def _stream_info(self, tenant: str, stream: str) -> StreamInfo:
         t = self._t(tenant)
-        with self._io("stream_info"):
+
+        def run() -> list[Any]:
             pipe = self._r.pipeline(transaction=True)
             pipe.hget(t + "seqs", stream)
             pipe.zrange(f"{t}s:{stream}", 0, 0, withscores=True)
-            last_raw, head = pipe.execute()
+            return pipe.execute()
+
+        last_raw, head = self._read("stream_info", run)
         last = int(last_raw or 0)
         return StreamInfo(stream, int(head[0][1]) if head else last + 1, last)
 
@@ -762,18 +783,19 @@ class RedisStore(Store):
         pb = prefix.encode()
         start = b"(" + after.encode() if after is not None and after >= prefix else b"[" + pb
         stop = b"[" + pb + b"\xff" if prefix else b"+"
-        with self._io("list_streams"):
-            flat = self._list_streams_script(keys=[t + "streams", t + "seqs"], args=[start, stop, limit, t + "s:"])
+        keys = [t + "streams", t + "seqs"]
+        args: list[Any] = [start, stop, limit, t + "s:"]
+        flat = self._read("list_streams", lambda: self._list_streams_script(keys=keys, args=args))
         return [StreamInfo(_bstr(flat[k]), int(flat[k + 1]), int(flat[k + 2])) for k in range(0, len(flat), 3)]
 
     def _revision(self, tenant: str) -> int:
-        with self._io("revision"):
-            return int(self._r.get(self._t(tenant) + "rev") or 0)
+        key = self._t(tenant) + "rev"
+        return int(self._read("revision", lambda: self._r.get(key)) or 0)
 
     def _changes(self, tenant: str, after_revision: int, limit: int) -> list[Change]:
         t = self._t(tenant)
-        with self._io("changes"):
-            bodies = self._changes_script(keys=[t + "rev", t + "c"], args=[after_revision, limit])
+        keys, args = [t + "rev", t + "c"], [after_revision, limit]
+        bodies = self._read("changes", lambda: self._changes_script(keys=keys, args=args))
         out = []
         for i, body in enumerate(bodies):
             if body is None:  # cannot happen while the keyspace is intact: the feed has no gaps
@@ -868,8 +890,7 @@ class RedisStore(Store):
         return removed
 
     def _ping(self) -> None:
-        with self._io("ping"):
-            self._r.ping()
+        self._read("ping", self._r.ping)
 
     def _close(self) -> None:
         with contextlib.suppress(Exception):
