@@ -1,0 +1,267 @@
+"""Service behaviour: Idempotency-Key replay, 413, 429 + Retry-After, 500 without internals, change feed
+(long poll and SSE), health, readiness, metrics, traces and the OpenAPI document."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import orjson
+import pytest
+from fastapi import FastAPI
+
+import stateline
+from stateline import FakeClock
+from stateline.api.idempotency import HttpIdempotency
+from stateline.errors import Conflict
+
+from .conftest import Api, make_api
+
+INCR = {"ops": [{"op": "incr", "namespace": "n", "key": "c"}]}
+
+
+def _counter(api: Api, h: dict[str, str]) -> int:
+    r = api.client.get("/v1/items/n/c", headers=h)
+    return 0 if r.status_code == 404 else int(r.json()["value"])
+
+
+def test_idempotency_key_replays_the_stored_response(mem_api: Api) -> None:
+    h = mem_api.key("acme")
+    first = mem_api.client.post("/v1/transaction", json=INCR, headers={**h, "Idempotency-Key": "pay-1"})
+    again = mem_api.client.post("/v1/transaction", json=INCR, headers={**h, "Idempotency-Key": "pay-1"})
+    assert first.status_code == again.status_code == 200
+    assert again.content == first.content
+    assert again.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    assert _counter(mem_api, h) == 1
+    # Same key, different request: refused, nothing runs.
+    other = mem_api.client.post(
+        "/v1/transaction",
+        json={"ops": [{"op": "incr", "namespace": "n", "key": "c", "by": 9}]},
+        headers={**h, "Idempotency-Key": "pay-1"},
+    )
+    assert other.status_code == 409
+    assert other.json()["error"]["details"]["reason"] == "idempotency_key_reused"
+    # Another tenant's identical key is its own.
+    g = mem_api.key("globex")
+    assert (
+        "idempotent-replayed"
+        not in mem_api.client.post("/v1/transaction", json=INCR, headers={**g, "Idempotency-Key": "pay-1"}).headers
+    )
+    # A 4xx answer is stored too; the replay does not run the request again.
+    conflict = {"checks": [{"check": "absent", "namespace": "n", "key": "c"}], **INCR}
+    r1 = mem_api.client.post("/v1/transaction", json=conflict, headers={**h, "Idempotency-Key": "c-1"})
+    r2 = mem_api.client.post("/v1/transaction", json=conflict, headers={**h, "Idempotency-Key": "c-1"})
+    assert r1.status_code == r2.status_code == 409
+    assert r2.headers["idempotent-replayed"] == "true"
+    assert (
+        mem_api.client.post("/v1/transaction", json=INCR, headers={**h, "Idempotency-Key": "bad key"}).status_code
+        == 400
+    )
+
+
+def test_idempotency_expires_after_its_ttl(mem_api: Api) -> None:
+    h = mem_api.key("acme", expires_in=10 * 86400)
+    mem_api.client.post("/v1/transaction", json=INCR, headers={**h, "Idempotency-Key": "k"})
+    mem_api.clock.advance(86400 + 1)
+    r = mem_api.client.post("/v1/transaction", json=INCR, headers={**h, "Idempotency-Key": "k"})
+    assert "idempotent-replayed" not in r.headers
+    assert _counter(mem_api, h) == 2
+
+
+def test_a_server_error_frees_the_key_and_leaks_nothing(mem_api: Api) -> None:
+    calls = []
+
+    async def boom() -> None:
+        calls.append(1)
+        raise RuntimeError("secret internals /etc/passwd")
+
+    mem_api.app.router.add_api_route("/v1/boom", boom, methods=["POST"])
+    h = mem_api.key("acme")
+    for _ in range(2):
+        r = mem_api.client.post("/v1/boom", json={}, headers={**h, "Idempotency-Key": "b"})
+        assert r.status_code == 500
+        assert r.json() == {"error": {"code": "internal", "message": "internal error", "details": {}}}
+        assert "secret" not in r.text
+        assert "Traceback" not in r.text
+    assert len(calls) == 2  # the failed first attempt did not pin the key
+
+
+def test_one_concurrent_claim_wins(clock: FakeClock) -> None:
+    with stateline.open("memory://", clock=clock) as db:
+        idem = HttpIdempotency(db.store)
+        results: list[object] = []
+        barrier = threading.Barrier(8)
+
+        def worker() -> None:
+            barrier.wait()
+            try:
+                results.append(idem.begin("acme", "k", "fp"))
+            except Conflict as exc:
+                results.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sum(isinstance(r, int) for r in results) == 1
+        assert all(isinstance(r, Conflict) for r in results if not isinstance(r, int))
+
+
+@pytest.fixture
+def small_api(clock: FakeClock) -> Iterator[Api]:
+    with stateline.open("memory://", clock=clock) as db:
+        yield from make_api(db, clock, max_body_bytes=1000, rate_limit=3, rate_burst=3)
+
+
+def test_body_over_the_limit_is_413(small_api: Api) -> None:
+    h = small_api.key("acme")
+    r = small_api.client.put("/v1/items/docs/a", json="x" * 2000, headers=h)
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "payload_too_large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b'"'
+        for _ in range(30):
+            yield b"x" * 100
+        yield b'"'
+
+    r = small_api.client.put("/v1/items/docs/b", content=chunks(), headers={**h, "Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert small_api.client.get("/v1/items/docs/b", headers=h).status_code == 404
+
+
+def test_rate_limit_is_429_with_retry_after_per_tenant(small_api: Api) -> None:
+    h = small_api.key("acme")
+    codes = [small_api.client.get("/v1/items/docs/a", headers=h).status_code for _ in range(4)]
+    assert codes == [404, 404, 404, 429]
+    r = small_api.client.get("/v1/items/docs/a", headers=h)
+    assert r.status_code == 429
+    assert int(r.headers["retry-after"]) >= 1
+    assert r.json()["error"]["code"] == "rate_limited"
+    assert small_api.client.get("/v1/items/docs/a", headers=small_api.key("globex")).status_code == 404
+    small_api.clock.advance(1)
+    assert small_api.client.get("/v1/items/docs/a", headers=h).status_code == 404
+    assert small_api.client.get("/healthz").status_code == 200  # operations routes are not limited
+
+
+def test_changes_long_poll_filters_and_resumes(api: Api) -> None:
+    c, h = api.client, api.key("acme")
+    c.put("/v1/items/docs/a", json=1, headers=h)
+    c.put("/v1/items/other/b", json=2, headers=h)
+    c.post(
+        "/v1/transaction",
+        json={"ops": [{"op": "append", "stream": "runs:r1:steps", "events": [{"type": "x"}]}]},
+        headers=h,
+    )
+    page = c.get("/v1/changes", params={"after": 0}, headers=h).json()
+    assert [ch["revision"] for ch in page["changes"]] == [1, 2, 3]
+    page = c.get("/v1/changes", params={"after": 0, "namespace": "other"}, headers=h).json()
+    assert [ch["revision"] for ch in page["changes"]] == [2]
+    assert page["next"] == 3
+    page = c.get("/v1/changes", params={"after": 0, "run": "r1"}, headers=h).json()
+    assert [ch["ops"][0]["stream"] for ch in page["changes"]] == ["runs:r1:steps"]
+    page = c.get("/v1/changes", params={"after": 1, "limit": 1}, headers=h).json()
+    assert ([ch["revision"] for ch in page["changes"]], page["next"]) == ([2], 2)
+    empty = c.get("/v1/changes", params={"after": 3, "wait": 0}, headers=h).json()
+    assert empty == {"changes": [], "next": 3}
+
+
+def test_long_poll_wakes_on_a_commit(api: Api) -> None:
+    h = api.key("acme")
+    registry = api.ctx.metrics.registry
+
+    def writer() -> None:
+        # Commit only once the poll is waiting (the gauge counts waiting polls).
+        for _ in range(2000):
+            if (registry.get_sample_value("stateline_watchers") or 0) >= 1:
+                break
+            time.sleep(0.005)
+        api.ctx.source.tenant("acme").commit(ops=[stateline.Put("docs", "late", 1)])
+
+    t = threading.Thread(target=writer)
+    t.start()
+    r = api.client.get("/v1/changes", params={"after": 0, "wait": 20}, headers=h)
+    t.join()
+    assert r.status_code == 200
+    assert r.json()["changes"][0]["ops"][0]["key"] == "late"
+
+
+def _sse(text: str) -> list[dict[str, str]]:
+    events = []
+    for block in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if line and not line.startswith(":"))
+        if "data" in fields:
+            events.append(fields)
+    return events
+
+
+def test_sse_watch_sends_changes_in_order_and_resumes(api: Api) -> None:
+    c, h = api.client, api.key("acme")
+    for i in range(3):
+        c.put(f"/v1/items/docs/k{i}", json=i, headers=h)
+    r = c.get("/v1/watch", params={"after": 0, "limit": 2}, headers=h)
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = _sse(r.text)
+    assert [e["id"] for e in events] == ["1", "2"]
+    assert orjson.loads(events[0]["data"])["ops"][0]["key"] == "k0"
+    r = c.get("/v1/watch", params={"limit": 1}, headers={**h, "Last-Event-ID": events[-1]["id"]})
+    assert [e["id"] for e in _sse(r.text)] == ["3"]
+    assert c.get("/v1/watch", headers={**h, "Last-Event-ID": "x"}).status_code == 400
+
+
+def test_health_readiness_and_metrics(clock: FakeClock) -> None:
+    db = stateline.open("memory://", clock=clock)
+    for api in make_api(db, clock):
+        h = api.key("acme")
+        assert api.client.get("/healthz").json() == {"status": "ok"}
+        assert api.client.get("/readyz").json() == {"status": "ready"}
+        api.client.put("/v1/items/docs/a", json=1, headers=h)
+        api.client.put("/v1/items/docs/a", json=1, headers={**h, "If-None-Match": "*"})
+        text = api.client.get("/metrics").text
+        assert (
+            'stateline_http_requests_total{method="PUT",route="/v1/items/{namespace}/{key:path}",status="412"} 1.0'
+            in text
+        )
+        assert "stateline_http_request_duration_seconds_bucket" in text
+        assert "stateline_commits_total" in text
+        assert "stateline_conflicts_total 1.0" in text
+        db.close()
+        r = api.client.get("/readyz")
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "unavailable"
+        assert api.client.get("/healthz").status_code == 200
+
+
+def test_incoming_trace_context_reaches_the_commit_meta(mem_api: Api) -> None:
+    h = mem_api.key("acme")
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    mem_api.client.put("/v1/items/docs/a", json=1, headers={**h, "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+    change = mem_api.client.get("/v1/changes", headers=h).json()["changes"][0]
+    assert change["meta"]["trace_id"] == trace_id
+
+
+def test_openapi_documents_auth_and_one_error_shape(mem_api: Api) -> None:
+    doc = mem_api.client.get("/openapi.json").json()
+    assert "apiKey" in doc["components"]["securitySchemes"]
+    for path, ops in doc["paths"].items():
+        for op in ops.values():
+            assert "422" not in op["responses"], path
+            if path.startswith("/v1/"):
+                assert op["security"] == [{"apiKey": []}]
+                assert op["responses"]["401"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    assert any(p["name"] == "Idempotency-Key" for p in doc["paths"]["/v1/transaction"]["post"]["parameters"])
+
+
+def test_two_apps_in_one_process_keep_their_own_metrics(clock: FakeClock) -> None:
+    apps: list[FastAPI] = []
+    with stateline.open("memory://", clock=clock) as db:
+        for api in make_api(db, clock):
+            apps.append(api.app)
+            for api2 in make_api(db, clock):
+                api2.client.get("/healthz")
+                assert 'route="/healthz"' in api2.client.get("/metrics").text
+                assert 'route="/healthz"' not in api.client.get("/metrics").text
+    assert apps
