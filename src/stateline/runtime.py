@@ -784,7 +784,11 @@ class Slot:
         if self.done or self._finished:
             raise Conflict(f"idempotency key {self.key!r} already has a result; check slot.done before working")
         codec.encode(result, "result")
-        self._idem._finish(self._once, self._version, {"s": _DONE, "fp": self._once.fp, "r": result})
+        try:
+            self._idem._finish(self._once, self._version, {"s": _DONE, "fp": self._once.fp, "r": result})
+        except Conflict:
+            self._finished = True  # the claim is lost: there is nothing left to store or release
+            raise
         self._finished = True
         self.result = result
 
