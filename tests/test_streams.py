@@ -529,3 +529,42 @@ def test_killed_appender_never_leaves_a_snapshot_without_its_event(backend: Any)
     report = s.check("crash", proj)
     assert report.ok, report.issues
     assert s.load("crash", proj) == list(range(info.last_seq))
+
+
+def test_check_reports_gaps_and_revisions_going_backwards(tenant: Tenant, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The Store port never loses an event, so a damaged stream is shown to ``check`` by filtering what it reads.
+    s = _streams(tenant)
+    for i in range(8):
+        s.append("s", [{"type": "add", "data": i}])
+    real = tenant.store.read_stream
+
+    def damaged(*args: Any, **kwargs: Any) -> list[Event]:
+        out = []
+        for e in real(*args, **kwargs):
+            if e.seq == 5:
+                continue  # a lost event
+            if e.seq == 7:  # an older revision
+                out.append(Event(e.stream, e.seq, e.type, e.data, e.meta, 1, e.recorded_at))
+            else:
+                out.append(e)
+        return out
+
+    monkeypatch.setattr(tenant.store, "read_stream", damaged)
+    report = s.check("s")
+    assert not report.ok
+    assert [(i.kind, i.seq) for i in report.issues] == [("gap", 6), ("revision_not_monotonic", 7)]
+    assert report.events == 7
+
+
+def test_list_and_info_of_streams(tenant: Tenant) -> None:
+    s = tenant.streams
+    for name in ("b", "a/1", "a/2", "a/3"):
+        s.append(name, [{"type": "x"}])
+    page = s.list("a/", limit=2)
+    assert [i.stream for i in page] == ["a/1", "a/2"]
+    assert [i.stream for i in s.list("a/", after=page[-1].stream)] == ["a/3"]
+    assert [i.stream for i in s.list()] == ["a/1", "a/2", "a/3", "b"]
+    info = s.info("b")
+    assert (info.stream, info.first_seq, info.last_seq) == ("b", 1, 1)
+    with pytest.raises(InvalidArgument):
+        s.list(limit=0)
