@@ -502,7 +502,7 @@ class Receipt:
         try:
             muts = d["mutations"]
             if type(muts) is not list or any(type(m) is not dict for m in muts):
-                raise ValueError("mutations is not a list of objects")
+                raise ValueError("receipt mutations is not a list of objects")
             r = cls(
                 d["case_id"],
                 d["seq"],
