@@ -575,3 +575,16 @@ def test_stats_counts_documents_bytes_streams_and_events(tenant: Tenant, docs: D
     assert s.revision == tenant.revision()
     docs.delete("a")
     assert docs.stats().documents == 3
+
+
+def test_run_transaction_when_fn_commits_by_itself(docs: Documents) -> None:
+    def explicit(tx: Transaction) -> str:
+        tx.put("a", 1)
+        tx.commit()
+        return "done"
+
+    assert docs.run_transaction(explicit) == "done"
+    doc = docs.get("a")
+    assert doc is not None
+    assert doc.value == 1
+    assert len(docs.transactions()) == 1

@@ -568,3 +568,19 @@ def test_list_and_info_of_streams(tenant: Tenant) -> None:
     assert (info.stream, info.first_seq, info.last_seq) == ("b", 1, 1)
     with pytest.raises(InvalidArgument):
         s.list(limit=0)
+
+
+def test_cleanup_for_one_projection_respects_only_its_snapshots(tenant: Tenant, clock: FakeClock) -> None:
+    s = _streams(tenant, every=5, keep=1)
+    s.append("s", [{"type": "add", "data": 1}] * 5, projection=LOG)  # LOG keeps its snapshot at 5
+    s.append("s", [{"type": "add", "data": 1}] * 10, projection=SUM)  # SUM keeps its snapshot at 15
+    clock.advance(1)
+    assert s.cleanup("s", clock.now_us()) == 5  # the oldest kept snapshot of any projection is at 5
+    assert s.load("s", LOG) == s.state_at("s", LOG, seq=15)
+    assert s.cleanup("s", clock.now_us(), projection=SUM) == 10  # only SUM's snapshot counts now
+    assert s.load("s", SUM) == 15
+    with pytest.raises(NotFound):
+        s.load("s", LOG)
+    assert [i.kind for i in s.check("s", LOG).issues] == ["history_missing"]
+    with pytest.raises(InvalidArgument):
+        s.cleanup("s", clock.now_us(), projection=3)  # type: ignore[arg-type]

@@ -463,6 +463,8 @@ class Documents:
                     last = exc
                     continue
                 raise
+            if tx._state != "open":  # fn committed or rolled back by itself
+                return result
             keys = [(ns, k) for ns, k in tx._writes]
             try:
                 tx.commit()

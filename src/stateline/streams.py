@@ -720,19 +720,21 @@ class Streams:
             write(b"\n".join(buf) + b"\n")
         return n
 
-    def cleanup(self, stream: str, before_time: int | datetime, *, projection: str | None = None) -> int:
+    def cleanup(self, stream: str, before_time: int | datetime, *, projection: Projection | str | None = None) -> int:
         """Remove events recorded before ``before_time`` that a kept snapshot already covers; returns how many.
 
         Only events up to and including the OLDEST kept snapshot (of every projection that has
-        snapshots, or of the projection named) are removed, so every kept snapshot still has all the
+        snapshots, or only of ``projection``) are removed, so every kept snapshot still has all the
         events after it: ``load`` keeps working, and ``state_at`` keeps working for every seq from the
         oldest kept snapshot on. A stream without snapshots is left alone. A projection that never
         wrote a snapshot cannot be rebuilt from the start after a cleanup.
         """
         sname = self._name(stream)
         cut_time = _time_us(before_time, "before_time")
-        if projection is not None and type(projection) is not str:
-            raise InvalidArgument("projection", "must be a projection name or None")
+        if isinstance(projection, Projection):
+            projection = projection.name
+        elif projection is not None and type(projection) is not str:
+            raise InvalidArgument("projection", "must be a Projection, a projection name or None")
         info = self._info(stream, sname)
         snaps = [s for s in self._snapshots(stream, projection) if s.seq <= info.last_seq]
         if not snaps:
