@@ -40,7 +40,7 @@ from tests.faultproxy import FaultProxy
 
 ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 T = "acme"
-# Generous bound that only proves "does not hang"; the configured timeouts are 2 s.
+# Generous bound that only proves "does not hang"; the configured timeouts are 1-2 s.
 OUTAGE_BOUND = 15.0
 
 
@@ -422,7 +422,7 @@ def _proxied(opened: list[PostgresStore], proxy: FaultProxy, schema: str, clock:
     return _open(
         opened,
         f"postgresql://postgres@127.0.0.1:{proxy.port}/test?schema={schema}"
-        "&pool_timeout=2&connect_timeout=2&pool_max=4",
+        "&pool_timeout=1&connect_timeout=2&pool_max=4",
         clock=clock,
     )
 
@@ -448,12 +448,9 @@ def test_outage_raises_unavailable_quickly_and_the_same_store_recovers(
         store.commit(T, ops=[Put("ns", "k", 1)])
         proxy.cut()
         getattr(proxy, fault)()
-        calls = [
-            lambda: store.commit(T, ops=[Put("ns", "k", 2)]),
-            lambda: store.get(T, "ns", "k"),
-            lambda: store.changes(T),
-            store.ping,
-        ]
+        calls = [lambda: store.commit(T, ops=[Put("ns", "k", 2)]), lambda: store.get(T, "ns", "k"), store.ping]
+        if fault == "blackhole":  # each call waits out the timeouts: keep the test short
+            del calls[1]
         for call in calls:
             started = time.monotonic()
             with pytest.raises(Unavailable) as info:

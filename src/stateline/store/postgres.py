@@ -278,12 +278,20 @@ class PostgresStore(Store):
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
-        """A healthy pooled connection: ones the server has closed while idle are replaced first."""
+        """A healthy connection from the pool; ones the server has closed while idle are replaced first.
+
+        If the pool has none to give within ``pool_timeout`` (after an outage it may still be backing
+        off between reconnection attempts), one direct connection is tried, used once and closed, so
+        that the first call after the server comes back works.
+        """
+        pooled = True
         for _ in range(self._pool.max_size + 1):
             try:
                 conn = self._pool.getconn()
-            except PoolTimeout as exc:
-                raise _translate(exc) from None
+            except PoolTimeout:
+                conn = self._connect_once()
+                pooled = False
+                break
             except psycopg.Error as exc:
                 raise _translate(exc) from None
             if _healthy(conn):
@@ -294,10 +302,19 @@ class PostgresStore(Store):
         try:
             yield conn
         finally:
-            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE and not conn.closed:
+            if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 with contextlib.suppress(psycopg.Error):
                     conn.rollback()
-            self._pool.putconn(conn)
+            if pooled:
+                self._pool.putconn(conn)
+            else:
+                conn.close()
+
+    def _connect_once(self) -> psycopg.Connection[Any]:
+        try:
+            return psycopg.connect(self._conninfo, **self._connect_kwargs)
+        except psycopg.Error as exc:
+            raise Unavailable(f"postgresql: no connection available ({str(exc).strip()})") from None
 
     def _read(self, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         """Run one read statement; a broken connection is retried once on a fresh one."""

@@ -1,0 +1,195 @@
+"""Commits per second of the PostgreSQL adapter beside raw psycopg doing the same statements.
+
+Each client commits one small document (``Put`` of ~120 bytes) per commit, in a loop, for a fixed
+time. The peer is raw psycopg running the adapter's own SQL for that commit with the same
+pipelining: (BEGIN, lock the tenant row, read the item), then (upsert the item, insert the change
+record, set the revision, COMMIT, NOTIFY), with ``synchronous_commit=on``. Runs of the two
+alternate, and each figure is the median of the runs.
+
+Scenarios: 1 client; 8 clients on 8 tenants; 8 clients on 1 tenant (here the row lock serialises
+raw psycopg, and stateline's group commit is what scales). Clients are threads of one process,
+sharing one store (stateline) or holding one connection each (raw).
+
+    python bench/bench_postgres.py --quick          # well under a minute
+    python bench/bench_postgres.py --seconds 5 --runs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import psycopg
+
+from stateline import Put, open_store
+from stateline.clock import SystemClock
+from stateline.store.postgres import PostgresStore, _Queries
+
+NS = "bench"
+
+
+def _value(i: int) -> dict[str, Any]:
+    return {"n": i, "status": "running", "payload": "x" * 80}
+
+
+def _run_clients(n: int, seconds: float, make: Callable[[int], Callable[[int], None]]) -> float:
+    """Start ``n`` clients; each calls its commit function in a loop for ``seconds``. Returns commits/s."""
+    fns = [make(c) for c in range(n)]
+    counts = [0] * n
+    start = threading.Barrier(n + 1)
+    stop = threading.Event()
+
+    def client(c: int) -> None:
+        fn = fns[c]
+        start.wait()
+        i = 0
+        while not stop.is_set():
+            fn(i)
+            i += 1
+        counts[c] = i
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(n)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+class Raw:
+    """Raw psycopg: one connection per client, the adapter's statements for one Put, same round trips."""
+
+    def __init__(self, dsn: str, schema: str, channel: str) -> None:
+        self.dsn = dsn
+        self.q = _Queries(f'"{schema}"')
+        self.channel = channel
+        self.clock = SystemClock()
+        self.conns: list[psycopg.Connection[Any]] = []
+
+    def client(self, tenant: str, c: int) -> Callable[[int], None]:
+        conn = psycopg.connect(self.dsn, autocommit=True)
+        self.conns.append(conn)
+        q = self.q
+
+        def commit(i: int) -> None:
+            key = f"k{c}-{i % 100}"
+            value = orjson.dumps(_value(i))
+            with conn.pipeline():
+                conn.execute("BEGIN")
+                c1 = conn.execute(q.lock_tenant, (tenant,), binary=True)
+                c2 = conn.execute(q.read_items, ([NS], [key], [False], tenant), binary=True)
+            row1 = c1.fetchone()
+            assert row1 is not None
+            rev = row1[0] + 1
+            now = self.clock.now_us()
+            row = c2.fetchone()
+            live = row is not None and (row[5] is None or row[5] > now)
+            version = row[3] + 1 if live and row is not None else 1
+            created = row[4] if live and row is not None else now
+            body = orjson.dumps(
+                {
+                    "at": now,
+                    "meta": orjson.Fragment(b"{}"),
+                    "ops": [
+                        {
+                            "op": "put",
+                            "ns": NS,
+                            "key": key,
+                            "version": version,
+                            "value": orjson.Fragment(value),
+                            "exp": None,
+                        }
+                    ],
+                }
+            )
+            with conn.pipeline():
+                conn.execute(q.upsert_items, (tenant, now, [NS], [key], [value], [version], [rev], [created], [None]))
+                conn.execute(q.insert_changes, (tenant, [rev], [body]))
+                conn.execute(q.set_revision, (rev, tenant))
+                conn.execute("COMMIT")
+                conn.execute("SELECT pg_notify(%s, %s)", (self.channel, tenant))
+
+        return commit
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.close()
+        self.conns.clear()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--quick", action="store_true", help="short runs (about 30 s in all)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of one run")
+    parser.add_argument("--runs", type=int, default=5, help="runs per scenario and contender (median reported)")
+    args = parser.parse_args()
+    seconds, runs = (1.0, 3) if args.quick else (args.seconds, args.runs)
+
+    schema = f"sl_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(args.dsn, autocommit=True) as admin:
+        sync = admin.execute("SHOW synchronous_commit").fetchone()
+        fsync = admin.execute("SHOW fsync").fetchone()
+        version = admin.execute("SHOW server_version").fetchone()
+    print(
+        f"PostgreSQL {version[0] if version else '?'}, synchronous_commit={sync[0] if sync else '?'}, "
+        f"fsync={fsync[0] if fsync else '?'}; {runs} alternating runs of {seconds:g} s; medians"
+    )
+
+    store = open_store(f"{args.dsn}?schema={schema}&pool_max=16")
+    assert isinstance(store, PostgresStore)
+    raw = Raw(args.dsn, schema, store._channel)
+    scenarios = [("1 client", 1, False), ("8 clients, 8 tenants", 8, False), ("8 clients, 1 tenant", 8, True)]
+    results: dict[str, dict[str, list[float]]] = {}
+    try:
+        for r in range(runs):
+            for name, n, shared in scenarios:
+                res = results.setdefault(name, {"stateline": [], "raw": []})
+                order = ("stateline", "raw") if r % 2 == 0 else ("raw", "stateline")
+                for who in order:
+                    run_id = uuid.uuid4().hex[:6]
+
+                    def tenant(c: int, run_id: str = run_id, shared: bool = shared) -> str:
+                        return f"{run_id}-0" if shared else f"{run_id}-{c}"
+
+                    if who == "stateline":
+
+                        def make(c: int, tenant: Callable[[int], str] = tenant) -> Callable[[int], None]:
+                            t = tenant(c)
+                            return lambda i: store.commit(t, ops=[Put(NS, f"k{c}-{i % 100}", _value(i))]) and None
+
+                        res[who].append(_run_clients(n, seconds, make))
+                    else:
+                        res[who].append(_run_clients(n, seconds, lambda c, tenant=tenant: raw.client(tenant(c), c)))
+                        raw.close()
+    finally:
+        store.close()
+        raw.close()
+        with psycopg.connect(args.dsn, autocommit=True) as admin:
+            admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+    print(f"{'scenario':<24}{'stateline c/s':>15}{'raw c/s':>12}{'cost ratio':>12}")
+    med = {name: {who: statistics.median(v) for who, v in res.items()} for name, res in results.items()}
+    for name, m in med.items():
+        print(f"{name:<24}{m['stateline']:>15.0f}{m['raw']:>12.0f}{m['raw'] / m['stateline']:>11.2f}x")
+    single = med["1 client"]["stateline"]
+    for name in ("8 clients, 8 tenants", "8 clients, 1 tenant"):
+        print(
+            f"scaling {name}: stateline {med[name]['stateline'] / single:.1f}x, "
+            f"raw {med[name]['raw'] / med['1 client']['raw']:.1f}x of its 1-client rate"
+        )
+    print("cost ratio = stateline time per commit / raw time per commit (target <= 1.25x); scaling target >= 3x")
+
+
+if __name__ == "__main__":
+    main()
