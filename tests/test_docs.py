@@ -588,3 +588,22 @@ def test_run_transaction_when_fn_commits_by_itself(docs: Documents) -> None:
     assert doc is not None
     assert doc.value == 1
     assert len(docs.transactions()) == 1
+
+
+def test_run_transaction_with_an_id_already_in_the_log_conflicts_at_once(tenant: Tenant, docs: Documents) -> None:
+    calls = []
+
+    def once(tx: Transaction) -> None:
+        calls.append(1)
+        tx.put("a", len(calls))
+
+    docs.run_transaction(once, tx_id="order-42")
+    before = tenant.revision()
+    with pytest.raises(Conflict) as ei:
+        docs.run_transaction(once, tx_id="order-42", base_delay=0.0)
+    assert "already in the log" in str(ei.value)
+    assert len(calls) == 2
+    _no_writes(tenant, before)
+    doc = docs.get("a")
+    assert doc is not None
+    assert doc.value == 1

@@ -426,6 +426,7 @@ class Documents:
 
         If a commit's outcome is unknown (a transient error while committing), the next attempt first
         looks for this transaction's log entry, so a commit that did land is never applied twice.
+        A ``tx_id`` that is already in the log raises ``Conflict`` at once (the transaction ran before).
         """
         if not callable(fn):
             raise InvalidArgument("fn", "must be callable")
@@ -469,6 +470,10 @@ class Documents:
             try:
                 tx.commit()
             except Conflict as exc:
+                if any(isinstance(f, CheckFailure) and f.check == Absent(TXLOG_NAMESPACE, tx_id) for f in exc.failures):
+                    raise Conflict(
+                        f"transaction {tx_id!r} is already in the log: it committed before", failures=exc.failures
+                    ) from None
                 last = exc
                 continue
             except StatelineError as exc:
