@@ -132,6 +132,7 @@ class Locks:
         wait = _seconds(wait, "wait", MAX_WAIT_SECONDS, positive=False)
         deadline = time.monotonic() + wait
         recorded: str | None = None
+        checked_holder: str | None = None
         pause = 0.002
         try:
             while True:
@@ -183,7 +184,10 @@ class Locks:
                         {"layer": "locks"},
                     )
                     recorded = name
-                cycle = self._cycle(owner, name, holder)
+                # Look once per new edge: a cycle closed later is found by whoever closes it, so
+                # parties already waiting do not abort because of a refused newcomer.
+                cycle = self._cycle(owner, name, holder) if holder != checked_holder else []
+                checked_holder = holder
                 if cycle:
                     raise Conflict(
                         f"deadlock: {_describe(cycle)}",
