@@ -12,7 +12,7 @@ MARK = "A-ONLY-7f3c9e"
 
 def _seed_a(api: Api, h: dict[str, str]) -> dict[str, str]:
     c = api.client
-    assert c.put("/v1/items/docs/secret-doc", json={"mark": MARK}, headers=h).status_code == 201
+    assert c.put("/v1/items/raw/secret-doc", json={"mark": MARK}, headers=h).status_code == 201
     r = c.post(
         "/v1/transaction",
         json={
@@ -25,29 +25,92 @@ def _seed_a(api: Api, h: dict[str, str]) -> dict[str, str]:
     )
     assert r.status_code == 200, r.text
     made = c.post("/v1/keys", json={"scopes": ["read"], "name": MARK}, headers=h).json()
-    return {"key_id": made["id"]}
+    ok = {200, 201}
+    assert c.put("/v1/docs/secret-doc", json={"mark": MARK}, headers=h).status_code in ok
+    tx = c.post("/v1/docs/transaction", json={"ops": [{"op": "put", "key": "tx-doc", "value": MARK}]}, headers=h)
+    assert tx.status_code == 200, tx.text
+    assert (
+        c.post("/v1/streams/orders:1/events", json={"events": [{"type": "made", "data": MARK}]}, headers=h).status_code
+        == 201
+    )
+    assert c.post("/v1/cases", json={"case_id": "secret-case", "ctx": {"mark": MARK}}, headers=h).status_code == 201
+    r = c.post(
+        "/v1/cases/secret-case/commit", json={"mutations": [{"type": "set_ctx", "key": "m", "value": MARK}]}, headers=h
+    )
+    assert r.status_code == 200, r.text
+    r = c.post(
+        "/v1/runs",
+        json={
+            "flow_id": "f",
+            "run_id": "secret-run",
+            "steps": [{"id": "s1", "payload": MARK}],
+            "metadata": {"m": MARK},
+        },
+        headers=h,
+    )
+    assert r.status_code == 201, r.text
+    claims = c.post("/v1/steps/claim", json={"worker_id": "w-a"}, headers=h).json()["claims"]
+    assert len(claims) == 1
+    lease = c.post("/v1/locks/secret-lock/acquire", json={"owner": MARK, "ttl": 300}, headers=h).json()
+    assert c.put("/v1/sessions/secret-session", json={"provider": MARK}, headers=h).status_code == 200
+    assert c.post("/v1/deliveries/secret-msg/attempt", json={}, headers=h).status_code == 200
+    assert c.post("/v1/limits/secret-lock/hit", json={"key": "k", "rate": 1, "per": 3600}, headers=h).json()["allowed"]
+    api.ctx.source.tenant("acme").idempotency.run("secret-doc", lambda: MARK)
+    return {
+        "key_id": made["id"],
+        "tx_id": tx.json()["id"],
+        "lease_token": claims[0]["lease_token"],
+        "lock_token": lease["token"],
+    }
 
 
 def _bodies(ids: dict[str, str]) -> dict[tuple[str, str], Any]:
     """A request body per route, aimed at tenant A's objects."""
     return {
-        ("POST", "/v1/batch/get"): {"keys": [{"namespace": "docs", "key": "secret-doc"}]},
+        ("POST", "/v1/batch/get"): {"keys": [{"namespace": "raw", "key": "secret-doc"}]},
         ("POST", "/v1/transaction"): {
-            "checks": [{"check": "version_is", "namespace": "docs", "key": "secret-doc", "version": 1}],
-            "ops": [{"op": "delete", "namespace": "docs", "key": "secret-doc"}],
+            "checks": [{"check": "version_is", "namespace": "raw", "key": "secret-doc", "version": 1}],
+            "ops": [{"op": "delete", "namespace": "raw", "key": "secret-doc"}],
         },
         ("POST", "/v1/keys"): {"scopes": ["admin"], "tenant": "acme"},
         ("PUT", "/v1/items/{namespace}/{key}"): {"overwritten": True},
+        ("PUT", "/v1/docs/{key}"): {"overwritten": True},
+        ("POST", "/v1/docs/batch-get"): {"keys": ["secret-doc", "tx-doc"]},
+        ("POST", "/v1/docs/transaction"): {"ops": [{"op": "delete", "key": "secret-doc", "expected_version": 1}]},
+        ("POST", "/v1/streams/{stream}/events"): {"events": [{"type": "x"}], "expected_seq": 1},
+        ("POST", "/v1/cases"): {"case_id": "secret-case"},
+        ("POST", "/v1/cases/{case_id}/commit"): {"mutations": [{"type": "set_ctx", "value": {}}]},
+        ("POST", "/v1/runs"): {"flow_id": "f", "run_id": "secret-run", "steps": [{"id": "s1"}]},
+        ("POST", "/v1/runs/{run_id}/cancel"): {"reason": "b"},
+        ("POST", "/v1/steps/claim"): {"worker_id": "w-b"},
+        ("POST", "/v1/runs/{run_id}/steps/{step_id}/heartbeat"): {"lease_token": ids["lease_token"]},
+        ("POST", "/v1/runs/{run_id}/steps/{step_id}/start"): {"lease_token": ids["lease_token"]},
+        ("POST", "/v1/runs/{run_id}/steps/{step_id}/complete"): {"lease_token": ids["lease_token"], "result": 1},
+        ("POST", "/v1/runs/{run_id}/steps/{step_id}/fail"): {"lease_token": ids["lease_token"], "error": "x"},
+        ("POST", "/v1/locks/{name}/acquire"): {"ttl": 5},
+        ("POST", "/v1/locks/{name}/release"): {"token": ids["lock_token"]},
+        ("POST", "/v1/locks/{name}/extend"): {"token": ids["lock_token"], "ttl": 5},
+        ("PUT", "/v1/sessions/{session_id}"): {"provider": "b"},
+        ("POST", "/v1/limits/{name}/hit"): {"key": "k", "rate": 1, "per": 3600},
     }
 
 
 def _params(ids: dict[str, str]) -> dict[str, str]:
     """A's object ids, by path parameter name. A route with a parameter not named here fails the test."""
     return {
-        "namespace": "docs",
+        "namespace": "raw",
         "key": "secret-doc",
         "stream": "orders:1",
         "key_id": ids["key_id"],
+        "tx_id": ids["tx_id"],
+        "case_id": "secret-case",
+        "run_id": "secret-run",
+        "step_id": "s1",
+        "name": "secret-lock",
+        "session_id": "secret-session",
+        "message_id": "secret-msg",
+        "seq": "1",
+        "feature": "secret-feature",
     }
 
 
@@ -82,19 +145,24 @@ def test_tenant_b_never_sees_or_changes_tenant_a(api: Api) -> None:
             tried += 1
             assert r.status_code < 500, (method, url, r.text)
             assert MARK not in r.text, (method, url, r.text)
-            if r.status_code in (403, 404):
+            if r.status_code >= 400:
                 assert set(r.json()["error"]) == {"code", "message", "details"}
-            else:  # an error may echo the id B sent; anything else must not contain A's key
-                assert ids["key_id"] not in r.text, (method, url, r.text)
-    assert tried >= 12
+            else:  # an error may echo an id B sent; an answer must hold none of A's secrets
+                for secret in ids.values():
+                    assert secret not in r.text, (method, url, r.text)
+    assert tried >= 50
     # Tenant A is exactly as it was.
     after = api.client.get("/v1/stats", headers=a).json()
     assert after == before
-    doc = api.client.get("/v1/items/docs/secret-doc", headers=a).json()
-    assert doc["value"] == {"mark": MARK}
-    assert doc["version"] == 1
+    for path in ("/v1/items/raw/secret-doc", "/v1/docs/secret-doc"):
+        doc = api.client.get(path, headers=a).json()
+        assert (doc["value"], doc["version"]) == ({"mark": MARK}, 1)
     key = api.client.get(f"/v1/keys/{ids['key_id']}", headers=a).json()
     assert key["revoked"] is False
+    step = api.client.get("/v1/runs/secret-run/steps/s1", headers=a).json()
+    assert (step["status"], step["worker_id"]) == ("assigned", "w-a")
+    assert api.client.get("/v1/locks/secret-lock", headers=a).json()["owner"] == MARK
+    assert api.client.get("/v1/cases/secret-case/verify", headers=a).json()["ok"] is True
     # And B's key, pointed at A's objects, got B's own (empty) world: e.g. A's doc is not found for B.
     assert api.client.get("/v1/items/counters/secret-doc", headers=b).status_code == 404
 

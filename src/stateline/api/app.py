@@ -167,10 +167,18 @@ def create_app(
     OTLP is configured in the environment). The app does not close ``db``.
     """
     from stateline.api import (  # noqa: PLC0415  # route modules import this module's names
+        routes_audit,
+        routes_cases,
         routes_changes,
+        routes_docs,
+        routes_gates,
         routes_keys,
+        routes_locks,
         routes_ops,
+        routes_runs,
+        routes_runtime,
         routes_store,
+        routes_streams,
     )
 
     ctx = ApiContext(db, settings or ApiSettings(), registry, tracer_provider)
@@ -194,26 +202,26 @@ def create_app(
     )
     app.state.stateline = ctx
     install_error_handlers(app)
-    for module in (routes_ops, routes_keys, routes_store, routes_changes):
+    for module in (
+        routes_ops,
+        routes_keys,
+        routes_store,
+        routes_changes,
+        routes_docs,
+        routes_streams,
+        routes_cases,
+        routes_runs,
+        routes_runtime,
+        routes_locks,
+        routes_audit,
+        routes_gates,
+    ):
         app.include_router(module.router)
-    _include_layer_routes(app)
     if ctx.settings.ui and UI_DIR.is_dir():
         app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
     app.add_middleware(ServiceMiddleware, ctx=ctx)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
-
-
-def _include_layer_routes(app: FastAPI) -> None:
-    """Routes of the layers (each module is present once its layer is)."""
-    import importlib  # noqa: PLC0415
-
-    for name in ("routes_layers",):
-        try:
-            module = importlib.import_module(f"stateline.api.{name}")
-        except ModuleNotFoundError:
-            continue
-        app.include_router(module.router)
 
 
 def _version() -> str:

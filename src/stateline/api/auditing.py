@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -41,3 +42,20 @@ class ApiAuditor:
     def record(self, tenant: str, entry: AuditEntry) -> None:
         """Record ``entry`` for ``tenant``; raises if the audit log cannot be written."""
         _log.info("audit", extra={"audit": asdict(entry), "tenant": tenant})
+        details = {"method": entry.method, "path": entry.path, "status": entry.status, **entry.details}
+        ip = entry.ip
+        if ip is not None:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                details["client"] = ip  # e.g. a unix socket peer: kept, but not as an IP
+                ip = None
+        self.db.tenant(tenant).audit.log(
+            f"key:{entry.key_id}",
+            entry.action,
+            entry.resource_type,
+            entry.resource_id or None,
+            details,
+            ip,
+            entry.trace_id,
+        )

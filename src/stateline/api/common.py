@@ -105,9 +105,13 @@ async def read_json(request: Request) -> Any:
         raise InvalidArgument("body", f"not valid JSON ({exc.msg} at position {exc.pos})") from None
 
 
-async def parse_body(request: Request, model: type[M]) -> M:
-    """Validate the request body against ``model`` (pydantic, from JSON); errors are 400 with every problem."""
+async def parse_body(request: Request, model: type[M], *, optional: bool = False) -> M:
+    """Validate the request body against ``model`` (pydantic, from JSON); errors are 400 with every problem.
+
+    With ``optional``, an empty body means the model's defaults."""
     body = await request.body()
+    if optional and not body.strip():
+        body = b"{}"
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:

@@ -1,0 +1,97 @@
+"""Lock routes: acquire (lease with a fencing token), extend, release by token, state, deadlocks."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+from starlette.responses import Response
+
+from stateline.api.common import ApiModel, Caller, json_response, parse_body
+from stateline.api.errors import responses
+from stateline.locks import Lease, LockState, WaitFor
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1", tags=["locks"])
+
+LAYER = "locks"
+
+
+class AcquireIn(ApiModel):
+    """Take the lock for ``ttl`` seconds, waiting up to ``wait`` seconds (409 if still held)."""
+
+    owner: str | None = None
+    ttl: float = Field(default=30.0, gt=0)
+    wait: float = Field(default=0.0, ge=0, le=30)
+
+
+class TokenIn(ApiModel):
+    """The lease's token (from acquire)."""
+
+    token: str
+
+
+class ExtendIn(ApiModel):
+    """Extend the lease to ``ttl`` seconds from now."""
+
+    token: str
+    ttl: float = Field(gt=0)
+
+
+class Released(BaseModel):
+    """The lock was released."""
+
+    name: str
+    released: bool
+
+
+class Deadlocks(BaseModel):
+    """Cycles in the wait-for graph, and every current wait."""
+
+    deadlocks: list[list[WaitFor]]
+    waits: list[WaitFor]
+
+
+@router.post("/locks/{name}/acquire", response_model=Lease, responses=responses(409), name="locks.acquire")
+async def acquire(request: Request, name: str) -> Response:
+    """Acquire a lease; its ``fencing_token`` only ever increases, its ``token`` releases or extends it."""
+    caller = Caller.of(request, LAYER, "write")
+    body = await parse_body(request, AcquireIn, optional=True)
+    lease = await caller.run(caller.tenant.locks.acquire, name, body.owner, body.ttl, body.wait)
+    return json_response(lease)
+
+
+@router.post("/locks/{name}/extend", response_model=Lease, responses=responses(409), name="locks.extend")
+async def extend(request: Request, name: str) -> Response:
+    """Extend a current lease (a stale token is 409)."""
+    caller = Caller.of(request, LAYER, "write")
+    body = await parse_body(request, ExtendIn)
+    return json_response(await caller.run(caller.tenant.locks.extend, name, body.ttl, body.token))
+
+
+@router.post("/locks/{name}/release", response_model=Released, responses=responses(409), name="locks.release")
+async def release(request: Request, name: str) -> Response:
+    """Release a lease by its token (a stale token is 409)."""
+    caller = Caller.of(request, LAYER, "write")
+    body = await parse_body(request, TokenIn)
+    await caller.run(caller.tenant.locks.release, name, body.token)
+    return json_response({"name": name, "released": True})
+
+
+@router.get("/locks/{name}", response_model=LockState, responses=responses(), name="locks.state")
+async def state(request: Request, name: str) -> Response:
+    """Who holds the lock and until when (never the lease token)."""
+    caller = Caller.of(request, LAYER, "read")
+    return json_response(await caller.run(caller.tenant.locks.state, name))
+
+
+@router.get("/deadlocks", response_model=Deadlocks, responses=responses(), name="locks.deadlocks")
+async def deadlocks(request: Request) -> Response:
+    """Deadlocks (cycles of waiters) and the wait-for graph."""
+    caller = Caller.of(request, LAYER, "read")
+
+    def run() -> dict[str, object]:
+        locks = caller.tenant.locks
+        return {"deadlocks": locks.deadlocks(), "waits": locks.waits()}
+
+    return json_response(await caller.run(run))
