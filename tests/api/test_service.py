@@ -157,16 +157,20 @@ def test_changes_long_poll_filters_and_resumes(api: Api) -> None:
         headers=h,
     )
     page = c.get("/v1/changes", params={"after": 0}, headers=h).json()
-    assert [ch["revision"] for ch in page["changes"]] == [1, 2, 3]
-    page = c.get("/v1/changes", params={"after": 0, "namespace": "other"}, headers=h).json()
-    assert [ch["revision"] for ch in page["changes"]] == [2]
-    assert page["next"] == 3
-    page = c.get("/v1/changes", params={"after": 0, "run": "r1"}, headers=h).json()
-    assert [ch["ops"][0]["stream"] for ch in page["changes"]] == ["runs:r1:steps"]
-    page = c.get("/v1/changes", params={"after": 1, "limit": 1}, headers=h).json()
-    assert ([ch["revision"] for ch in page["changes"]], page["next"]) == ([2], 2)
-    empty = c.get("/v1/changes", params={"after": 3, "wait": 0}, headers=h).json()
-    assert empty == {"changes": [], "next": 3}
+    revisions = [ch["revision"] for ch in page["changes"]]
+    assert revisions == list(range(1, len(revisions) + 1))  # in order, no gaps (API writes and their audit)
+    assert page["next"] == revisions[-1]
+    touched = [(o.get("namespace") or o.get("stream")) for ch in page["changes"] for o in ch["ops"]]
+    assert [t for t in touched if not t.startswith("audit")] == ["docs", "other", "runs:r1:steps"]
+    other = c.get("/v1/changes", params={"after": 0, "namespace": "other"}, headers=h).json()
+    assert [o["key"] for ch in other["changes"] for o in ch["ops"]] == ["b"]
+    assert other["next"] == revisions[-1]  # the cursor moved past what the filter skipped
+    run = c.get("/v1/changes", params={"after": 0, "run": "r1"}, headers=h).json()
+    assert [ch["ops"][0]["stream"] for ch in run["changes"]] == ["runs:r1:steps"]
+    one = c.get("/v1/changes", params={"after": 1, "limit": 1}, headers=h).json()
+    assert ([ch["revision"] for ch in one["changes"]], one["next"]) == ([2], 2)
+    end = revisions[-1]
+    assert c.get("/v1/changes", params={"after": end, "wait": 0}, headers=h).json() == {"changes": [], "next": end}
 
 
 def test_long_poll_wakes_on_a_commit(api: Api) -> None:
@@ -202,13 +206,15 @@ def test_sse_watch_sends_changes_in_order_and_resumes(api: Api) -> None:
     c, h = api.client, api.key("acme")
     for i in range(3):
         c.put(f"/v1/items/docs/k{i}", json=i, headers=h)
-    r = c.get("/v1/watch", params={"after": 0, "limit": 2}, headers=h)
+    r = c.get("/v1/watch", params={"after": 0, "limit": 2, "namespace": "docs"}, headers=h)
     assert r.headers["content-type"].startswith("text/event-stream")
     events = _sse(r.text)
-    assert [e["id"] for e in events] == ["1", "2"]
-    assert orjson.loads(events[0]["data"])["ops"][0]["key"] == "k0"
-    r = c.get("/v1/watch", params={"limit": 1}, headers={**h, "Last-Event-ID": events[-1]["id"]})
-    assert [e["id"] for e in _sse(r.text)] == ["3"]
+    assert [orjson.loads(e["data"])["ops"][0]["key"] for e in events] == ["k0", "k1"]
+    assert int(events[0]["id"]) < int(events[1]["id"])
+    r = c.get("/v1/watch", params={"limit": 1, "namespace": "docs"}, headers={**h, "Last-Event-ID": events[-1]["id"]})
+    assert [orjson.loads(e["data"])["ops"][0]["key"] for e in _sse(r.text)] == ["k2"]
+    everything = _sse(c.get("/v1/watch", params={"after": 0, "limit": 6}, headers=h).text)
+    assert [int(e["id"]) for e in everything] == [1, 2, 3, 4, 5, 6]
     assert c.get("/v1/watch", headers={**h, "Last-Event-ID": "x"}).status_code == 400
 
 
