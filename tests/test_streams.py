@@ -584,3 +584,16 @@ def test_cleanup_for_one_projection_respects_only_its_snapshots(tenant: Tenant, 
     assert [i.kind for i in s.check("s", LOG).issues] == ["history_missing"]
     with pytest.raises(InvalidArgument):
         s.cleanup("s", clock.now_us(), projection=3)  # type: ignore[arg-type]
+
+
+def test_reducer_sees_pending_events_as_a_replay_does(tenant: Tenant) -> None:
+    def kinds(state: list[str], e: Event) -> list[str]:
+        state.append(type(e.data).__name__)
+        return state
+
+    proj = Projection([], kinds, name="kinds")
+    s = _streams(tenant, every=2)
+    s.append("s", [NewEvent("t", (1, 2)), NewEvent("t", (3,))], projection=proj)  # tuples are stored as lists
+    report = s.check("s", proj)
+    assert report.ok, report.issues
+    assert s.load("s", proj) == ["list", "list"] == s.replay("s", proj)

@@ -459,8 +459,18 @@ class Streams:
                 failure = CheckFailure(StreamAt(sname, last), found)
                 raise Conflict(f"stream {stream!r}: expected seq {last}, found {found}", failures=[failure]) from None
             raise
+        # the reducer sees the events as a replay will: decoded from JSON, not the caller's objects
         pending = (
-            Event(sname, last + 1 + i, e.type, e.data, e.meta or {}, 0, 0) for i, e in enumerate(new[: snap_seq - last])
+            Event(
+                sname,
+                last + 1 + i,
+                e.type,
+                _json_copy(e.data, f"events[{i}].data"),
+                _json_copy(e.meta or {}, f"events[{i}].meta"),
+                0,
+                0,
+            )
+            for i, e in enumerate(new[: snap_seq - last])
         )
         state = _reduce(proj, state, pending)
         key = self._snap_prefix(stream, proj.name) + f"{snap_seq:0{_SEQ_DIGITS}d}"
