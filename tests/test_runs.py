@@ -594,3 +594,19 @@ def test_claimers_racing_for_one_step_get_it_once(backend: Backend, tenant: Tena
         for th in threads:
             th.join()
         assert len(winners) == 1
+
+
+def test_holder_may_use_several_handles(backend: Backend, tenant: Tenant, clock: FakeClock) -> None:
+    other = Database(backend.open()).tenant("acme").runs
+    assert other is not tenant.runs
+    tenant.runs.create("f", [StepSpec("a")], run_id="r")
+    (c,) = tenant.runs.claim("w", lease=10)
+    clock.advance(5)
+    other.heartbeat(c, c.lease_token)  # the step changed behind the first handle's back
+    other.start(c, c.lease_token)
+    clock.advance(8)  # past the first lease, within the extended one
+    done = tenant.runs.complete(c, c.lease_token, "ok")
+    assert (done.status, done.result) == ("completed", "ok")
+    with pytest.raises(Conflict) as info:
+        other.complete(c, c.lease_token, "again")
+    assert (info.value.details["from"], info.value.details["to"]) == ("completed", "completed")

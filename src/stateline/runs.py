@@ -9,6 +9,7 @@ import re
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -86,6 +87,7 @@ MAX_STEPS_PER_RUN = 2000
 MAX_LEASE_SECONDS = 7 * 86400.0
 MAX_CLAIM_LIMIT = 1000
 _KINDS_CACHE_SECONDS = 1.0
+_HELD_MAX = 10_000
 _MAX_RETRIES = 200  # bounded re-tries of a commit that lost a race on an item other than the caller's step
 
 # ---------------------------------------------------------------- statuses and transitions
@@ -440,6 +442,27 @@ class Runs:
         self._kinds: list[str] = []
         self._kinds_at = -math.inf
         self._kinds_lock = threading.Lock()
+        # lease token -> (step doc, version) as this handle last wrote it: the holder's next call
+        # commits against that version without reading it again (a stale entry only costs a retry)
+        self._held: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()
+        self._held_lock = threading.Lock()
+
+    def _remember(self, token: str, doc: dict[str, Any], version: int) -> None:
+        with self._held_lock:
+            self._held[token] = (doc, version)
+            if len(self._held) > _HELD_MAX:
+                self._held.popitem(last=False)
+
+    def _recall(self, token: str, skey: str) -> tuple[dict[str, Any], int] | None:
+        with self._held_lock:
+            hit = self._held.get(token)
+        if hit is None or f"{hit[0]['run_id']}/{hit[0]['step_id']}" != skey:
+            return None
+        return dict(hit[0]), hit[1]
+
+    def _forget(self, token: str) -> None:
+        with self._held_lock:
+            self._held.pop(token, None)
 
     # ------------------------------------------------------------ events
 
@@ -705,7 +728,7 @@ class Runs:
             if not kind_list:
                 return []
         out: list[Claim] = []
-        window = max(32, 4 * limit)
+        window = 16 + 4 * limit
         tried: set[str] = set()
         for _round in range(8):
             now = self.store.clock.now_us()
@@ -778,7 +801,7 @@ class Runs:
             if expired and doc["attempts"] >= doc["max_attempts"]:
                 self._terminal(
                     plan,
-                    step_item,
+                    step_item.version,
                     doc,
                     "dead",
                     now,
@@ -846,9 +869,10 @@ class Runs:
         if run["status"] == "pending":
             self._run_transition(plan, run_item, "running", now)
         try:
-            self._commit(plan, run_id, doc["trace_id"])
+            commit = self._commit(plan, run_id, doc["trace_id"])
         except Conflict:
             return None
+        self._remember(token, doc, commit.versions[(NS_STEPS, skey)])
         return Claim(
             run_id,
             step_id,
@@ -866,14 +890,31 @@ class Runs:
 
     # ------------------------------------------------------------ worker calls
 
-    def _leased(self, step: object, token: object, to: str | None) -> tuple[str, str, Item, dict[str, Any], int]:
+    def _leased(
+        self, step: object, token: object, to: str | None, *, cached: bool = True
+    ) -> tuple[str, str, int, dict[str, Any], int, bool]:
         run_id, step_id = _step_ref(step)
         token = _check_token(token)
         skey = f"{run_id}/{step_id}"
-        item = self.store.get(self.tenant, NS_STEPS, skey)
-        if item is None:
-            raise NotFound(f"no step {skey}")
-        doc = dict(item.value)
+        hit = self._recall(token, skey) if cached else None
+        if hit is not None:
+            doc, version = hit
+        else:
+            item = self.store.get(self.tenant, NS_STEPS, skey)
+            if item is None:
+                raise NotFound(f"no step {skey}")
+            doc, version = dict(item.value), item.version
+        if hit is not None:
+            try:
+                return (*self._check_leased(run_id, step_id, skey, version, doc, token, to), True)
+            except Conflict:
+                self._forget(token)  # refuse only on what is stored now, not on this handle's memory
+                return self._leased(step, token, to, cached=False)
+        return (*self._check_leased(run_id, step_id, skey, version, doc, token, to), False)
+
+    def _check_leased(
+        self, run_id: str, step_id: str, skey: str, version: int, doc: dict[str, Any], token: str, to: str | None
+    ) -> tuple[str, str, int, dict[str, Any], int]:
         if to is not None:
             _require_step(f"step {skey}", doc["status"], to)
         elif doc["status"] not in ("assigned", "running"):
@@ -892,7 +933,7 @@ class Runs:
                 f"step {skey}: the lease expired",
                 details={"reason": "lease_expired", "run_id": run_id, "step_id": step_id},
             )
-        return run_id, skey, item, doc, now
+        return run_id, skey, version, doc, now
 
     def heartbeat(self, step: StepRef, lease_token: str, lease: float | None = None) -> Heartbeat:
         """Extend the lease of a step you hold by ``lease`` seconds (default: the claim's lease).
@@ -902,26 +943,42 @@ class Runs:
         """
         if lease is not None:
             lease = _check_seconds(lease, "lease", maximum=MAX_LEASE_SECONDS, positive=True)
-        run_id, skey, item, doc, now = self._leased(step, lease_token, None)
-        run_item = self.store.get(self.tenant, NS_RUNS, run_id)
-        assert run_item is not None
-        plan = _Plan()
-        if run_item.value["status"] == "cancelled":
-            plan.checks.append(VersionIs(NS_RUNS, run_id, run_item.version))
-            self._cancel_step_ops(plan, doc, now, skey, item.version)
-            self._commit_owned(plan, run_id, doc, skey)
-            return Heartbeat(now, True)
-        expires = now + round((lease if lease is not None else doc["lease_seconds"]) * 1_000_000)
-        new_due = _due_key(doc["kind"], expires, doc["run_id"], doc["step_id"])
-        plan.checks.append(VersionIs(NS_STEPS, skey, item.version))
-        if doc["due_key"] != new_due:
-            plan.ops += [Delete(NS_READY, doc["due_key"]), Put(NS_READY, new_due, 1)]
-        doc.update(lease_expires_at=expires, due_key=new_due, updated_at=now)
-        if lease is not None:
-            doc["lease_seconds"] = lease
-        plan.ops.append(Put(NS_STEPS, skey, doc))
-        self._commit_owned(plan, run_id, doc, skey)
-        return Heartbeat(expires, False)
+        for cached in (True, False):
+            run_id, skey, version, doc, now, hit = self._leased(step, lease_token, None, cached=cached)
+            run_item = self.store.get(self.tenant, NS_RUNS, run_id)
+            assert run_item is not None
+            plan = _Plan()
+            if run_item.value["status"] == "cancelled":
+                plan.checks.append(VersionIs(NS_RUNS, run_id, run_item.version))
+                self._cancel_step_ops(plan, doc, now, skey, version)
+                try:
+                    self._commit_owned(plan, run_id, doc, skey)
+                except Conflict:
+                    if hit:
+                        continue
+                    raise
+                finally:
+                    self._forget(lease_token)
+                return Heartbeat(now, True)
+            expires = now + round((lease if lease is not None else doc["lease_seconds"]) * 1_000_000)
+            new_due = _due_key(doc["kind"], expires, doc["run_id"], doc["step_id"])
+            plan.checks.append(VersionIs(NS_STEPS, skey, version))
+            if doc["due_key"] != new_due:
+                plan.ops += [Delete(NS_READY, doc["due_key"]), Put(NS_READY, new_due, 1)]
+            doc.update(lease_expires_at=expires, due_key=new_due, updated_at=now)
+            if lease is not None:
+                doc["lease_seconds"] = lease
+            plan.ops.append(Put(NS_STEPS, skey, doc))
+            try:
+                commit = self._commit_owned(plan, run_id, doc, skey)
+            except Conflict:
+                self._forget(lease_token)
+                if hit:
+                    continue
+                raise
+            self._remember(lease_token, doc, commit.versions[(NS_STEPS, skey)])
+            return Heartbeat(expires, False)
+        raise AssertionError("unreachable")
 
     def _commit_owned(self, plan: _Plan, run_id: str, doc: Mapping[str, Any], skey: str) -> Commit:
         try:
@@ -934,20 +991,30 @@ class Runs:
 
     def start(self, step: StepRef, lease_token: str) -> Step:
         """Mark a step you hold as running (``assigned -> running``)."""
-        run_id, skey, item, doc, now = self._leased(step, lease_token, "running")
-        plan = _Plan()
-        plan.checks.append(VersionIs(NS_STEPS, skey, item.version))
-        doc.update(status="running", started_at=now, updated_at=now)
-        plan.ops.append(Put(NS_STEPS, skey, doc))
-        plan.events.append(
-            self._event(
-                "step.running",
-                doc,
-                {"from": "assigned", "to": "running", "at": now, "assignment_id": doc["assignment_id"]},
+        for cached in (True, False):
+            run_id, skey, version, doc, now, hit = self._leased(step, lease_token, "running", cached=cached)
+            plan = _Plan()
+            plan.checks.append(VersionIs(NS_STEPS, skey, version))
+            doc.update(status="running", started_at=now, updated_at=now)
+            plan.ops.append(Put(NS_STEPS, skey, doc))
+            plan.events.append(
+                self._event(
+                    "step.running",
+                    doc,
+                    {"from": "assigned", "to": "running", "at": now, "assignment_id": doc["assignment_id"]},
+                )
             )
-        )
-        commit = self._commit_owned(plan, run_id, doc, skey)
-        return self._step_from(doc, commit.versions[(NS_STEPS, skey)], False)
+            try:
+                commit = self._commit_owned(plan, run_id, doc, skey)
+            except Conflict:
+                self._forget(lease_token)
+                if hit:
+                    continue
+                raise
+            version = commit.versions[(NS_STEPS, skey)]
+            self._remember(lease_token, doc, version)
+            return self._step_from(doc, version, False)
+        raise AssertionError("unreachable")
 
     def complete(
         self,
@@ -966,8 +1033,10 @@ class Runs:
         _check_json(result, "result")
         metered = None if usage is None else _check_usage(usage)
         run_id, step_id = _step_ref(step)
-        for _ in range(_MAX_RETRIES):
-            run_id, skey, item, doc, now = self._leased((run_id, step_id), lease_token, "completed")
+        for attempt in range(_MAX_RETRIES):
+            run_id, skey, version, doc, now, _hit = self._leased(
+                (run_id, step_id), lease_token, "completed", cached=attempt == 0
+            )
             plan = _Plan()
             fields: dict[str, Any] = {"result": result, "error": None, "completed_at": now}
             if metered is not None:
@@ -979,7 +1048,7 @@ class Runs:
                         {"run_id": run_id, "step_id": step_id, "flow_id": doc["flow_id"], "at": now, **fields["usage"]},
                     )
                 )
-            self._terminal(plan, item, doc, "completed", now, fields)
+            self._terminal(plan, version, doc, "completed", now, fields)
             if metered is not None:
                 plan.events.append(
                     self._event(
@@ -993,6 +1062,7 @@ class Runs:
                 commit = self._commit(plan, run_id, doc["trace_id"])
             except Conflict:
                 continue  # a dependent or the run changed (or the step: the next read refuses)
+            self._forget(lease_token)
             self._after_settle(commit, doc)
             return self._step_from(doc, commit.versions[(NS_STEPS, skey)], False)
         raise Conflict(f"step {run_id}/{step_id}: too much contention, gave up", details={"reason": "contention"})
@@ -1011,14 +1081,16 @@ class Runs:
         if type(retryable) is not bool:
             raise InvalidArgument("retryable", "must be a bool")
         run_id, step_id = _step_ref(step)
-        for _ in range(_MAX_RETRIES):
-            run_id, skey, item, doc, now = self._leased((run_id, step_id), lease_token, "retrying")
+        for attempt in range(_MAX_RETRIES):
+            run_id, skey, version, doc, now, _hit = self._leased(
+                (run_id, step_id), lease_token, "retrying", cached=attempt == 0
+            )
             plan = _Plan()
             if retryable and doc["attempts"] < doc["max_attempts"]:
                 policy = RetryPolicy.from_json(doc["retry"])
                 retry_at = now + round(policy.delay(doc["attempts"]) * 1_000_000)
                 new_due = _due_key(doc["kind"], retry_at, run_id, step_id)
-                plan.checks.append(VersionIs(NS_STEPS, skey, item.version))
+                plan.checks.append(VersionIs(NS_STEPS, skey, version))
                 plan.ops += [Delete(NS_READY, doc["due_key"]), Put(NS_READY, new_due, 1)]
                 frm = doc["status"]
                 doc.update(
@@ -1035,14 +1107,19 @@ class Runs:
                     self._end_event("step.retrying", doc, "retrying", "error", now, None, error, frm=frm)
                 )
                 plan.events[-1].data["retry_at"] = retry_at
-                commit = self._commit_owned(plan, run_id, doc, skey)
+                try:
+                    commit = self._commit(plan, run_id, doc["trace_id"])
+                except Conflict:
+                    continue
+                self._forget(lease_token)
                 return self._step_from(doc, commit.versions[(NS_STEPS, skey)], False)
             to = "dead" if retryable else "failed"
-            self._terminal(plan, item, doc, to, now, {"error": error, "retry_at": None})
+            self._terminal(plan, version, doc, to, now, {"error": error, "retry_at": None})
             try:
                 commit = self._commit(plan, run_id, doc["trace_id"])
             except Conflict:
                 continue
+            self._forget(lease_token)
             self._after_settle(commit, doc)
             return self._step_from(doc, commit.versions[(NS_STEPS, skey)], False)
         raise Conflict(f"step {run_id}/{step_id}: too much contention, gave up", details={"reason": "contention"})
@@ -1081,7 +1158,7 @@ class Runs:
     def _terminal(
         self,
         plan: _Plan,
-        item: Item,
+        version: int,
         doc: dict[str, Any],
         to: str,
         now: int,
@@ -1096,7 +1173,7 @@ class Runs:
         skey = f"{doc['run_id']}/{doc['step_id']}"
         _require_step(f"step {skey}", doc["status"], to)
         if not checked:
-            plan.checks.append(VersionIs(NS_STEPS, skey, item.version))
+            plan.checks.append(VersionIs(NS_STEPS, skey, version))
         if doc["due_key"]:
             plan.ops.append(Delete(NS_READY, doc["due_key"]))
         settles = to == "completed" or doc["optional"]

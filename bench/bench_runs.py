@@ -1,0 +1,366 @@
+"""Runs: claim+complete cycles per second beside the adapter's single-put commit rate, and 10-step
+workflows beside DBOS Transact on the same database at the same durability.
+
+Run: ``python bench/bench_runs.py`` (``--quick`` for a run well under a minute; ``--backends
+sqlite,postgresql``; ``--no-dbos`` to skip the peer). Needs ``pip install dbos`` for the peer.
+
+What it measures, each figure the median of several rounds, the rounds of compared systems
+alternating so that a busy machine hurts both alike:
+
+* single-put commits per second of the adapter, with 1 thread and with 8 threads (group commit
+  helps the 8-thread figure, so the cycle rate below is compared with it, like with like).
+* claim+complete cycles per second with 8 worker threads draining independent ready steps;
+  "cost" is how many single-put commits one cycle is worth (target: at most 3).
+* a workflow of 10 sequential steps (each step depends on the one before), run one at a time
+  and 8 at a time: stateline's ``complete`` (recording a step's completion) and its whole
+  claim+complete cycle per step, beside DBOS Transact running a ``@DBOS.workflow`` of 10
+  ``@DBOS.step`` calls on the same database (a fresh SQLite file in WAL mode with
+  ``synchronous=FULL``, like stateline's default; or PostgreSQL with its default durable commits),
+  in a child process. DBOS's figure per step is its workflow's wall time over 10.
+  Target: stateline records a step's completion at least 5x faster per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from stateline import Database, Put, open_store
+from stateline.runs import Runs, StepSpec
+
+TENANT = "bench"
+PG_BASE = "postgresql://postgres@127.0.0.1:5432/test"
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+# ---------------------------------------------------------------- backends
+
+
+class Backend:
+    """A fresh keyspace of one adapter per measurement, removed afterwards."""
+
+    def __init__(self, kind: str, directory: Path) -> None:
+        self.kind = kind
+        self.directory = directory
+        self.made: list[str] = []
+
+    def url(self) -> str:
+        tag = uuid.uuid4().hex[:10]
+        if self.kind == "sqlite":
+            return f"sqlite:///{self.directory / f'runs-{tag}.db'}"
+        schema = f"sl_bench_runs_{tag}"
+        self.made.append(schema)
+        return f"{PG_BASE}?schema={schema}"
+
+    def cleanup(self) -> None:
+        if self.kind == "postgresql" and self.made:
+            import psycopg
+
+            with psycopg.connect(PG_BASE, autocommit=True) as conn:
+                for schema in self.made:
+                    conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            self.made.clear()
+
+    def dbos_url(self) -> str:
+        tag = uuid.uuid4().hex[:10]
+        if self.kind == "sqlite":
+            path = self.directory / f"dbos-{tag}.sqlite"
+            with sqlite3.connect(path) as conn:  # WAL is a property of the file: same journal as stateline
+                conn.execute("PRAGMA journal_mode=WAL")
+            return f"sqlite:///{path}"
+        return f"postgresql://postgres@127.0.0.1:5432/sl_dbos_bench_{tag}"
+
+    def drop_dbos(self, url: str) -> None:
+        if self.kind == "postgresql":
+            import psycopg
+
+            name = url.rsplit("/", 1)[1]
+            with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def threaded(n: int, fn: Callable[[int], None]) -> float:
+    """Run ``fn(i)`` on ``n`` threads started together; returns the wall time."""
+    barrier = threading.Barrier(n + 1)
+    errors: list[BaseException] = []
+
+    def body(i: int) -> None:
+        barrier.wait()
+        try:
+            fn(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- stateline measurements
+
+
+def single_put_rate(url: str, n: int, threads: int) -> float:
+    store = open_store(url)
+    try:
+        store.commit(TENANT, (), (Put("bench", "warm", 0),))
+        per = max(1, n // threads)
+
+        def work(i: int) -> None:
+            for j in range(per):
+                store.commit(TENANT, (), (Put("bench", f"k{i}-{j % 100}", {"i": j}),))
+
+        return threads * per / threaded(threads, work)
+    finally:
+        store.close()
+
+
+def cycle_rate(url: str, steps: int, workers: int) -> tuple[float, int]:
+    """claim+complete cycles/s with ``workers`` threads; returns (rate, cycles done)."""
+    store = open_store(url)
+    try:
+        runs = Database(store).tenant(TENANT).runs
+        per_run = 50
+        for i in range(0, steps, per_run):
+            runs.create("bench", [StepSpec(f"s{j:03d}") for j in range(min(per_run, steps - i))])
+        done = [0] * workers
+
+        def work(i: int) -> None:
+            idle = 0
+            while idle < 2:
+                got = runs.claim(f"w{i}", lease=300)
+                if not got:
+                    idle += 1
+                    continue
+                idle = 0
+                for c in got:
+                    runs.complete(c, c.lease_token, {"ok": True})
+                    done[i] += 1
+
+        elapsed = threaded(workers, work)
+        assert sum(done) == steps, (sum(done), steps)
+        return sum(done) / elapsed, sum(done)
+    finally:
+        store.close()
+
+
+def chain(n: int = 10, kind: str = "default") -> list[StepSpec]:
+    return [StepSpec(f"s{i}", kind=kind, depends_on=[f"s{i - 1}"] if i else []) for i in range(n)]
+
+
+def workflows(url: str, count: int, concurrency: int) -> dict[str, float]:
+    """``count`` runs of 10 chained steps, ``concurrency`` at a time, each driven by one worker.
+
+    Returns ms per step for the whole workflow (create + 10 claim/complete cycles, wall time over
+    steps) and the median latency of ``complete`` alone."""
+    store = open_store(url)
+    try:
+        runs: Runs = Database(store).tenant(TENANT).runs
+        runs.create("warm", chain(2))
+        completes: list[float] = []
+        per = max(1, count // concurrency)
+
+        def work(i: int) -> None:
+            mine: list[float] = []
+            for _ in range(per):
+                # each worker drives its own workflow: its steps are of a kind only it claims
+                run = runs.create("wf", chain(10, kind=f"k{i}"))
+                for step_id in run.step_ids:
+                    (c,) = runs.claim(f"w{i}", lease=300, kinds=[f"k{i}"])
+                    assert (c.run_id, c.step_id) == (run.run_id, step_id)
+                    t = time.perf_counter()
+                    runs.complete(c, c.lease_token, {"step": step_id})
+                    mine.append(time.perf_counter() - t)
+            completes.extend(mine)
+
+        elapsed = threaded(concurrency, work)
+        steps = per * concurrency * 10
+        return {"wall_ms_per_step": elapsed / steps * 1000, "complete_ms": statistics.median(completes) * 1000}
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------- DBOS (in a child process)
+
+DBOS_CHILD = r"""
+import json, os, sys, threading, time, logging
+from dbos import DBOS
+url, count, concurrency = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+DBOS(config={"name": "slbench", "system_database_url": url, "log_level": "WARNING"})
+logging.getLogger("dbos").setLevel(logging.WARNING)
+
+@DBOS.step()
+def step(i):
+    return {"step": i}
+
+@DBOS.workflow()
+def flow(n):
+    out = []
+    for i in range(n):
+        out.append(step(i))
+    return len(out)
+
+DBOS.launch()
+flow(2)  # warm up
+per = max(1, count // concurrency)
+barrier = threading.Barrier(concurrency + 1)
+def work():
+    barrier.wait()
+    for _ in range(per):
+        assert flow(10) == 10
+threads = [threading.Thread(target=work) for _ in range(concurrency)]
+for t in threads:
+    t.start()
+barrier.wait()
+start = time.perf_counter()
+for t in threads:
+    t.join()
+elapsed = time.perf_counter() - start
+print(json.dumps({"wall_ms_per_step": elapsed / (per * concurrency * 10) * 1000}))
+DBOS.destroy()
+"""
+
+
+def dbos_workflows(backend: Backend, count: int, concurrency: int) -> dict[str, float] | str:
+    url = backend.dbos_url()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", DBOS_CHILD, url, str(count), str(concurrency)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        if proc.returncode != 0:
+            return f"DBOS failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+        result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
+        return result
+    finally:
+        backend.drop_dbos(url)
+
+
+def dbos_available() -> str | None:
+    try:
+        import dbos  # noqa: F401
+    except ImportError as exc:
+        return f"dbos is not installed ({exc}); pip install dbos"
+    return None
+
+
+# ---------------------------------------------------------------- main
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def run_backend(kind: str, directory: Path, args: argparse.Namespace, with_dbos: bool) -> None:
+    b = Backend(kind, directory)
+    q = args.quick
+    rounds = 3 if q else 5
+    puts = 200 if q else 1000
+    steps = 200 if q else 1000
+    wf_seq = 3 if q else 10
+    wf_par = 8 if q else 32
+    figures: dict[str, list[float]] = {}
+    notes: list[str] = []
+
+    def add(name: str, value: float) -> None:
+        figures.setdefault(name, []).append(value)
+
+    try:
+        for r in range(rounds):
+            add("put1", single_put_rate(b.url(), puts, 1))
+            add("put8", single_put_rate(b.url(), puts, 8))
+            rate, _ = cycle_rate(b.url(), steps, 8)
+            add("cycle8", rate)
+            b.cleanup()
+            order = ("stateline", "dbos") if r % 2 == 0 else ("dbos", "stateline")
+            for who in order:
+                if who == "stateline":
+                    s1 = workflows(b.url(), wf_seq, 1)
+                    s8 = workflows(b.url(), wf_par, 8)
+                    add("sl_wall1", s1["wall_ms_per_step"])
+                    add("sl_complete1", s1["complete_ms"])
+                    add("sl_wall8", s8["wall_ms_per_step"])
+                    add("sl_complete8", s8["complete_ms"])
+                    b.cleanup()
+                elif with_dbos:
+                    d1 = dbos_workflows(b, wf_seq, 1)
+                    d8 = dbos_workflows(b, wf_par, 8)
+                    if isinstance(d1, str) or isinstance(d8, str):
+                        notes.append(str(d1 if isinstance(d1, str) else d8))
+                        with_dbos = False
+                        continue
+                    add("dbos_wall1", d1["wall_ms_per_step"])
+                    add("dbos_wall8", d8["wall_ms_per_step"])
+    finally:
+        b.cleanup()
+
+    m = {k: med(v) for k, v in figures.items()}
+    print(f"\n== {kind} ({rounds} rounds, medians) ==")
+    print(f"single-put commits/s: {m['put1']:9.0f} (1 thread)   {m['put8']:9.0f} (8 threads)")
+    print(
+        f"claim+complete cycles/s, 8 workers: {m['cycle8']:9.0f}  "
+        f"-> one cycle costs {m['put8'] / m['cycle8']:.2f} single-put commits at 8 threads "
+        f"({m['put1'] / m['cycle8']:.2f} of 1-thread commits; target <= 3)"
+    )
+    print("10-step workflow, ms per step:")
+    for conc in ("1", "8"):
+        line = (
+            f"  {conc} at a time: stateline complete() {m[f'sl_complete{conc}']:7.3f} ms, "
+            f"whole cycle (create+claim+complete) {m[f'sl_wall{conc}']:7.3f} ms"
+        )
+        if f"dbos_wall{conc}" in m:
+            d = m[f"dbos_wall{conc}"]
+            line += (
+                f" | DBOS {d:7.3f} ms -> complete() {d / m[f'sl_complete{conc}']:.1f}x, "
+                f"whole cycle {d / m[f'sl_wall{conc}']:.1f}x faster (target >= 5x)"
+            )
+        print(line)
+    for n in notes:
+        print("note:", n)
+    sys.stdout.flush()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and steps (well under a minute)")
+    parser.add_argument("--backends", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql")
+    parser.add_argument("--no-dbos", action="store_true", help="skip the DBOS Transact peer")
+    args = parser.parse_args()
+    why = None if args.no_dbos else dbos_available()
+    print(
+        f"bench_runs: python {platform.python_version()}, {os.cpu_count()} cpus, "
+        f"load {os.getloadavg()[0]:.1f}, quick={args.quick}"
+    )
+    if why:
+        print("DBOS skipped:", why)
+    with tempfile.TemporaryDirectory(prefix="bench-runs-") as tmp:
+        for kind in args.backends.split(","):
+            kind = kind.strip()
+            if kind not in ("sqlite", "postgresql"):
+                raise SystemExit(f"unknown backend {kind!r}")
+            run_backend(kind, Path(tmp), args, with_dbos=not args.no_dbos and why is None)
+
+
+if __name__ == "__main__":
+    main()
