@@ -26,8 +26,19 @@ import orjson
 
 from stateline import codec
 from stateline.errors import Conflict, InvalidArgument, Unavailable
-from stateline.store.protocol import PreparedCommit, Store
-from stateline.types import Absent, Delete, Incr, Item, Put, VersionIs, check_key, check_namespace, check_tenant
+from stateline.store.protocol import PreparedCommit, PreparedIncr, PreparedPut, Store
+from stateline.types import (
+    Absent,
+    Check,
+    Delete,
+    Incr,
+    Item,
+    Put,
+    VersionIs,
+    check_key,
+    check_namespace,
+    check_tenant,
+)
 
 __all__ = [
     "Cache",
@@ -499,11 +510,15 @@ class RateLimiter:
     * ``token_bucket``: capacity ``rate`` tokens, refilled continuously at ``rate / per`` per second
       (kept as GCRA's theoretical arrival time, in exact integer arithmetic).
 
-    Concurrency: window counters are incremented with an atomic ``Incr`` and the hit is admitted only
-    if the counter it produced is within the limit (a refused hit takes its increment back), so
-    concurrent callers in any number of threads and processes never over-admit; a refused hit may for
-    a moment make a concurrent one be refused too. The token bucket commits with a ``VersionIs`` check
-    and retries. All callers must agree on the clock (one machine, or NTP-synchronised hosts).
+    Concurrency: a hit is admitted by one commit that increments the window's counter (or moves the
+    bucket) under ``VersionIs`` / ``Absent`` checks on the state it decided from (for the sliding
+    window, the previous window's counter too); a conflict re-reads and decides again. So concurrent
+    callers in any number of threads and processes never over-admit, and counters hold admitted hits
+    only. Each limiter object remembers what it last saw: a hot key costs one commit per admitted
+    hit, and a refusal is answered from memory until the time it computed (other callers can only
+    have added hits since, so the Store would refuse as well). ``reset`` is seen at once by the
+    process that calls it; another process that is refusing the key from memory sees it when that
+    refusal period ends. All callers must agree on the clock (one machine, or NTP-synchronised hosts).
     """
 
     def __init__(
@@ -520,9 +535,10 @@ class RateLimiter:
             raise InvalidArgument("algorithm", f"must be one of {', '.join(_ALGORITHMS)}, got {algorithm!r}")
         self.algorithm = algorithm
         self._tag = {"sliding_window": "s", "fixed_window": "f", "token_bucket": "t"}[algorithm]
-        self._hits: dict[tuple[str, int], int] = {}  # (key, window) -> last count seen (a hint, may be stale)
-        self._closed: dict[tuple[str, int], int] = {}  # (key, window) -> final count of a closed window
-        self._prepared: dict[tuple[str, int], PreparedCommit] = {}
+        # What this process last saw; stale entries only cost a Conflict and a re-read, or a refusal the
+        # Store would give as well (counters only grow, except by reset).
+        self._state: dict[tuple[str, int], tuple[int, int]] = {}  # (key, window) -> (version, count)
+        self._deny: dict[tuple[str, int], tuple[int, int, int]] = {}  # (key, cost) -> (until, reset_at, remaining)
         self._tb: dict[str, tuple[int, int, int]] = {}  # key -> (version, tat scaled, trust until µs)
 
     # ---- helpers
@@ -537,27 +553,6 @@ class RateLimiter:
     def _wkey(self, key: str, window: int) -> str:
         # the algorithm is part of the stored key, so limiters sharing a name never read each other's state
         return check_key(f"{key}|{self._tag}{window}", "key")
-
-    def _incr(self, wkey: str, by: int, ttl_s: float) -> int:
-        pk = (wkey, by)
-        prepared = self._prepared.get(pk)
-        if prepared is None:
-            if len(self._prepared) > 10_000:
-                self._prepared.clear()
-            prepared = self._prepared[pk] = self._store.prepare(
-                self.tenant, (), [Incr(self.namespace, wkey, by, ttl_s)]
-            )
-        c = self._store.commit_prepared(prepared)
-        return c.counters[(self.namespace, wkey)]
-
-    def _count(self, wkey: str) -> int:
-        item = self._store.get(self.tenant, self.namespace, wkey)
-        return 0 if item is None else cast(int, item.value)
-
-    def _remember(self, table: dict[tuple[str, int], int], k: tuple[str, int], v: int) -> None:
-        if len(table) > _HINTS_MAX:
-            table.clear()
-        table[k] = v
 
     # ---- public API
 
@@ -598,77 +593,106 @@ class RateLimiter:
                 except Conflict:
                     continue
             raise Unavailable(f"reset of {key!r} kept conflicting")
-        ops = [Delete(self.namespace, self._wkey(key, w)), Delete(self.namespace, self._wkey(key, w - 1))]
-        self._store.commit(self.tenant, (), ops)
-        self._hits.pop((key, w), None)
-        self._closed.pop((key, w - 1), None)
+        # zero rather than delete, so versions keep growing (no ABA for versions cached elsewhere)
+        ttl = 3 * self._per_us / _US
+        self._store.commit(
+            self.tenant,
+            (),
+            [Put(self.namespace, self._wkey(key, w), 0, ttl), Put(self.namespace, self._wkey(key, w - 1), 0, ttl)],
+        )
+        for k in [k for k in self._deny if k[0] == key]:
+            del self._deny[k]
+        self._state.pop((key, w), None)
+        self._state.pop((key, w - 1), None)
 
     # ---- windows
+
+    def _read(self, key: str, w: int) -> tuple[int, int]:
+        """(version, count) of ``key``'s counter for window ``w``, read now (version 0: absent)."""
+        item = self._store.get(self.tenant, self.namespace, self._wkey(key, w))
+        state = (0, 0) if item is None else (item.version, cast(int, item.value))
+        if len(self._state) > _HINTS_MAX:
+            self._state.clear()
+        self._state[(key, w)] = state
+        return state
 
     def _window(self, key: str, cost: int, consume: bool) -> RateLimitResult:
         per = self._per_us
         rate = self.rate
         now = self._store.clock.now_us()
+        if consume:
+            deny = self._deny.get((key, cost))
+            if deny is not None and deny[0] > now:
+                # refused from what this process saw: counts only grow, so the true answer is refused too
+                return RateLimitResult(False, rate, deny[2], deny[1], (deny[0] - now) / _US)
         w = now // per
         start = w * per
         sliding = self.algorithm == "sliding_window"
+        ns = self.namespace
         wkey = self._wkey(key, w)
-        weighted_prev = 0
-        prev = 0
-        if sliding:
-            ck = (key, w - 1)
-            cached = self._closed.get(ck)
-            if cached is None:
-                prev = self._count(self._wkey(key, w - 1))
-                # a closed window is final once every caller's clock has left it: trust it after a grace
-                if now - start >= min(_US, per // 10):
-                    self._remember(self._closed, ck, prev)
-            else:
-                prev = cached
-            weighted_prev = prev * (per - (now - start)) // per
-        hint = self._hits.get((key, w))
-        if not consume or (hint is not None and weighted_prev + hint + cost > rate):
-            # likely refused (or only asked): read first, and refuse without writing
-            current = self._count(wkey)
-            self._remember(self._hits, (key, w), current)
-            if not consume or weighted_prev + current + cost > rate:
-                allowed = weighted_prev + current + cost <= rate
-                return self._window_result(allowed, key, w, now, prev, weighted_prev, current, cost)
-        ttl_s = (3 if sliding else 2) * per / _US
-        count = self._incr(wkey, cost, ttl_s)
-        if weighted_prev + count <= rate:
-            self._remember(self._hits, (key, w), count)
-            return self._window_result(True, key, w, now, prev, weighted_prev, count - cost, cost)
-        self._incr(wkey, -cost, ttl_s)  # take the refused hit back
-        self._remember(self._hits, (key, w), count - cost)
-        return self._window_result(False, key, w, now, prev, weighted_prev, count - cost, cost)
+        pkey = self._wkey(key, w - 1) if sliding else ""
+        state = self._state
+        for _ in range(10_000):
+            cur = state.get((key, w)) if consume else None
+            if cur is None:
+                cur = self._read(key, w)
+            prv = (0, 0)
+            if sliding:
+                cached = state.get((key, w - 1)) if consume else None
+                prv = cached if cached is not None else self._read(key, w - 1)
+            weighted = prv[1] * (per - (now - start)) // per
+            if weighted + cur[1] + cost > rate:
+                result, until = self._window_result(False, w, now, prv[1], weighted, cur[1], cost)
+                if consume:
+                    if len(self._deny) > _HINTS_MAX:
+                        self._deny.clear()
+                    self._deny[(key, cost)] = (until, result.reset_at, result.remaining)
+                return result
+            if not consume:
+                return self._window_result(True, w, now, prv[1], weighted, cur[1], cost)[0]
+            # admit only if neither counter moved since we looked (a late hit of the previous window
+            # changes the weight, so it is checked too); the Store's checks make this exact
+            checks: list[Check] = [VersionIs(ns, wkey, cur[0]) if cur[0] else Absent(ns, wkey)]
+            if sliding:
+                checks.append(VersionIs(ns, pkey, prv[0]) if prv[0] else Absent(ns, pkey))
+            ttl_us = (3 if sliding else 2) * per
+            # names were validated above and the op is an integer increment: this is what prepare() builds
+            prepared = PreparedCommit(self.tenant, tuple(checks), (PreparedIncr(ns, wkey, cost, ttl_us),), b"{}")
+            try:
+                c = self._store.commit_prepared(prepared)
+            except Conflict:
+                state.pop((key, w), None)
+                state.pop((key, w - 1), None)
+                continue
+            count = c.counters[(ns, wkey)]
+            state[(key, w)] = (c.versions[(ns, wkey)], count)
+            return self._window_result(True, w, now, prv[1], weighted, count - cost, cost)[0]
+        raise Unavailable(f"rate limit {self.name!r} for {key!r} kept conflicting")
 
     def _window_result(
-        self, allowed: bool, key: str, w: int, now: int, prev: int, weighted_prev: int, before: int, cost: int
-    ) -> RateLimitResult:
-        del key
+        self, allowed: bool, w: int, now: int, prev: int, weighted_prev: int, before: int, cost: int
+    ) -> tuple[RateLimitResult, int]:
+        """The result, and (when refused) the µs time before which the same hit stays refused."""
         per = self._per_us
         rate = self.rate
         used = weighted_prev + before + (cost if allowed else 0)
         remaining = max(0, rate - used)
         start = w * per
         if self.algorithm == "fixed_window":
-            reset_at = start + per
-            retry = 0 if allowed else start + per - now
-            return RateLimitResult(allowed, rate, remaining, reset_at, retry / _US)
+            if allowed:
+                return RateLimitResult(True, rate, remaining, start + per, 0.0), now
+            return RateLimitResult(False, rate, remaining, start + per, (start + per - now) / _US), start + per
         current = before + (cost if allowed else 0)
         reset_at = start + 2 * per if current else (start + per if prev else now)
         if allowed:
-            return RateLimitResult(True, rate, remaining, reset_at, 0.0)
+            return RateLimitResult(True, rate, remaining, reset_at, 0.0), now
         if before + cost <= rate:
             # wait in this window until floor(prev × (per − e) / per) <= rate − before − cost
-            e = self._elapsed_needed(prev, rate - before - cost)
-            at = start + e
+            at = start + self._elapsed_needed(prev, rate - before - cost)
         else:
             # wait for the next window, where this window's count becomes the weighted one
-            e = self._elapsed_needed(before, rate - cost)
-            at = start + per + e
-        return RateLimitResult(False, rate, remaining, reset_at, max(0, at - now) / _US)
+            at = start + per + self._elapsed_needed(before, rate - cost)
+        return RateLimitResult(False, rate, remaining, reset_at, max(0, at - now) / _US), at
 
     def _elapsed_needed(self, prev: int, room: int) -> int:
         """Smallest elapsed µs ``e`` in a window with ``floor(prev × (per − e) / per) <= room``."""
@@ -713,7 +737,9 @@ class RateLimiter:
             value = [new_tat // rate, new_tat % rate]
             check = Absent(self.namespace, skey) if version == 0 else VersionIs(self.namespace, skey, version)
             try:
-                c = self._store.commit(self.tenant, [check], [Put(self.namespace, skey, value, self._tb_ttl())])
+                # validated names and two integers: what prepare() would build, without its cost
+                put = PreparedPut(self.namespace, skey, orjson.dumps(value), round(self._tb_ttl() * _US))
+                c = self._store.commit_prepared(PreparedCommit(self.tenant, (check,), (put,), b"{}"))
             except Conflict:
                 self._tb.pop(key, None)
                 continue
@@ -827,13 +853,13 @@ class Once(Generic[T]):
         self.key_str = key if isinstance(key, str) else ""
         self.ttl = ttl
         self.kind = kind
-        self.namespace = _namespace("idempotency", kind, "kind")
+        self.namespace = idem._namespace(kind)
         self.fingerprint = fingerprint
         self.fp: str | None = fingerprint if isinstance(fingerprint, str) else None
         self.wait = wait
         self.remember_failures = remember_failures
         self.lease = ttl if lease is None else min(lease, ttl)
-        self._local = threading.local()
+        self._stacks: dict[int, list[Slot]] = {}  # thread id -> slots entered (one Once may be entered by many)
 
     def __enter__(self) -> Slot:
         if not isinstance(self.key, str):
@@ -841,16 +867,17 @@ class Once(Generic[T]):
         if self.fingerprint is not None and not isinstance(self.fingerprint, str):
             raise InvalidArgument("fingerprint", "a callable fingerprint works only when once() decorates a function")
         slot = self._idem._claim(self)
-        stack = getattr(self._local, "stack", None)
-        if stack is None:
-            stack = self._local.stack = []
-        stack.append(slot)
+        self._stacks.setdefault(threading.get_ident(), []).append(slot)
         return slot
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        slot: Slot = self._local.stack.pop()
+        ident = threading.get_ident()
+        stack = self._stacks[ident]
+        slot = stack.pop()
+        if not stack:
+            del self._stacks[ident]
         if slot.done:
             return
         if exc is None:
@@ -916,6 +943,15 @@ class Idempotency:
     def __init__(self, store: Store, tenant: str) -> None:
         self._store = store
         self.tenant = check_tenant(tenant)
+        self._namespaces: dict[str, str] = {}  # kind -> validated namespace
+
+    def _namespace(self, kind: object) -> str:
+        ns = self._namespaces.get(kind) if type(kind) is str else None
+        if ns is None:
+            ns = _namespace("idempotency", kind, "kind")
+            if len(self._namespaces) < 1000:
+                self._namespaces[cast(str, kind)] = ns
+        return ns
 
     @staticmethod
     def fingerprint_of(value: Any) -> str:
@@ -962,6 +998,22 @@ class Idempotency:
         """Run ``fn`` once for ``key`` and return its result; a repeat returns the stored result."""
         if not callable(fn):
             raise InvalidArgument("fn", "must be callable")
+        # the repeat of a finished key, the hot path: one read (arguments validated as once() does)
+        ns = self._namespaces.get(kind) if type(kind) is str else None
+        if (
+            ns is not None
+            and type(ttl) is float
+            and 0 < ttl <= _MAX_TTL
+            and wait is False
+            and remember_failures is False
+            and lease is None
+            and (fingerprint is None or (type(fingerprint) is str and 0 < len(fingerprint) <= 1024))
+        ):
+            item = self._store.get(self.tenant, ns, key)
+            if item is not None:
+                v = item.value
+                if v["s"] == _DONE and (fingerprint is None or v.get("fp") is None or v["fp"] == fingerprint):
+                    return cast(T, v.get("r"))
         with self.once(
             key,
             ttl=ttl,
@@ -980,13 +1032,13 @@ class Idempotency:
     def status(self, key: str, kind: str = "request") -> str | None:
         """``"running"``, ``"done"``, ``"failed"``, or ``None`` when the key is free."""
         check_key(key)
-        item = self._store.get(self.tenant, _namespace("idempotency", kind, "kind"), key)
+        item = self._store.get(self.tenant, self._namespace(kind), key)
         return None if item is None else cast(str, item.value["s"])
 
     def forget(self, key: str, kind: str = "request") -> None:
         """Free ``key`` whatever its state (an operator's tool: the next caller runs again)."""
         check_key(key)
-        self._store.commit(self.tenant, (), [Delete(_namespace("idempotency", kind, "kind"), key)])
+        self._store.commit(self.tenant, (), [Delete(self._namespace(kind), key)])
 
     # ---- internals
 
