@@ -404,6 +404,8 @@ def test_a_write_lock_held_beyond_busy_timeout_raises_unavailable(
         assert info.value.transient
         with pytest.raises(Unavailable):
             store.sweep()
+        late = opened(_url(db_path, "busy_timeout_ms=100"))  # opening and reading need no write lock
+        assert late.get(T, "ns", "k") is None
         other.execute("ROLLBACK")
     finally:
         other.close()

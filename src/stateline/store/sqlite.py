@@ -330,17 +330,21 @@ class SQLiteStore(Store):
         return conn
 
     def _init_schema(self, conn: sqlite3.Connection) -> None:
+        """Switch to WAL and create the schema if it is missing (idempotent; safe when processes race)."""
         deadline = time.monotonic() + max(self.busy_timeout_ms, 1000) / 1000.0
         while True:
             try:
                 mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
                     raise Unavailable(f"cannot switch {self.path!r} to WAL mode (got {mode!r})")
+                if self._schema_version(conn) == SCHEMA_VERSION:
+                    return  # the usual case: nothing to create, no write lock needed
                 conn.execute(SQL_BEGIN)
                 break
             except sqlite3.OperationalError as exc:
                 if conn.in_transaction:
                     conn.execute(SQL_ROLLBACK)
+                # switching to WAL can fail at once while another process creates the file
                 if ("locked" in str(exc) or "busy" in str(exc)) and time.monotonic() < deadline:
                     time.sleep(0.01)
                     continue
@@ -351,13 +355,8 @@ class SQLiteStore(Store):
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
-            row = conn.execute("SELECT version FROM sl_schema WHERE id = 1").fetchone()
-            if row is None:
+            if self._schema_version(conn) is None:
                 conn.execute("INSERT INTO sl_schema (id, version) VALUES (1, ?)", (SCHEMA_VERSION,))
-            elif row[0] > SCHEMA_VERSION:
-                raise Unavailable(
-                    f"{self.path!r} has schema version {row[0]}, newer than this stateline's {SCHEMA_VERSION}"
-                )
             conn.execute(SQL_COMMIT)
         except BaseException as exc:
             if conn.in_transaction:
@@ -365,6 +364,23 @@ class SQLiteStore(Store):
             if isinstance(exc, sqlite3.Error):
                 raise _translate(exc) from None
             raise
+
+    def _schema_version(self, conn: sqlite3.Connection) -> int | None:
+        """The file's schema version (``None``: no schema yet); refuse a newer one."""
+        try:
+            row = conn.execute("SELECT version FROM sl_schema WHERE id = 1").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return None
+            raise
+        if row is None:
+            return None
+        version = int(row[0])
+        if version > SCHEMA_VERSION:
+            raise Unavailable(
+                f"{self.path!r} has schema version {version}, newer than this stateline's {SCHEMA_VERSION}"
+            )
+        return version
 
     # ------------------------------------------------------------ reader connections
 
