@@ -275,7 +275,7 @@ def test_processes_killed_at_random_moments_never_leave_a_mix(backend: Backend) 
         case = cases.open("c1")
         assert case.version >= before
         assert cases.verify("c1").ok
-        assert len(cases.events("c1")) == 1 + 5 * (case.version - 1)
+        assert cases.store.stream_info(T, "cases:c1:events").last_seq == 1 + 5 * (case.version - 1)
         assert case.step_count == case.version - 1
         assert case.ctx["count"] == case.version - 1
     resume(fresh(backend))

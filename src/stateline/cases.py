@@ -48,15 +48,12 @@ from typing import Any, Final, TypeAlias
 import orjson
 
 from stateline import codec
-from stateline.errors import Conflict, InvalidArgument, NotFound, Unavailable
-from stateline.store.protocol import Store
+from stateline.errors import Conflict, InvalidArgument, NotFound, PayloadTooLarge, Unavailable
+from stateline.store.protocol import PreparedAppend, PreparedCommit, PreparedEvent, PreparedPut, Store
 from stateline.types import (
     Absent,
-    Append,
     CheckFailure,
     Event,
-    NewEvent,
-    Put,
     StreamAt,
     VersionIs,
     check_tenant,
@@ -145,6 +142,8 @@ def _copy(value: JSON) -> JSON:
 
 
 def _escape(token: str) -> str:
+    if "~" not in token and "/" not in token:
+        return token
     return token.replace("~", "~0").replace("/", "~1")
 
 
@@ -565,6 +564,9 @@ def _check_case_id(case_id: object, field: str = "case_id") -> str:
 
 def _json(value: JSON, field: str) -> JSON:
     """A private deep copy of ``value`` if it is plain JSON, else ``_Bad``."""
+    t = type(value)
+    if t is int or t is bool or value is None:
+        return value
     try:
         return orjson.loads(codec.encode(value, field))
     except InvalidArgument as exc:
@@ -578,6 +580,11 @@ def _ident(value: object, field: str) -> str:
         raise _Bad(field, "must not be empty")
     if len(value) > MAX_ID_CHARS:
         raise _Bad(field, f"must be at most {MAX_ID_CHARS} characters")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Bad(field, "is not valid Unicode text") from None
     return value
 
 
@@ -693,12 +700,15 @@ def _plan(m: object, w: _Work, ts: int) -> dict[str, JSON]:
         old = w.tokens.get(tid)
         if old is None:
             raise _Bad("token_id", f"token {tid!r} does not exist")
-        if not callable(m.fn):
-            raise _Bad("fn", "must be callable")
-        result = _call(m.fn, _copy(old), "update_token function")
-        new = _json(result, "fn result")
-        if type(new) is not dict:
-            raise _Bad("fn", f"must return a token object (or None), got {type(result).__name__}")
+        if type(m.fn) is _FieldSetter:  # update_token(id, status=..., ...): only the given fields change
+            new = {**old, **{k: _json(v, f"fn.{k}") for k, v in m.fn.changes.items()}}
+        else:
+            if not callable(m.fn):
+                raise _Bad("fn", "must be callable")
+            result = _call(m.fn, _copy(old), "update_token function")
+            new = _json(result, "fn result")
+            if type(new) is not dict:
+                raise _Bad("fn", f"must return a token object (or None), got {type(result).__name__}")
         if set(new) != TOKEN_KEYS:
             raise _Bad("fn", f"a token has exactly the fields {sorted(TOKEN_KEYS)}, got {sorted(new)}")
         if new["id"] != tid or new["created_at"] != old["created_at"]:
@@ -910,6 +920,72 @@ def _streams(case_id: str) -> tuple[str, str]:
     return f"cases:{case_id}:receipts", f"cases:{case_id}:events"
 
 
+_NO_META = b"{}"
+
+
+def _sized(store: Store, data: bytes, field: str) -> bytes:
+    if len(data) > store.max_value_bytes:
+        raise PayloadTooLarge(
+            f"{field}: {len(data)} bytes is over the limit of {store.max_value_bytes}",
+            details={"field": field, "size": len(data), "limit": store.max_value_bytes},
+        )
+    return data
+
+
+def _persist(
+    store: Store,
+    tenant: str,
+    cid: str,
+    guard: VersionIs | Absent,
+    head_seq: int,
+    prev_hash: str,
+    version: int,
+    ts: int,
+    state: dict[str, JSON],
+    summaries: list[dict[str, JSON]],
+) -> Receipt:
+    """Write ``state``, its receipt and the case events in one Store commit; return the receipt.
+
+    Every value here was built by this module from validated JSON, so it is encoded once, here,
+    and handed to ``Store.commit_prepared``: the state's canonical encoding is both what is hashed
+    and (with the receipt head appended) what is stored, and the stored receipt is exactly the
+    hashed body plus its hash.
+    """
+    rstream, estream = _streams(cid)
+    seq = head_seq + 1
+    core = orjson.dumps(state, option=_SORTED)
+    shash = hashlib.sha256(core).hexdigest()
+    body = {
+        "case_id": cid,
+        "seq": seq,
+        "version": version,
+        "timestamp": ts,
+        "mutations": summaries,
+        "state_hash": shash,
+        "prev_hash": prev_hash,
+    }
+    body_bytes = orjson.dumps(body, option=_SORTED)
+    rhash = hashlib.sha256(body_bytes).hexdigest()
+    value = b"".join((core[:-1], b',"receipt":{"seq":', str(seq).encode(), b',"hash":"', rhash.encode(), b'"}}'))
+    receipt_data = b"".join((body_bytes[:-1], b',"hash":"', rhash.encode(), b'"}'))
+    events = tuple(
+        PreparedEvent(EVENT_TYPES[s["op"]], _sized(store, orjson.dumps(s), "event data"), _NO_META) for s in summaries
+    )
+    prepared = PreparedCommit(
+        tenant,
+        (guard, StreamAt(rstream, head_seq)),
+        (
+            PreparedPut(NAMESPACE, cid, _sized(store, value, "case state"), None),
+            PreparedAppend(rstream, (PreparedEvent("receipt", _sized(store, receipt_data, "receipt"), _NO_META),)),
+            PreparedAppend(estream, events),
+        ),
+        _NO_META,
+    )
+    c = store.commit_prepared(prepared)
+    mutations = orjson.loads(body_bytes)["mutations"]  # the receipt's own copy
+    return Receipt(cid, seq, version, ts, tuple(mutations), shash, prev_hash, rhash, c.revision)
+
+
 class Cases:
     """The cases of one tenant: create, open, list, read receipts and verify them."""
 
@@ -956,28 +1032,10 @@ class Cases:
         return self._genesis(cid, snap["state"], "restore", ts)
 
     def _genesis(self, cid: str, state: dict[str, JSON], op: str, ts: int) -> Case:
-        rstream, estream = _streams(cid)
         summary = {"op": op, "state": state}
-        shash = state_hash(state)
-        body = {
-            "case_id": cid,
-            "seq": 1,
-            "version": 1,
-            "timestamp": ts,
-            "mutations": [summary],
-            "state_hash": shash,
-            "prev_hash": GENESIS_HASH,
-        }
-        rhash = _receipt_hash(body)
         try:
-            c = self.store.commit(
-                self.tenant,
-                checks=[Absent(NAMESPACE, cid), StreamAt(rstream, 0)],
-                ops=[
-                    Put(NAMESPACE, cid, {**state, "receipt": {"seq": 1, "hash": rhash}}),
-                    Append(rstream, [NewEvent("receipt", {**body, "hash": rhash})]),
-                    Append(estream, [NewEvent(EVENT_TYPES[op], summary)]),
-                ],
+            receipt = _persist(
+                self.store, self.tenant, cid, Absent(NAMESPACE, cid), 0, GENESIS_HASH, 1, ts, state, [summary]
             )
         except Conflict as exc:
             raise CaseConflict(
@@ -987,7 +1045,6 @@ class Cases:
                 found_version=_found_version(exc),
                 failures=exc.failures,
             ) from None
-        receipt = Receipt(cid, 1, 1, ts, (_copy(summary),), shash, GENESIS_HASH, rhash, c.revision)
         return Case(self, cid, _copy(state), 1, receipt)
 
     def open(self, case_id: str) -> Case:
@@ -1370,32 +1427,19 @@ class Case:
             md["updated_at"] = ts
             new_state = w.state()
             _fault("after_apply")
-            seq = self._head_seq + 1
-            version = self._version + 1
-            shash = hashlib.sha256(_canonical(new_state)).hexdigest()
-            prev_hash = self._head_hash
-            body = {
-                "case_id": self.case_id,
-                "seq": seq,
-                "version": version,
-                "timestamp": ts,
-                "mutations": summaries,
-                "state_hash": shash,
-                "prev_hash": prev_hash,
-            }
-            canonical = _canonical(body)
-            rhash = hashlib.sha256(canonical).hexdigest()
-            body["hash"] = rhash
             _fault("before_store_commit")
             try:
-                c = self._store.commit(
+                receipt = _persist(
+                    self._store,
                     self._tenant,
-                    checks=[VersionIs(NAMESPACE, self.case_id, self._version), StreamAt(self._rstream, self._head_seq)],
-                    ops=[
-                        Put(NAMESPACE, self.case_id, {**new_state, "receipt": {"seq": seq, "hash": rhash}}),
-                        Append(self._rstream, [NewEvent("receipt", body)]),
-                        Append(self._estream, [NewEvent(EVENT_TYPES[s["op"]], s) for s in summaries]),
-                    ],
+                    self.case_id,
+                    VersionIs(NAMESPACE, self.case_id, self._version),
+                    self._head_seq,
+                    self._head_hash,
+                    self._version + 1,
+                    ts,
+                    new_state,
+                    summaries,
                 )
             except Conflict as exc:
                 found = _found_version(exc)
@@ -1417,21 +1461,10 @@ class Case:
                 ) from exc
             _fault("after_store_commit")
             self._state = new_state
-            self._version = version
-            self._head_seq = seq
-            self._head_hash = rhash
+            self._version = receipt.version
+            self._head_seq = receipt.seq
+            self._head_hash = receipt.hash
             self._buffer.clear()
-            receipt = Receipt(
-                self.case_id,
-                seq,
-                version,
-                ts,
-                tuple(orjson.loads(canonical)["mutations"]),
-                shash,
-                prev_hash,
-                rhash,
-                c.revision,
-            )
             self._last_receipt = receipt
             return receipt
 
