@@ -432,7 +432,7 @@ def test_limiters_with_one_name_and_different_algorithms_do_not_collide(tenant: 
 def test_no_over_admission_under_8_threads(backend: Backend, tenant: Tenant, algorithm: str) -> None:
     hits = 1000
     rate = 50
-    # each thread has its own limiter object (like separate router workers) on the shared store
+    # one limiter object per thread, as router workers would make them (they share what the process saw)
     limiters = [RateLimiter(tenant.store, "acme", "burst", rate, 3600.0, algorithm) for _ in range(8)]
     allowed = _threads(8, lambda i: sum(limiters[i].hit("tenant-x").allowed for _ in range(hits)))
     assert sum(allowed) == rate  # never more, and with cost 1 on a frozen clock never fewer

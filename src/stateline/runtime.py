@@ -15,6 +15,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -32,7 +33,6 @@ from stateline.types import (
     Check,
     Delete,
     Incr,
-    Item,
     Put,
     VersionIs,
     check_key,
@@ -367,45 +367,40 @@ class Sessions:
         self.tenant = check_tenant(tenant)
         self.default_ttl = cast(float, _seconds(default_ttl, "default_ttl"))
 
-    def _session(self, item: Item) -> Session:
-        v = item.value
-        return Session(item.key, v["provider"], v["ttl"], item.created_at, item.expires_at)
+    def _session(self, session_id: str, value: dict[str, Any], expires_at: int | None) -> Session:
+        return Session(session_id, value["provider"], value["ttl"], value["at"], expires_at)
 
     def _ttl(self, ttl: object) -> float:
         return self.default_ttl if ttl is None else cast(float, _seconds(ttl, "ttl"))
+
+    def _write(self, session_id: str, checks: list[Check], value: dict[str, Any]) -> Session:
+        ttl_s = value["ttl"]
+        c = self._store.commit(self.tenant, checks, [Put(self.NAMESPACE, session_id, value, ttl_s)])
+        return self._session(session_id, value, c.committed_at + max(1, round(ttl_s * _US)))
 
     def bind(self, session_id: str, provider: str, ttl: float | None = None) -> Session:
         """Bind ``session_id`` to ``provider`` for ``ttl`` seconds (replacing any binding)."""
         check_key(session_id, "session_id")
         _text(provider, "provider")
         ttl_s = self._ttl(ttl)
-        self._store.commit(
-            self.tenant, (), [Put(self.NAMESPACE, session_id, {"provider": provider, "ttl": ttl_s}, ttl_s)]
-        )
-        item = self._store.get(self.tenant, self.NAMESPACE, session_id)
-        if item is None:  # expired at once (a clock jump) or unbound by another caller
-            now = self._store.clock.now_us()
-            return Session(session_id, provider, ttl_s, now, now + round(ttl_s * _US))
-        return self._session(item)
+        value = {"provider": provider, "ttl": ttl_s, "at": self._store.clock.now_us()}
+        return self._write(session_id, [], value)
 
     def lookup(self, session_id: str) -> Session | None:
         """The live binding of ``session_id`` (refreshing its TTL), or ``None``."""
         check_key(session_id, "session_id")
-        item = self._store.get(self.tenant, self.NAMESPACE, session_id)
-        if item is None:
-            return None
-        ttl_s = item.value["ttl"]
-        now = self._store.clock.now_us()
-        if now - item.updated_at < ttl_s * _US * self.REFRESH_FRACTION:
-            return self._session(item)
-        with contextlib.suppress(Conflict):  # on a conflict another caller wrote it just now: it is fresh
-            self._store.commit(
-                self.tenant,
-                [VersionIs(self.NAMESPACE, session_id, item.version)],
-                [Put(self.NAMESPACE, session_id, item.value, ttl_s)],
-            )
-        fresh = self._store.get(self.tenant, self.NAMESPACE, session_id)
-        return None if fresh is None else self._session(fresh)
+        for _ in range(100):
+            item = self._store.get(self.tenant, self.NAMESPACE, session_id)
+            if item is None:
+                return None
+            value = item.value
+            if self._store.clock.now_us() - item.updated_at < value["ttl"] * _US * self.REFRESH_FRACTION:
+                return self._session(session_id, value, item.expires_at)
+            try:
+                return self._write(session_id, [VersionIs(self.NAMESPACE, session_id, item.version)], value)
+            except Conflict:
+                continue  # another caller wrote it just now: read what it wrote
+        raise Unavailable(f"lookup of session {session_id!r} kept conflicting")
 
     def provider(self, session_id: str) -> str | None:
         """Shorthand: the provider ``lookup`` finds, or ``None``."""
@@ -437,33 +432,32 @@ class Sessions:
 
         With ``expected``, the move happens only if the session is still bound to ``expected``
         (so two nodes noticing the same outage do not flip it twice); otherwise the current binding
-        is returned unchanged. A session that is not bound is bound. Returns the binding in effect.
+        is returned unchanged. A session that is not bound is bound. ``ttl`` defaults to the
+        session's current TTL. Returns the binding in effect.
         """
         check_key(session_id, "session_id")
         _text(provider, "provider")
         if expected is not None:
             _text(expected, "expected")
+        ttl_arg = None if ttl is None else self._ttl(ttl)
         for _ in range(100):
             item = self._store.get(self.tenant, self.NAMESPACE, session_id)
             if item is not None and expected is not None and item.value["provider"] != expected:
-                return self._session(item)
-            ttl_s = self._ttl(ttl) if ttl is not None or item is None else item.value["ttl"]
-            check = (
+                return self._session(session_id, item.value, item.expires_at)
+            if ttl_arg is not None:
+                ttl_s = ttl_arg
+            else:
+                ttl_s = self.default_ttl if item is None else item.value["ttl"]
+            check: Check = (
                 Absent(self.NAMESPACE, session_id)
                 if item is None
                 else VersionIs(self.NAMESPACE, session_id, item.version)
             )
+            value = {"provider": provider, "ttl": ttl_s, "at": self._store.clock.now_us()}
             try:
-                self._store.commit(
-                    self.tenant, [check], [Put(self.NAMESPACE, session_id, {"provider": provider, "ttl": ttl_s}, ttl_s)]
-                )
+                return self._write(session_id, [check], value)
             except Conflict:
                 continue
-            fresh = self._store.get(self.tenant, self.NAMESPACE, session_id)
-            if fresh is not None:
-                return self._session(fresh)
-            now = self._store.clock.now_us()
-            return Session(session_id, provider, ttl_s, now, now + round(ttl_s * _US))
         raise Unavailable(f"rebind of session {session_id!r} kept conflicting")
 
 
@@ -490,6 +484,17 @@ class RateLimitResult:
 
 
 _ALGORITHMS = ("sliding_window", "token_bucket", "fixed_window")
+
+
+@dataclass(slots=True)
+class _Seen:
+    state: dict[tuple[str, int], tuple[int, int]]  # (key, window) -> (version, count)
+    deny: dict[tuple[str, int], tuple[int, int, int]]  # (key, cost) -> (refused until, reset_at, remaining)
+    tb: dict[str, tuple[int, int, int]]  # key -> (version, tat scaled, trusted until µs)
+
+
+_SEEN: weakref.WeakKeyDictionary[Store, dict[tuple[Any, ...], _Seen]] = weakref.WeakKeyDictionary()
+_SEEN_LOCK = threading.Lock()
 
 
 class RateLimiter:
@@ -535,11 +540,18 @@ class RateLimiter:
             raise InvalidArgument("algorithm", f"must be one of {', '.join(_ALGORITHMS)}, got {algorithm!r}")
         self.algorithm = algorithm
         self._tag = {"sliding_window": "s", "fixed_window": "f", "token_bucket": "t"}[algorithm]
-        # What this process last saw; stale entries only cost a Conflict and a re-read, or a refusal the
-        # Store would give as well (counters only grow, except by reset).
-        self._state: dict[tuple[str, int], tuple[int, int]] = {}  # (key, window) -> (version, count)
-        self._deny: dict[tuple[str, int], tuple[int, int, int]] = {}  # (key, cost) -> (until, reset_at, remaining)
-        self._tb: dict[str, tuple[int, int, int]] = {}  # key -> (version, tat scaled, trust until µs)
+        # What this process last saw, shared by every limiter object of the same store and settings (so
+        # ``t.limits(...)`` per request stays fast). Stale entries only cost a Conflict and a re-read,
+        # or a refusal the Store would give as well (counters only grow, except by reset).
+        ident = (self.tenant, self.name, self.rate, self._per_us, algorithm)
+        with _SEEN_LOCK:
+            per_store = _SEEN.setdefault(store, {})
+            seen = per_store.get(ident)
+            if seen is None:
+                seen = per_store[ident] = _Seen({}, {}, {})
+        self._state = seen.state
+        self._deny = seen.deny
+        self._tb = seen.tb
 
     # ---- helpers
 
