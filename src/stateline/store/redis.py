@@ -31,9 +31,11 @@ raises ``Unavailable`` with ``details["outcome"] == "unknown"``: it may or may n
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import lru_cache
 from typing import Any, Self, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -50,7 +52,6 @@ from stateline.store.protocol import (
     PreparedDelete,
     PreparedIncr,
     PreparedPut,
-    PreparedTrim,
     Store,
     decode_change,
 )
@@ -60,7 +61,6 @@ from stateline.types import (
     CheckFailure,
     Commit,
     Event,
-    Exists,
     Item,
     NamespaceStats,
     StreamAt,
@@ -97,11 +97,12 @@ local items = {}
 local function load(i)
   local s = items[i]
   if s then return s end
-  local r = redis.call('HMGET', KEYS[6 + 2 * i], 'v', 'n', 'c', 'e')
-  s = {phys = (r[2] ~= false), orig_e = r[4]}
-  if r[2] and (r[4] == '' or r[4] == false or tonumber(r[4]) > now) then
-    s.live = true; s.v = r[1]; s.n = tonumber(r[2]); s.c = r[3]
-    if r[4] ~= '' and r[4] ~= false then s.e = r[4] end
+  -- the value itself is read only by an incr (see value())
+  local r = redis.call('HMGET', KEYS[6 + 2 * i], 'n', 'c', 'e')
+  s = {phys = (r[1] ~= false), orig_e = r[3]}
+  if r[1] and (r[3] == '' or r[3] == false or tonumber(r[3]) > now) then
+    s.live = true; s.n = tonumber(r[1]); s.c = r[2]
+    if r[3] ~= '' and r[3] ~= false then s.e = r[3] end
   else
     s.live = false
   end
@@ -141,7 +142,9 @@ for i = 1, n_checks do
 end
 if #failed > 0 then return {0, failed} end
 
--- exact signed 64-bit addition on decimal strings (Lua numbers are doubles)
+-- exact signed 64-bit addition on decimal strings (Lua numbers are doubles), built on first use
+local iadd
+local function make_iadd()
 local MAXS = '9223372036854775807'
 local function magcmp(x, y)
   if #x ~= #y then if #x < #y then return -1 else return 1 end end
@@ -177,7 +180,7 @@ local function magsub(x, y)
   while k > 1 and out[k] == 0 do k = k - 1 end
   return digits(out, k)
 end
-local function iadd(x, y)
+local function add(x, y)
   local xn, yn = string.sub(x, 1, 1) == '-', string.sub(y, 1, 1) == '-'
   local xm, ym = x, y
   if xn then xm = string.sub(x, 2) end
@@ -194,6 +197,8 @@ local function iadd(x, y)
   if magcmp(mag, MAXS) > 0 then return nil end
   if neg then return '-' .. mag end
   return mag
+end
+return add
 end
 
 -- ops: stage everything, validate, write nothing yet
@@ -214,8 +219,7 @@ for j = 1, n_ops do
     if s.live then ver = s.n + 1 else s.c = now_s end
     s.v = val; s.n = ver; s.live = true; s.dirty = true
     if ttl ~= '' then s.e = fmt('%d', now + tonumber(ttl)); s.pexp = tonumber(ttl) else s.e = nil; s.pexp = 0 end
-    body[#body + 1] = head; body[#body + 1] = fmt('%d', ver); body[#body + 1] = ',"value":'
-    body[#body + 1] = val; body[#body + 1] = ',"exp":'; body[#body + 1] = s.e or 'null'; body[#body + 1] = '}'
+    body[#body + 1] = head .. fmt('%d', ver) .. ',"value":' .. val .. ',"exp":' .. (s.e or 'null') .. '}'
     res[#res + 1] = ver; res[#res + 1] = ''
   elseif kind == 'd' then
     local i, head = tonumber(ARGV[a + 1]), ARGV[a + 2]
@@ -224,7 +228,7 @@ for j = 1, n_ops do
     local ver = 0
     if s.live then ver = s.n end
     s.live = false; s.dirty = true; s.v = nil; s.n = nil; s.e = nil; s.pexp = nil
-    body[#body + 1] = head; body[#body + 1] = fmt('%d', ver); body[#body + 1] = '}'
+    body[#body + 1] = head .. fmt('%d', ver) .. '}'
     res[#res + 1] = 0; res[#res + 1] = ''
   elseif kind == 'i' then
     local i, head, by, ttl = tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
@@ -232,6 +236,7 @@ for j = 1, n_ops do
     local s = load(i)
     local base, ver
     if s.live then
+      if s.v == nil then s.v = redis.call('HGET', KEYS[6 + 2 * i], 'v') end
       base = s.v
       if not string.match(base, '^%-?%d+$') then return {2, j, 'nonint'} end
       ver = s.n + 1
@@ -239,11 +244,11 @@ for j = 1, n_ops do
       base = '0'; ver = 1; s.c = now_s
       if ttl ~= '' then s.e = fmt('%d', now + tonumber(ttl)); s.pexp = tonumber(ttl) else s.e = nil; s.pexp = 0 end
     end
+    if iadd == nil then iadd = make_iadd() end
     local val = iadd(base, by)
     if val == nil then return {2, j, 'overflow'} end
     s.v = val; s.n = ver; s.live = true; s.dirty = true
-    body[#body + 1] = head; body[#body + 1] = fmt('%d', ver); body[#body + 1] = ',"value":'
-    body[#body + 1] = val; body[#body + 1] = ',"exp":'; body[#body + 1] = s.e or 'null'; body[#body + 1] = '}'
+    body[#body + 1] = head .. fmt('%d', ver) .. ',"value":' .. val .. ',"exp":' .. (s.e or 'null') .. '}'
     res[#res + 1] = ver; res[#res + 1] = val
   elseif kind == 'a' then
     local zi, stream, head, n = tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
@@ -260,8 +265,7 @@ for j = 1, n_ops do
       a = a + 3
       local seq_s = fmt('%d', first + k)
       if k > 0 then body[#body + 1] = ',' end
-      body[#body + 1] = '{"seq":' .. seq_s .. ',"type":"' .. typ .. '","data":'
-      body[#body + 1] = data; body[#body + 1] = ',"meta":'; body[#body + 1] = emeta; body[#body + 1] = '}'
+      body[#body + 1] = '{"seq":' .. seq_s .. ',"type":"' .. typ .. '","data":' .. data .. ',"meta":' .. emeta .. '}'
       list.z[#list.z + 1] = seq_s
       list.z[#list.z + 1] = '[' .. seq_s .. ',' .. rev_s .. ',' .. now_s .. ',"' .. typ .. '",'
         .. data .. ',' .. emeta .. ']'
@@ -296,8 +300,8 @@ for i = 1, n_items do
         redis.call('SADD', KEYS[6], item_ns[i])
       end
       if s.pexp == 0 then
-        if s.phys then redis.call('PERSIST', hk) end
-        if had_exp then redis.call('ZREM', KEYS[7], member) end
+        -- a hash carries a Redis expiry only while it has a logical one
+        if had_exp then redis.call('PERSIST', hk); redis.call('ZREM', KEYS[7], member) end
       elseif s.pexp ~= nil then
         redis.call('PEXPIRE', hk, fmt('%d', math.ceil(s.pexp / 1000) + grace))
         redis.call('ZADD', KEYS[7], s.e, member)
@@ -414,6 +418,8 @@ end
 return removed
 """
 
+_COMMIT_SHA = hashlib.sha1(_COMMIT_LUA.encode()).hexdigest()  # noqa: S324  # the script cache's name, not security
+
 # ---------------------------------------------------------------- helpers
 
 _OPTIONS = {"prefix", "expiry_grace", "socket_timeout", "connect_timeout", "max_connections", "watch"}
@@ -447,8 +453,20 @@ def _check_prefix(value: object) -> str:
     return value
 
 
-def _json_str(s: str) -> bytes:
-    return orjson.dumps(s)
+@lru_cache(maxsize=1024)
+def _fixed_keys(t: str) -> tuple[str, ...]:
+    return (t + "rev", t + "c", t + "feed", t + "seqs", t + "streams", t + "nss", t + "exp")
+
+
+@lru_cache(maxsize=65536)
+def _item_keys(t: str, ns: str, key: str) -> tuple[str, str]:
+    return (f"{t}i:{ns}|{key}", f"{t}z:{ns}")
+
+
+@lru_cache(maxsize=65536)
+def _head(op: str, ns: str, key: str) -> bytes:
+    """The change-record fragment of an item op up to its version, as ``ChangeRecorder`` encodes it."""
+    return b'{"op":"%s","ns":%s,"key":%s,"version":' % (op.encode(), orjson.dumps(ns), orjson.dumps(key))
 
 
 def _bstr(b: bytes | str) -> str:
@@ -464,7 +482,8 @@ class RedisStore(Store):
     Options (keyword arguments or URL query parameters): ``prefix`` (key prefix, default
     ``stateline``), ``expiry_grace`` (seconds the Redis backstop expiry lags the logical one,
     default 300), ``socket_timeout`` (default 5 s), ``connect_timeout`` (default 2 s),
-    ``max_connections`` (pool size, default 64), ``watch`` (``xread``, the default, or ``poll``).
+    ``max_connections`` (a bound on the pool: callers then wait up to ``socket_timeout`` for a
+    connection; default unbounded, one per concurrent caller), ``watch`` (``xread``, the default, or ``poll``).
     See ``docs/redis.md`` for what durability Redis gives.
     """
 
@@ -483,6 +502,7 @@ class RedisStore(Store):
     ) -> None:
         super().__init__(clock=clock, **options)
         self._r = client
+        self._exec: Callable[..., Any] = client.execute_command
         self._prefix = _check_prefix(prefix)
         self._grace_ms = round(_positive(expiry_grace, "expiry_grace", 10 * 365 * 86400) * 1000)
         if watch not in ("xread", "poll"):
@@ -492,7 +512,6 @@ class RedisStore(Store):
         self._tenants_key = f"{self._prefix}:tenants"
         self._registered: set[str] = set()
         self._reg_lock = threading.Lock()
-        self._commit_script = client.register_script(_COMMIT_LUA)
         self._scan_script = client.register_script(_SCAN_LUA)
         self._changes_script = client.register_script(_CHANGES_LUA)
         self._list_streams_script = client.register_script(_LIST_STREAMS_LUA)
@@ -524,23 +543,26 @@ class RedisStore(Store):
                 raise InvalidArgument("max_value_bytes", "must be an integer") from None
         socket_timeout = _positive(mine.pop("socket_timeout", 5.0), "socket_timeout", 3600)
         connect_timeout = _positive(mine.pop("connect_timeout", 2.0), "connect_timeout", 3600)
-        max_conn = mine.pop("max_connections", 64)
-        try:
-            max_connections = int(max_conn)
-        except (TypeError, ValueError):
-            raise InvalidArgument("max_connections", f"must be an integer, got {max_conn!r}") from None
-        if not 1 <= max_connections <= 10_000:
-            raise InvalidArgument("max_connections", "must be between 1 and 10000")
+        max_conn = mine.pop("max_connections", None)
+        common: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": connect_timeout,
+            "retry": Retry(NoBackoff(), 0),  # never resend: a resent commit could apply twice
+        }
         clean = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(passthrough), ""))
         try:
-            pool = redis.BlockingConnectionPool.from_url(
-                clean,
-                max_connections=max_connections,
-                timeout=socket_timeout,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=connect_timeout,
-                retry=Retry(NoBackoff(), 0),
-            )
+            if max_conn is None:
+                pool: redis.ConnectionPool = redis.ConnectionPool.from_url(clean, **common)
+            else:
+                try:
+                    max_connections = int(max_conn)
+                except (TypeError, ValueError):
+                    raise InvalidArgument("max_connections", f"must be an integer, got {max_conn!r}") from None
+                if not 1 <= max_connections <= 10_000:
+                    raise InvalidArgument("max_connections", "must be between 1 and 10000")
+                pool = redis.BlockingConnectionPool.from_url(
+                    clean, max_connections=max_connections, timeout=socket_timeout, **common
+                )
         except ValueError as exc:
             raise InvalidArgument("url", str(exc)) from None
         client = redis.Redis(connection_pool=pool)
@@ -548,27 +570,31 @@ class RedisStore(Store):
 
     # ------------------------------------------------------------ plumbing
 
-    @contextlib.contextmanager
-    def _io(self, what: str, *, commit: bool = False) -> Iterator[None]:
-        """Translate driver errors into the stateline hierarchy."""
-        try:
-            yield
-        except redis.AuthenticationError as exc:
-            raise StatelineError(f"redis refused the credentials during {what}: {exc}") from exc
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+    def _translate(self, exc: Exception, what: str, *, commit: bool = False) -> StatelineError:
+        """The stateline error for a driver error."""
+        if isinstance(exc, redis.AuthenticationError):
+            return StatelineError(f"redis refused the credentials during {what}: {exc}")
+        if isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError):
             if self._closed:
-                raise Unavailable("the store is closed") from exc
+                return Unavailable("the store is closed")
             # the other idle connections likely share this one's fate (a restart, a partition):
             # drop them so that the next calls connect afresh instead of failing one by one
             with contextlib.suppress(Exception):
                 self._r.connection_pool.disconnect(inuse_connections=False)
             details = {"outcome": "unknown"} if commit else None
-            raise Unavailable(f"redis unreachable during {what}: {exc}", details=details) from exc
-        except redis.ResponseError as exc:
-            msg = str(exc)
-            if msg.startswith(_TRANSIENT_REPLIES):
-                raise Unavailable(f"redis cannot serve {what} now: {msg}") from exc
-            raise StatelineError(f"redis error during {what}: {msg}") from exc
+            return Unavailable(f"redis unreachable during {what}: {exc}", details=details)
+        msg = str(exc)
+        if msg.startswith(_TRANSIENT_REPLIES):
+            return Unavailable(f"redis cannot serve {what} now: {msg}")
+        return StatelineError(f"redis error during {what}: {msg}")
+
+    @contextlib.contextmanager
+    def _io(self, what: str) -> Iterator[None]:
+        """Translate driver errors into the stateline hierarchy."""
+        try:
+            yield
+        except (redis.RedisError, OSError) as exc:
+            raise self._translate(exc, what) from exc
 
     def _read(self, what: str, fn: Callable[[], Any]) -> Any:
         """Run a read; a connection found reset (not timed out) is retried once on a fresh one."""
@@ -607,88 +633,94 @@ class RedisStore(Store):
 
     def _commit(self, c: PreparedCommit) -> Commit:
         tenant = c.tenant
-        self._register(tenant)
+        if tenant not in self._registered:
+            self._register(tenant)
         t = self._t(tenant)
-        keys: list[str] = [t + "rev", t + "c", t + "feed", t + "seqs", t + "streams", t + "nss", t + "exp"]
+        keys: list[Any] = [_COMMIT_SHA, 0, *_fixed_keys(t)]  # EVALSHA sha numkeys keys... args...
         item_idx: dict[tuple[str, str], int] = {}
         item_args: list[Any] = []
-        for chk in c.checks:
-            if type(chk) is not StreamAt:
-                assert isinstance(chk, VersionIs | Absent | Exists)
-                pair = (chk.namespace, chk.key)
-                if pair not in item_idx:
-                    item_idx[pair] = len(item_idx) + 1
-        for op in c.ops:
-            if type(op) is PreparedPut or type(op) is PreparedDelete or type(op) is PreparedIncr:
-                assert isinstance(op, PreparedPut | PreparedDelete | PreparedIncr)
-                pair = (op.namespace, op.key)
-                if pair not in item_idx:
-                    item_idx[pair] = len(item_idx) + 1
-        for ns, key in item_idx:
-            keys.append(f"{t}i:{ns}|{key}")
-            keys.append(f"{t}z:{ns}")
-            item_args.append(ns)
-            item_args.append(key)
+        check_args: list[Any] = []
+        op_args: list[Any] = []
+        stream_refs: list[int] = []  # positions in op_args that hold a stream's KEYS index, fixed below
+        stream_names: list[str] = []
         stream_idx: dict[str, int] = {}
+
+        def item(ns: str, key: str) -> int:
+            pair = (ns, key)
+            i = item_idx.get(pair)
+            if i is None:
+                i = item_idx[pair] = len(item_idx) + 1
+                keys.extend(_item_keys(t, ns, key))
+                item_args.append(ns)
+                item_args.append(key)
+            return i
 
         def stream(name: str) -> int:
             zi = stream_idx.get(name)
             if zi is None:
-                keys.append(f"{t}s:{name}")
-                zi = stream_idx[name] = len(keys)
+                zi = stream_idx[name] = len(stream_names)
+                stream_names.append(name)
+            stream_refs.append(len(op_args) + 1)
             return zi
 
-        check_args: list[Any] = []
         for chk in c.checks:
-            ckind = type(chk)
-            if ckind is StreamAt:
-                assert isinstance(chk, StreamAt)
+            if isinstance(chk, VersionIs):
+                check_args += ("v", item(chk.namespace, chk.key), chk.version)
+            elif isinstance(chk, StreamAt):
                 check_args += ("s", chk.stream, chk.seq)
             else:
-                assert isinstance(chk, VersionIs | Absent | Exists)
-                i = item_idx[(chk.namespace, chk.key)]
-                if ckind is VersionIs:
-                    assert isinstance(chk, VersionIs)
-                    check_args += ("v", i, chk.version)
-                else:
-                    check_args += ("a" if ckind is Absent else "e", i, 0)
-
-        op_args: list[Any] = []
+                check_args += ("a" if isinstance(chk, Absent) else "e", item(chk.namespace, chk.key), 0)
         for op in c.ops:
-            kind = type(op)
-            if kind is PreparedPut:
-                assert isinstance(op, PreparedPut)
-                head = b'{"op":"put","ns":"%s","key":%s,"version":' % (op.namespace.encode(), _json_str(op.key))
+            if isinstance(op, PreparedPut):
+                ttl: Any = "" if op.ttl_us is None else op.ttl_us
+                op_args += ("p", item(op.namespace, op.key), _head("put", op.namespace, op.key), op.value, ttl)
+            elif isinstance(op, PreparedIncr):
                 ttl = "" if op.ttl_us is None else op.ttl_us
-                op_args += ("p", item_idx[(op.namespace, op.key)], head, op.value, ttl)
-            elif kind is PreparedDelete:
-                assert isinstance(op, PreparedDelete)
-                head = b'{"op":"delete","ns":"%s","key":%s,"version":' % (op.namespace.encode(), _json_str(op.key))
-                op_args += ("d", item_idx[(op.namespace, op.key)], head)
-            elif kind is PreparedIncr:
-                assert isinstance(op, PreparedIncr)
-                head = b'{"op":"incr","ns":"%s","key":%s,"version":' % (op.namespace.encode(), _json_str(op.key))
-                ttl = "" if op.ttl_us is None else op.ttl_us
-                op_args += ("i", item_idx[(op.namespace, op.key)], head, op.by, ttl)
-            elif kind is PreparedAppend:
-                assert isinstance(op, PreparedAppend)
-                head = b'{"op":"append","stream":%s,"events":[' % _json_str(op.stream)
+                op_args += ("i", item(op.namespace, op.key), _head("incr", op.namespace, op.key), op.by, ttl)
+            elif isinstance(op, PreparedDelete):
+                op_args += ("d", item(op.namespace, op.key), _head("delete", op.namespace, op.key))
+            elif isinstance(op, PreparedAppend):
+                head = b'{"op":"append","stream":%s,"events":[' % orjson.dumps(op.stream)
                 op_args += ("a", stream(op.stream), op.stream, head, len(op.events))
                 for e in op.events:
                     op_args += (e.type, e.data, e.meta)
             else:
-                assert isinstance(op, PreparedTrim)
                 frag = orjson.dumps({"op": "trim", "stream": op.stream, "before": op.before_seq})
                 op_args += ("t", stream(op.stream), op.before_seq, frag)
-
+        if stream_names:
+            base = len(keys) - 1  # KEYS are 1-based in Lua; keys[0:2] are the sha and numkeys
+            keys.extend(f"{t}s:{name}" for name in stream_names)
+            for pos in stream_refs:
+                op_args[pos] += base
+        keys[1] = len(keys) - 2
         now = self.clock.now_us()
-        args: list[Any] = [now, c.meta, self._grace_ms, len(item_idx), len(c.checks), len(c.ops)]
-        args += item_args
-        args += check_args
-        args += op_args
-        with self._io("commit", commit=True):
-            out = self._commit_script(keys=keys, args=args)
+        keys += (now, c.meta, self._grace_ms, len(item_idx), len(c.checks), len(c.ops))
+        keys += item_args
+        keys += check_args
+        keys += op_args
+        try:
+            try:
+                out = self._exec("EVALSHA", *keys)
+            except redis.exceptions.NoScriptError:  # a restarted or flushed server: load it again
+                self._r.script_load(_COMMIT_LUA)
+                out = self._exec("EVALSHA", *keys)
+        except (redis.RedisError, OSError) as exc:
+            raise self._translate(exc, "commit", commit=True) from exc
         status = out[0]
+        if status == 1:
+            res = out[2]
+            versions: dict[tuple[str, str], int] = {}
+            counters: dict[tuple[str, str], int] = {}
+            seqs: dict[str, int] = {}
+            for j, op in enumerate(c.ops):
+                if isinstance(op, PreparedPut | PreparedDelete):
+                    versions[(op.namespace, op.key)] = res[2 * j]
+                elif isinstance(op, PreparedIncr):
+                    versions[(op.namespace, op.key)] = res[2 * j]
+                    counters[(op.namespace, op.key)] = int(res[2 * j + 1])
+                elif isinstance(op, PreparedAppend):
+                    seqs[op.stream] = res[2 * j]
+            return Commit(out[1], now, versions, counters, seqs)
         if status == 0:
             flat = out[1]
             failures = [
@@ -696,30 +728,11 @@ class RedisStore(Store):
                 for k in range(0, len(flat), 2)
             ]
             raise Conflict(f"{len(failures)} check(s) failed", failures=failures)
-        if status == 2:
-            bad = c.ops[int(out[1]) - 1]
-            assert isinstance(bad, PreparedIncr)
-            if _bstr(out[2]) == "nonint":
-                raise InvalidArgument("incr", f"{bad.namespace}/{bad.key} holds a non-integer value")
-            raise InvalidArgument("incr", f"{bad.namespace}/{bad.key} would overflow 64 bits")
-        revision = int(out[1])
-        res = out[2]
-        versions: dict[tuple[str, str], int] = {}
-        counters: dict[tuple[str, str], int] = {}
-        seqs: dict[str, int] = {}
-        for j, op in enumerate(c.ops):
-            kind = type(op)
-            if kind is PreparedPut or kind is PreparedDelete:
-                assert isinstance(op, PreparedPut | PreparedDelete)
-                versions[(op.namespace, op.key)] = int(res[2 * j])
-            elif kind is PreparedIncr:
-                assert isinstance(op, PreparedIncr)
-                versions[(op.namespace, op.key)] = int(res[2 * j])
-                counters[(op.namespace, op.key)] = int(res[2 * j + 1])
-            elif kind is PreparedAppend:
-                assert isinstance(op, PreparedAppend)
-                seqs[op.stream] = int(res[2 * j])
-        return Commit(revision, now, versions, counters, seqs)
+        bad = c.ops[int(out[1]) - 1]
+        assert isinstance(bad, PreparedIncr)
+        if _bstr(out[2]) == "nonint":
+            raise InvalidArgument("incr", f"{bad.namespace}/{bad.key} holds a non-integer value")
+        raise InvalidArgument("incr", f"{bad.namespace}/{bad.key} would overflow 64 bits")
 
     # ------------------------------------------------------------ reads
 
