@@ -519,11 +519,15 @@ class RateLimiter:
     bucket) under ``VersionIs`` / ``Absent`` checks on the state it decided from (for the sliding
     window, the previous window's counter too); a conflict re-reads and decides again. So concurrent
     callers in any number of threads and processes never over-admit, and counters hold admitted hits
-    only. Each limiter object remembers what it last saw: a hot key costs one commit per admitted
-    hit, and a refusal is answered from memory until the time it computed (other callers can only
-    have added hits since, so the Store would refuse as well). ``reset`` is seen at once by the
-    process that calls it; another process that is refusing the key from memory sees it when that
-    refusal period ends. All callers must agree on the clock (one machine, or NTP-synchronised hosts).
+    only: concurrency adds no error to the algorithm's own. The limiters of one store and settings
+    in a process remember what they last saw: a hot key costs one commit per admitted hit, and a
+    refusal is answered from memory until the time it computed (other callers can only have added
+    hits since, so the Store would refuse as well). ``reset`` is seen at once by the process that
+    calls it; another process that is refusing the key from memory sees it when that refusal period
+    ends. All callers must agree on the clock (one machine, or NTP-synchronised hosts).
+
+    A hit costs ``cost`` (1 to ``rate``; more raises ``InvalidArgument``). Keys are stored as
+    ``<key>|<algorithm tag><window>``, so a key may use up to about 1,000 of the 1,024 key bytes.
     """
 
     def __init__(
