@@ -63,15 +63,16 @@ def fsync_rate(directory: Path, seconds: float) -> float:
         path.unlink()
 
 
-def memory_rate(n: int) -> float:
+def memory_rate(n: int) -> tuple[float, float]:
+    """Single-put commits/s on the memory adapter: by the wall clock and by this thread's CPU time."""
     store = open_store("memory://")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     commit = store.commit
     for i in range(n):
         commit(TENANT, (), (Put("bench", f"k{i % KEYS}", {"i": i}),))
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu
     store.close()
-    return n / elapsed
+    return n / elapsed, n / cpu
 
 
 class Files:
@@ -211,8 +212,12 @@ def main() -> None:
         fsyncs = statistics.median(fsync_rate(directory, 0.3 if quick else 1.0) for _ in range(3))
         print(f"raw fsync (4 KiB overwrite + fsync):            {fsyncs:>10,.0f} /s")
 
-        mem = statistics.median(memory_rate(n_memory) for _ in range(rounds))
-        print(f"memory, 1 thread, single-put commits:          {mem:>10,.0f} /s   (target >= 100,000)")
+        mems = [memory_rate(n_memory) for _ in range(rounds)]
+        mem, mem_cpu = statistics.median(m[0] for m in mems), statistics.median(m[1] for m in mems)
+        print(
+            f"memory, 1 thread, single-put commits:          {mem:>10,.0f} /s   (target >= 100,000; "
+            f"{mem_cpu:,.0f} /s of CPU time)"
+        )
 
         for synchronous, n in (("FULL", n_full), ("NORMAL", n_normal)):
             med = alternate(

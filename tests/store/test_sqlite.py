@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -542,3 +543,28 @@ def test_two_handles_in_one_process_see_each_other(db_path: Path, opened: Callab
     b.commit(T, ops=[Put("ns", "k", 3)])  # another connection: a's watch learns of it by polling
     watcher.join(90)
     assert [c.revision for c in got] == [3]
+
+
+def test_a_forked_child_opens_its_own_connections(db_path: Path, opened: Callable[..., SQLiteStore]) -> None:
+    store = opened(_url(db_path))
+    store.commit(T, ops=[Put("ns", "k", 0)])
+    assert store.get(T, "ns", "k") is not None  # the parent now has a reader connection as well
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # newer Pythons warn about fork() with threads
+        pid = os.fork()
+    if pid == 0:  # the child: SQLite connections must not cross fork(), so it must use fresh ones
+        code = 1
+        try:
+            if store._wcur is None and not store._idle:
+                store.commit(T, ops=[Incr("ns", "k")])
+                item = store.get(T, "ns", "k")
+                code = 0 if item is not None and item.value == 1 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store._wcur is not None  # the parent keeps its own
+    item = store.get(T, "ns", "k")
+    assert item is not None
+    assert item.value == 1
+    assert store.commit(T, ops=[Incr("ns", "k")]).revision == 3

@@ -26,6 +26,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any, Self
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -188,6 +189,20 @@ _SYNCHRONOUS = {"FULL": 2, "NORMAL": 1}
 _OPTIONS = ("synchronous", "busy_timeout_ms", "watch_poll_ms", "max_value_bytes")
 
 
+# Every open store, so that a forked child drops the connections it inherited (SQLite forbids
+# using a connection across fork()); those are kept here, never used and never closed.
+_LIVE: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+_INHERITED: list[sqlite3.Connection] = []
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_LIVE):
+        store._forget_connections()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _translate(exc: sqlite3.Error) -> StatelineError:
     """Map a sqlite3 error onto the error hierarchy."""
     msg = str(exc)
@@ -274,14 +289,42 @@ class SQLiteStore(Store):
         self._watchers = 0
         self._idle: list[sqlite3.Connection] = []
 
-        self._writer = self._connect()
+        writer = self._connect()
         try:
-            self._init_schema(self._writer)
-            self._writer.execute(f"PRAGMA synchronous = {self.synchronous}")
+            self._init_schema(writer)
+            writer.execute(f"PRAGMA synchronous = {self.synchronous}")
         except BaseException:
-            self._writer.close()
+            writer.close()
             raise
-        self._wcur = self._writer.cursor()
+        self._writer: sqlite3.Connection | None = writer
+        self._wcur: sqlite3.Cursor | None = writer.cursor()
+        _LIVE.add(self)
+
+    def _reopen_writer(self) -> sqlite3.Cursor:
+        """A new writer connection (after a fork: a connection must not cross into a child process)."""
+        writer = self._connect()
+        try:
+            writer.execute(f"PRAGMA synchronous = {self.synchronous}")
+        except sqlite3.Error as exc:
+            writer.close()
+            raise _translate(exc) from None
+        self._writer = writer
+        self._wcur = cur = writer.cursor()
+        return cur
+
+    def _forget_connections(self) -> None:
+        """In a forked child: drop (never use, never close) the parent's connections and locks."""
+        _INHERITED.extend(c for c in (self._writer, *self._idle) if c is not None)
+        self._idle = []
+        self._writer = None
+        self._wcur = None
+        self._queue = []
+        self._queue_lock = threading.Lock()
+        self._leading = False
+        self._woken = 0
+        self._write_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._watchers = 0
 
     # ------------------------------------------------------------ opening
 
@@ -518,7 +561,7 @@ class SQLiteStore(Store):
         """The commit alone in its transaction (nobody else was waiting): raise its error directly."""
         if self._closed:
             raise Unavailable("the store is closed")
-        cur = self._wcur
+        cur = self._wcur or self._reopen_writer()
         try:
             cur.execute(SQL_BEGIN)
         except sqlite3.Error as exc:
@@ -529,7 +572,7 @@ class SQLiteStore(Store):
             cur.execute(SQL_INSERT_CHANGE, changes[0])
             cur.execute(SQL_COMMIT)
         except BaseException as exc:
-            if self._writer.in_transaction:
+            if cur.connection.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     cur.execute(SQL_ROLLBACK)
             if isinstance(exc, sqlite3.Error):
@@ -544,12 +587,12 @@ class SQLiteStore(Store):
             for r in batch:
                 r.error = Unavailable("the store is closed")
             return
-        cur = self._wcur
         clock = self.clock
         try:
+            cur = self._wcur or self._reopen_writer()
             cur.execute(SQL_BEGIN)
-        except sqlite3.Error as exc:
-            err = _translate(exc)
+        except (sqlite3.Error, StatelineError) as exc:
+            err = _translate(exc) if isinstance(exc, sqlite3.Error) else exc
             for r in batch:
                 r.error = err
             return
@@ -585,7 +628,7 @@ class SQLiteStore(Store):
             else:
                 cur.execute(SQL_ROLLBACK)
         except Exception as exc:  # noqa: BLE001  # a write failed outside any savepoint: the whole batch fails
-            if self._writer.in_transaction:
+            if cur.connection.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     cur.execute(SQL_ROLLBACK)
             failure: BaseException = _translate(exc) if isinstance(exc, sqlite3.Error) else exc
@@ -913,13 +956,13 @@ class SQLiteStore(Store):
         with self._write_lock:
             if self._closed:
                 raise Unavailable("the store is closed")
-            cur = self._wcur
+            cur = self._wcur or self._reopen_writer()
             try:
                 cur.execute(SQL_BEGIN)
                 removed = cur.execute(_SQL_SWEEP, (self.clock.now_us(), limit)).rowcount
                 cur.execute(SQL_COMMIT)
             except sqlite3.Error as exc:
-                if self._writer.in_transaction:
+                if cur.connection.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         cur.execute(SQL_ROLLBACK)
                 raise _translate(exc) from None
@@ -932,7 +975,9 @@ class SQLiteStore(Store):
         with self._cond:
             self._cond.notify_all()
         with self._write_lock:
-            self._writer.close()
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = self._wcur = None
         while self._idle:
             try:
                 self._idle.pop().close()
