@@ -331,6 +331,7 @@ def test_invalid_batch_reports_every_error_and_changes_nothing(tenant: Tenant, s
         (IncrementStepCount(True), "by"),
         (SetMetadata("step_count", 5), "key"),  # reserved
         (SetMetadata("x", float("nan")), "value"),
+        (SetCtx(2**70, key="huge"), "value"),  # beyond 64 bits: not storable JSON
     ]
     for m, _ in batch:
         case.buffer(m)

@@ -24,6 +24,13 @@ Storage (through the Store port only):
 * case events (one per mutation: ``token.added``, ``scope.cancelled``, ...) go to
   ``cases:<id>:events``.
 
+The layer encodes each commit exactly once: every value it writes was built here from validated
+JSON, so it hands the encoded bytes to ``Store.commit_prepared`` instead of having ``Store.commit``
+re-validate and re-encode them. The state is stored in its canonical encoding (the bytes that are
+hashed) with the receipt head appended, and the stored receipt is the hashed body plus its hash.
+The commit checks the case version (``VersionIs``, ``Absent`` on create) and that the receipt
+stream ends at the handle's last receipt (``StreamAt``).
+
 Receipts form a hash chain. ``hash = sha256(canonical JSON of {case_id, seq, version, timestamp,
 mutations, state_hash, prev_hash})`` where canonical JSON is UTF-8 with object keys sorted and no
 whitespace, ``state_hash = sha256(canonical JSON of {ctx, tokens, scopes, metadata})`` after the
@@ -565,7 +572,7 @@ def _check_case_id(case_id: object, field: str = "case_id") -> str:
 def _json(value: JSON, field: str) -> JSON:
     """A private deep copy of ``value`` if it is plain JSON, else ``_Bad``."""
     t = type(value)
-    if t is int or t is bool or value is None:
+    if (t is int and -(2**63) <= value < 2**64) or t is bool or value is None:
         return value
     try:
         return orjson.loads(codec.encode(value, field))
