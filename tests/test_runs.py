@@ -610,3 +610,30 @@ def test_holder_may_use_several_handles(backend: Backend, tenant: Tenant, clock:
     with pytest.raises(Conflict) as info:
         other.complete(c, c.lease_token, "again")
     assert (info.value.details["from"], info.value.details["to"]) == ("completed", "completed")
+
+
+def test_complete_and_claim_walks_a_chain_one_commit_per_step(tenant: Tenant) -> None:
+    tenant.runs.create(
+        "f",
+        [StepSpec("a"), StepSpec("b", depends_on=["a"]), StepSpec("c", depends_on=["b"], kind="gpu")],
+        run_id="chain",
+    )
+    (c,) = tenant.runs.claim("w", lease=20)
+    before = tenant.revision()
+    done, nxt = tenant.runs.complete_and_claim(c, c.lease_token, "A")
+    assert tenant.revision() == before + 1  # the completion and the next assignment are one commit
+    assert done.status == "completed"
+    assert nxt is not None
+    assert (nxt.step_id, nxt.worker_id, nxt.attempt) == ("b", "w", 1)
+    assert nxt.lease_expires_at == tenant.store.clock.now_us() + 20_000_000
+    assert tenant.runs.claim("other") == []  # b is not up for grabs: it is w's already
+    done, none = tenant.runs.complete_and_claim(nxt, nxt.lease_token, "B", kinds=["cpu"])
+    assert none is None  # c is of another kind: it went to the ready queue instead
+    (c3,) = tenant.runs.claim("gpu-worker", kinds=["gpu"])
+    done, last = tenant.runs.complete_and_claim(c3, c3.lease_token, "C")
+    assert last is None
+    run = tenant.runs.get("chain")
+    assert run.status == "completed"
+    assert [s.result for s in run.steps] == ["A", "B", "C"]
+    types = [e.type for e in tenant.runs.history("chain")]
+    assert types.count("step.assigned") == types.count("step.completed") == 3

@@ -88,6 +88,8 @@ MAX_LEASE_SECONDS = 7 * 86400.0
 MAX_CLAIM_LIMIT = 1000
 _KINDS_CACHE_SECONDS = 1.0
 _HELD_MAX = 10_000
+_MIN_WINDOW = 4
+_MAX_WINDOW = 64
 _MAX_RETRIES = 200  # bounded re-tries of a commit that lost a race on an item other than the caller's step
 
 # ---------------------------------------------------------------- statuses and transitions
@@ -442,6 +444,7 @@ class Runs:
         self._kinds: list[str] = []
         self._kinds_at = -math.inf
         self._kinds_lock = threading.Lock()
+        self._window = _MIN_WINDOW
         # lease token -> (step doc, version) as this handle last wrote it: the holder's next call
         # commits against that version without reading it again (a stale entry only costs a retry)
         self._held: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()
@@ -728,9 +731,11 @@ class Runs:
             if not kind_list:
                 return []
         out: list[Claim] = []
-        window = 16 + 4 * limit
         tried: set[str] = set()
         for _round in range(8):
+            # claimers look at the oldest due steps and start at a random one of them; the window
+            # widens while this handle loses races to other claimers and narrows when it does not
+            window = max(self._window, 2 * limit)
             now = self.store.clock.now_us()
             candidates = self._due(kind_list, now, window, tried)
             if not candidates and kind_list is None and _round == 0:
@@ -738,14 +743,17 @@ class Runs:
                 candidates = self._due(kind_list, now, window, tried)
             if not candidates:
                 break
-            random.shuffle(candidates)
-            for item in candidates:
+            start = random.randrange(len(candidates))
+            for item in candidates[start:] + candidates[:start]:
                 tried.add(item.key)
                 got = self._try_claim(item, worker_id, lease, now)
-                if got is not None:
-                    out.append(got)
-                    if len(out) >= limit:
-                        return out
+                if got is None:
+                    self._window = min(_MAX_WINDOW, self._window * 2)
+                    continue
+                self._window = max(_MIN_WINDOW, self._window - 1)
+                out.append(got)
+                if len(out) >= limit:
+                    return out
         return out
 
     def _due(self, kinds: list[str] | None, now: int, window: int, tried: set[str]) -> list[Item]:
@@ -828,6 +836,21 @@ class Runs:
         except Conflict:
             return None
 
+        claim = self._assign(plan, doc, worker_id, lease, now)
+        if run["status"] == "pending":
+            self._run_transition(plan, run_item, "running", now)
+        try:
+            commit = self._commit(plan, run_id, doc["trace_id"])
+        except Conflict:
+            return None
+        self._remember(claim.lease_token, doc, commit.versions[(NS_STEPS, skey)])
+        return claim
+
+    def _assign(self, plan: _Plan, doc: dict[str, Any], worker_id: str, lease: float, now: int) -> Claim:
+        """Plan ``pending|retrying -> assigned`` of ``doc`` to ``worker_id`` (the caller checks the
+        step's version and removes its old due entry)."""
+        run_id, step_id = doc["run_id"], doc["step_id"]
+        skey = f"{run_id}/{step_id}"
         token = secrets.token_hex(16)
         expires = now + round(lease * 1_000_000)
         new_due = _due_key(doc["kind"], expires, run_id, step_id)
@@ -866,13 +889,6 @@ class Runs:
                 subject=ASSIGNED_SUBJECT,
             )
         )
-        if run["status"] == "pending":
-            self._run_transition(plan, run_item, "running", now)
-        try:
-            commit = self._commit(plan, run_id, doc["trace_id"])
-        except Conflict:
-            return None
-        self._remember(token, doc, commit.versions[(NS_STEPS, skey)])
         return Claim(
             run_id,
             step_id,
@@ -1030,6 +1046,42 @@ class Runs:
         Raises ``Conflict`` if the token is stale or the lease expired (the outcome is then not
         recorded), or if the step's status does not allow completion.
         """
+        return self._complete(step, lease_token, result, usage, None)[0]
+
+    def complete_and_claim(
+        self,
+        step: StepRef,
+        lease_token: str,
+        result: Any = None,
+        usage: Mapping[str, Any] | None = None,
+        *,
+        lease: float | None = None,
+        kinds: Iterable[str] | None = None,
+    ) -> tuple[Step, Claim | None]:
+        """``complete``, and in the same commit assign to the same worker one dependent step that
+        this completion made ready (of one of ``kinds``, if given), for ``lease`` seconds (default:
+        the completed step's lease). Returns the completed step and that claim, or ``None`` when
+        the completion released no such step (call ``claim`` then). A workflow of sequential steps
+        thus costs one commit per step. (Like a step that was running when its run failed, a step
+        claimed this way is not held back by a failure of its run that happened meanwhile.)"""
+        if lease is not None:
+            lease = _check_seconds(lease, "lease", maximum=MAX_LEASE_SECONDS, positive=True)
+        if kinds is None:
+            wanted = None
+        else:
+            if isinstance(kinds, str | bytes):
+                raise InvalidArgument("kinds", "must be a list of kinds, not a string")
+            wanted = {_check_id(k, "kinds[]") for k in kinds}
+        return self._complete(step, lease_token, result, usage, (lease, wanted))
+
+    def _complete(
+        self,
+        step: StepRef,
+        lease_token: str,
+        result: Any,
+        usage: Mapping[str, Any] | None,
+        then_claim: tuple[float | None, set[str] | None] | None,
+    ) -> tuple[Step, Claim | None]:
         _check_json(result, "result")
         metered = None if usage is None else _check_usage(usage)
         run_id, step_id = _step_ref(step)
@@ -1037,6 +1089,8 @@ class Runs:
             run_id, skey, version, doc, now, _hit = self._leased(
                 (run_id, step_id), lease_token, "completed", cached=attempt == 0
             )
+            worker_id = doc["worker_id"]
+            next_lease = doc["lease_seconds"]
             plan = _Plan()
             fields: dict[str, Any] = {"result": result, "error": None, "completed_at": now}
             if metered is not None:
@@ -1048,7 +1102,7 @@ class Runs:
                         {"run_id": run_id, "step_id": step_id, "flow_id": doc["flow_id"], "at": now, **fields["usage"]},
                     )
                 )
-            self._terminal(plan, version, doc, "completed", now, fields)
+            released = self._terminal(plan, version, doc, "completed", now, fields)
             if metered is not None:
                 plan.events.append(
                     self._event(
@@ -1058,13 +1112,35 @@ class Runs:
                         subject=USAGE_SUBJECT,
                     )
                 )
+            claim: Claim | None = None
+            nxt: dict[str, Any] | None = None
+            if then_claim is not None:
+                want_lease, wanted = then_claim
+                for dep in released:
+                    if wanted is None or dep["kind"] in wanted:
+                        nxt = dep
+                        break
+                if nxt is not None:
+                    # the dependent's Put and its ready entry were planned by _release: replace them
+                    ready_key = nxt["due_key"]
+                    dkey = f"{run_id}/{nxt['step_id']}"
+                    plan.ops = [
+                        op
+                        for op in plan.ops
+                        if not (
+                            isinstance(op, Put) and (op.namespace, op.key) in ((NS_READY, ready_key), (NS_STEPS, dkey))
+                        )
+                    ]
+                    claim = self._assign(plan, nxt, worker_id, want_lease or next_lease, now)
             try:
                 commit = self._commit(plan, run_id, doc["trace_id"])
             except Conflict:
                 continue  # a dependent or the run changed (or the step: the next read refuses)
             self._forget(lease_token)
+            if claim is not None and nxt is not None:
+                self._remember(claim.lease_token, nxt, commit.versions[(NS_STEPS, f"{run_id}/{nxt['step_id']}")])
             self._after_settle(commit, doc)
-            return self._step_from(doc, commit.versions[(NS_STEPS, skey)], False)
+            return self._step_from(doc, commit.versions[(NS_STEPS, skey)], False), claim
         raise Conflict(f"step {run_id}/{step_id}: too much contention, gave up", details={"reason": "contention"})
 
     def fail(self, step: StepRef, lease_token: str, error: Any, retryable: bool = True) -> Step:
@@ -1167,9 +1243,10 @@ class Runs:
         run_item: Item | None = None,
         checked: bool = False,
         result_status: str = "error",
-    ) -> None:
+    ) -> list[dict[str, Any]]:
         """Plan ``doc -> to`` for completed/failed/dead: settle the step (release dependents, count
-        it down) when it completed or is optional, else fail the run."""
+        it down) when it completed or is optional, else fail the run. Returns the dependents this
+        made ready (as planned)."""
         skey = f"{doc['run_id']}/{doc['step_id']}"
         _require_step(f"step {skey}", doc["status"], to)
         if not checked:
@@ -1183,9 +1260,10 @@ class Runs:
             plan.events.append(self._end_event(f"step.{to}", doc, to, result_status, now, None, fields.get("error")))
         doc.update(fields)
         doc.update(status=to, due_key=None, lease_token=None, lease_expires_at=None, updated_at=now)
+        released: list[dict[str, Any]] = []
         if settles:
             if not doc["released"] and doc["dependents"]:
-                self._release(plan, doc, now)
+                released = self._release(plan, doc, now)
             doc["released"] = True
             plan.ops.append(Incr(NS_OPEN, doc["run_id"], -1))
         else:
@@ -1203,9 +1281,11 @@ class Runs:
                     run["updated_at"] = now
                     plan.ops.append(Put(NS_RUNS, doc["run_id"], run))
         plan.ops.append(Put(NS_STEPS, skey, doc))
+        return released
 
-    def _release(self, plan: _Plan, doc: Mapping[str, Any], now: int) -> None:
+    def _release(self, plan: _Plan, doc: Mapping[str, Any], now: int) -> list[dict[str, Any]]:
         run_id = doc["run_id"]
+        ready: list[dict[str, Any]] = []
         keys = [(NS_STEPS, f"{run_id}/{d}") for d in doc["dependents"]]
         for dep_item in self.store.get_many(self.tenant, keys):
             if dep_item is None:
@@ -1219,7 +1299,9 @@ class Runs:
             if dep["waiting"] == 0:
                 dep["due_key"] = _due_key(dep["kind"], now, run_id, dep["step_id"])
                 plan.ops.append(Put(NS_READY, dep["due_key"], 1))
+                ready.append(dep)
             plan.ops.append(Put(NS_STEPS, dep_item.key, dep))
+        return ready
 
     def _run_transition(
         self,
