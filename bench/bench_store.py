@@ -2,17 +2,18 @@
 
 Run: ``python bench/bench_store.py`` (``--quick`` for a run well under a minute).
 
-What it measures, each figure the median of several rounds, the rounds of compared systems
-alternating so that a busy machine hurts both alike:
+What it measures (medians of several rounds; compared systems alternate so that a busy machine
+hurts both alike):
 
 * memory: single-put commits per second on one thread.
 * SQLite (``synchronous=FULL``, and ``NORMAL`` for reference): stateline's single-put commit beside
   raw ``sqlite3`` executing the same statements (same schema, same upserts of the item and the
   tenant revision and the same change row, one transaction per commit) with the same durability.
-  The ratio is stateline's cost per commit over raw's (target: at most 1.5).
+  Both have a file open at once and take turns in blocks of commits. The ratio is stateline's
+  cost per commit over raw's (target: at most 1.5).
 * 16 threads committing to different keys at ``FULL`` against one thread (target: at least 5x),
   with the commits each write transaction (one flush of the log) carried, beside the raw
-  ``fsync`` rate of this machine's disk.
+  ``fsync`` rate of the disk measured in the same rounds.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import orjson
 
@@ -76,7 +77,7 @@ def memory_rate(n: int) -> tuple[float, float]:
 
 
 class Files:
-    """Fresh database files, one per run, removed at the end."""
+    """Fresh database files with stateline's schema, removed at the end."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -85,56 +86,94 @@ class Files:
     def fresh(self) -> Path:
         self.count += 1
         path = self.directory / f"run{self.count}.db"
-        # the schema, created the way stateline creates it, so both systems write the same tables
-        SQLiteStore(str(path)).close()
+        SQLiteStore(str(path)).close()  # the schema, created the way stateline creates it
         return path
 
-    def remove(self, path: Path) -> None:
+    @staticmethod
+    def remove(path: Path) -> None:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
-def stateline_rate(path: Path, synchronous: str, n: int) -> float:
-    store = open_store(f"sqlite:///{path}?synchronous={synchronous}")
-    commit = store.commit
-    start = time.perf_counter()
-    for i in range(n):
-        commit(TENANT, (), (Put("bench", f"k{i % KEYS}", {"i": i}),))
-    elapsed = time.perf_counter() - start
-    store.close()
-    return n / elapsed
+class Runner(Protocol):
+    def run(self, n: int) -> float: ...
+
+    def close(self) -> None: ...
 
 
-def raw_rate(path: Path, synchronous: str, n: int) -> float:
-    """The same statements through the sqlite3 module directly, with the same pragmas."""
-    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, cached_statements=256)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute(f"PRAGMA synchronous = {synchronous}")
-    cur = conn.cursor()
-    dumps = orjson.dumps
-    fragment = orjson.Fragment
-    start = time.perf_counter()
-    for i in range(n):
-        key = f"k{i % KEYS}"
-        value = dumps({"i": i})
-        now = time.time_ns() // 1000
-        cur.execute(SQL_BEGIN)
-        revision = cur.execute(SQL_BUMP_REVISION, (TENANT,)).fetchone()[0]
-        version = cur.execute(SQL_PUT, (TENANT, "bench", key, value, revision, now, None)).fetchone()[0]
-        body = dumps(
-            {
-                "at": now,
-                "meta": {},
-                "ops": [
-                    {"op": "put", "ns": "bench", "key": key, "version": version, "value": fragment(value), "exp": None}
-                ],
-            }
-        )
-        cur.execute(SQL_INSERT_CHANGE, (TENANT, revision, body))
-        cur.execute(SQL_COMMIT)
-    elapsed = time.perf_counter() - start
-    conn.close()
-    return n / elapsed
+class StatelineRunner:
+    """Single-put commits through ``Store.commit``."""
+
+    def __init__(self, path: Path, synchronous: str) -> None:
+        self.store = open_store(f"sqlite:///{path}?synchronous={synchronous}")
+        self.i = 0
+
+    def run(self, n: int) -> float:
+        commit = self.store.commit
+        i = self.i
+        start = time.perf_counter()
+        for i in range(self.i, self.i + n):
+            commit(TENANT, (), (Put("bench", f"k{i % KEYS}", {"i": i}),))
+        elapsed = time.perf_counter() - start
+        self.i = i + 1
+        return elapsed
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class RawRunner:
+    """The same statements through the sqlite3 module directly, with the same pragmas and the same encoding."""
+
+    def __init__(self, path: Path, synchronous: str) -> None:
+        self.conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, cached_statements=256)
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute(f"PRAGMA synchronous = {synchronous}")
+        self.cur = self.conn.cursor()
+        self.i = 0
+
+    def run(self, n: int) -> float:
+        cur = self.cur
+        dumps = orjson.dumps
+        fragment = orjson.Fragment
+        i = self.i
+        start = time.perf_counter()
+        for i in range(self.i, self.i + n):
+            key = f"k{i % KEYS}"
+            value = dumps({"i": i})
+            now = time.time_ns() // 1000
+            cur.execute(SQL_BEGIN)
+            revision = cur.execute(SQL_BUMP_REVISION, (TENANT,)).fetchone()[0]
+            version = cur.execute(SQL_PUT, (TENANT, "bench", key, value, revision, now, None)).fetchone()[0]
+            op = {"op": "put", "ns": "bench", "key": key, "version": version, "value": fragment(value), "exp": None}
+            cur.execute(SQL_INSERT_CHANGE, (TENANT, revision, dumps({"at": now, "meta": {}, "ops": [op]})))
+            cur.execute(SQL_COMMIT)
+        elapsed = time.perf_counter() - start
+        self.i = i + 1
+        return elapsed
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def interleaved(files: Files, synchronous: str, blocks: int, block: int) -> tuple[float, float]:
+    """Commits/s of stateline and of raw sqlite3, each on its own file, taking turns in blocks of commits."""
+    paths = [files.fresh(), files.fresh()]
+    runners: list[Runner] = [StatelineRunner(paths[0], synchronous), RawRunner(paths[1], synchronous)]
+    spent = [0.0, 0.0]
+    try:
+        for runner in runners:
+            runner.run(50)  # warm caches and statements
+        for b in range(blocks):
+            for k in (0, 1) if b % 2 == 0 else (1, 0):
+                spent[k] += runners[k].run(block)
+    finally:
+        for runner in runners:
+            runner.close()
+        for path in paths:
+            files.remove(path)
+    n = blocks * block
+    return n / spent[0], n / spent[1]
 
 
 def threaded_rate(path: Path, threads: int, per_thread: int) -> tuple[float, float]:
@@ -167,97 +206,76 @@ def threaded_rate(path: Path, threads: int, per_thread: int) -> tuple[float, flo
     return threads * per_thread / elapsed, per_batch
 
 
-def alternate(rounds: int, runs: dict[str, Callable[[], float]]) -> dict[str, float]:
-    """Run each named system once per round, in alternating order; return each one's median."""
-    results: dict[str, list[float]] = {name: [] for name in runs}
-    names = list(runs)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else reversed(names):
-            results[name].append(runs[name]())
-    return {name: statistics.median(values) for name, values in results.items()}
+def single_rate(path: Path, n: int) -> float:
+    runner = StatelineRunner(path, "FULL")
+    try:
+        runner.run(50)
+        return n / runner.run(n)
+    finally:
+        runner.close()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and commits (well under a minute)")
     parser.add_argument("--dir", type=Path, default=None, help="where the database files go (default: a temp dir)")
     args = parser.parse_args()
     quick = args.quick
     rounds = 3 if quick else 7
     n_memory = 50_000 if quick else 300_000
-    n_full = 600 if quick else 3000
-    n_normal = 2000 if quick else 10_000
-    threads, per_thread = 16, (60 if quick else 300)
+    blocks, block = (10, 50) if quick else (20, 150)
+    threads, per_thread, n_single = 16, (40 if quick else 150), (400 if quick else 1500)
 
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="stateline-bench-") as tmp:
         directory = Path(tmp)
         files = Files(directory)
-
-        def on_file(fn: Callable[[Path], float]) -> Callable[[], float]:
-            def run() -> float:
-                path = files.fresh()
-                try:
-                    return fn(path)
-                finally:
-                    files.remove(path)
-
-            return run
-
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         print(
             f"machine: {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, files in {directory}"
+            f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, load average {load:.1f}, "
+            f"files in {directory}"
         )
-        print(f"rounds per figure: {rounds} (median; compared systems alternate)\n")
-
-        fsyncs = statistics.median(fsync_rate(directory, 0.3 if quick else 1.0) for _ in range(3))
-        print(f"raw fsync (4 KiB overwrite + fsync):            {fsyncs:>10,.0f} /s")
+        print(f"each figure: median of {rounds} rounds; compared systems alternate\n")
 
         mems = [memory_rate(n_memory) for _ in range(rounds)]
         mem, mem_cpu = statistics.median(m[0] for m in mems), statistics.median(m[1] for m in mems)
-        print(
-            f"memory, 1 thread, single-put commits:          {mem:>10,.0f} /s   (target >= 100,000; "
-            f"{mem_cpu:,.0f} /s of CPU time)"
-        )
+        print(f"memory        1 thread : {mem:>9,.0f} commits/s (target >= 100,000; {mem_cpu:,.0f} /s of CPU time)")
 
-        for synchronous, n in (("FULL", n_full), ("NORMAL", n_normal)):
-            med = alternate(
-                rounds,
-                {
-                    "stateline": on_file(lambda p, s=synchronous, n=n: stateline_rate(p, s, n)),
-                    "raw": on_file(lambda p, s=synchronous, n=n: raw_rate(p, s, n)),
-                },
-            )
-            ratio = med["raw"] / med["stateline"]
-            target = "   (target <= 1.5)" if synchronous == "FULL" else ""
+        for synchronous in ("FULL", "NORMAL"):
+            pairs = [interleaved(files, synchronous, blocks, block) for _ in range(rounds)]
+            ours, raw = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+            ratio = statistics.median(p[1] / p[0] for p in pairs)
+            target = " (target <= 1.5)" if synchronous == "FULL" else ""
             print(
-                f"sqlite {synchronous:<6} 1 thread: stateline {med['stateline']:>8,.0f} /s, "
-                f"raw sqlite3 {med['raw']:>8,.0f} /s, cost ratio {ratio:.2f}{target}"
+                f"sqlite {synchronous:<6} 1 thread : stateline {ours:>7,.0f} commits/s, raw sqlite3 {raw:>7,.0f} /s, "
+                f"cost ratio {ratio:.2f}{target}"
             )
 
         singles: list[float] = []
         multis: list[float] = []
         per_batches: list[float] = []
+        fsyncs: list[float] = []
         for r in range(rounds):
-            order = ("one", "many") if r % 2 == 0 else ("many", "one")
-            for which in order:
-                if which == "one":
-                    singles.append(on_file(lambda p: stateline_rate(p, "FULL", n_full))())
-                else:
-                    path = files.fresh()
-                    try:
+            fsyncs.append(fsync_rate(directory, 0.2 if quick else 0.5))
+            for which in ("one", "many") if r % 2 == 0 else ("many", "one"):
+                path = files.fresh()
+                try:
+                    if which == "one":
+                        singles.append(single_rate(path, n_single))
+                    else:
                         rate, per_batch = threaded_rate(path, threads, per_thread)
-                    finally:
-                        files.remove(path)
-                    multis.append(rate)
-                    per_batches.append(per_batch)
-        one, many = statistics.median(singles), statistics.median(multis)
+                        multis.append(rate)
+                        per_batches.append(per_batch)
+                finally:
+                    files.remove(path)
+        one, many, fsync = statistics.median(singles), statistics.median(multis), statistics.median(fsyncs)
         print(
-            f"sqlite FULL   {threads} threads: {many:>8,.0f} /s vs 1 thread {one:>8,.0f} /s = "
-            f"{many / one:.1f}x   (target >= 5x)"
+            f"sqlite FULL  {threads} threads: {many:>9,.0f} commits/s vs 1 thread {one:,.0f} /s = {many / one:.1f}x "
+            f"(target >= 5x)"
         )
         print(
-            f"  commits per transaction (= per fsync of the log): {statistics.median(per_batches):.1f}; "
-            f"commits per raw fsync of this disk: {many / fsyncs:.2f}"
+            f"  commits per write transaction (one fsync of the log each): {statistics.median(per_batches):.1f}; "
+            f"raw fsync of this disk: {fsync:,.0f} /s, so {many / fsync:.1f} commits per raw fsync"
         )
     sys.stdout.flush()
 
