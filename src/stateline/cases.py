@@ -981,9 +981,9 @@ def _persist(
     prepared = PreparedCommit(
         tenant,
         (guard, StreamAt(rstream, head_seq)),
-        (
-            PreparedPut(NAMESPACE, cid, _sized(store, value, "case state"), None),
+        (  # the receipt first: the change feed names a change after its first op (``<tenant>.cases.receipt``)
             PreparedAppend(rstream, (PreparedEvent("receipt", _sized(store, receipt_data, "receipt"), _NO_META),)),
+            PreparedPut(NAMESPACE, cid, _sized(store, value, "case state"), None),
             PreparedAppend(estream, events),
         ),
         _NO_META,
