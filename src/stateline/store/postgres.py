@@ -25,9 +25,12 @@ Why it is built this way:
   a notification was lost with a connection) watchers poll.
 * Time comes only from the injected clock (passed as parameters, never ``now()`` in SQL). Values
   are stored as the exact encoded JSON bytes (``bytea``); keys use ``COLLATE "C"`` (code point order).
-* Outages: broken connections are detected before use and replaced; calls during an outage raise
-  ``Unavailable`` after at most ``connect_timeout``/``pool_timeout`` seconds, and the same store
-  works again once the server is back. A commit that fails after COMMIT was sent raises
+* Outages: connections the server closed are detected before use and replaced; a statement that
+  gets no answer within ``op_timeout`` (a partition, a stalled proxy) has its socket shut down by a
+  watchdog, and the server drops our transaction after the same time idle. So calls during an
+  outage raise ``Unavailable`` within about ``op_timeout`` or ``pool_timeout + connect_timeout``
+  seconds, commits queued behind a failed group fail with it instead of trying again, and the same
+  store works again once the server is back. A commit that fails after COMMIT was sent raises
   ``Unavailable`` whose outcome is unknown (the change feed tells).
 """
 
@@ -35,8 +38,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
 import select
+import socket
 import threading
 import time
 from collections import deque
@@ -48,6 +53,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 import psycopg
+import psycopg.conninfo
 import psycopg.errors
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -91,6 +97,7 @@ _MAX_GROUP = 64  # commits per group transaction
 _RETRIES = 3  # retries of a transaction rolled back by a deadlock / serialization failure
 _POLL_DOWN = 0.25  # watch poll interval while the listener is down
 _POLL_SAFETY = 2.0  # ... and while it is up, in case a notification was lost
+_LISTEN_PING = 5.0  # the listener proves its connection alive this often
 
 # Migrations: MIGRATIONS[v] takes a schema from version v to v + 1. ``{s}`` is the quoted schema.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -189,7 +196,8 @@ class PostgresStore(Store):
 
     Options (URL query parameters or keyword arguments): ``schema`` (default ``stateline``; created
     if missing), ``pool_min`` (1), ``pool_max`` (10), ``pool_timeout`` seconds to wait for a
-    connection (5), ``connect_timeout`` seconds (5), ``group_commit`` (true). Other query
+    connection (3), ``connect_timeout`` seconds (3), ``op_timeout`` seconds one statement may wait
+    for the server before its connection is dropped (10), ``group_commit`` (true). Other query
     parameters go to libpq unchanged (``sslmode``, ``password``, ``application_name``, ...).
     Opening creates the schema, or migrates an older one, safely when several processes open at once.
     """
@@ -204,8 +212,9 @@ class PostgresStore(Store):
         schema: str = "stateline",
         pool_min: int = 1,
         pool_max: int = 10,
-        pool_timeout: float = 5.0,
-        connect_timeout: int = 5,
+        pool_timeout: float = 3.0,
+        connect_timeout: int = 3,
+        op_timeout: float = 10.0,
         group_commit: bool = True,
         **options: Any,
     ) -> None:
@@ -215,11 +224,15 @@ class PostgresStore(Store):
         pool_max = _int_option(pool_max, "pool_max", 1, 1000)
         pool_min = _int_option(pool_min, "pool_min", 0, pool_max)
         connect_timeout = _int_option(connect_timeout, "connect_timeout", 1, 3600)
-        if type(pool_timeout) not in (int, float) or not 0 < pool_timeout <= 3600:
-            raise InvalidArgument("pool_timeout", "must be a number of seconds in (0, 3600]")
+        for name, value in (("pool_timeout", pool_timeout), ("op_timeout", op_timeout)):
+            if type(value) not in (int, float) or not 0 < value <= 3600:
+                raise InvalidArgument(name, "must be a number of seconds in (0, 3600]")
         self.schema = schema
         self._group = bool(group_commit)
         self._conninfo = conninfo
+        # the server ends a transaction whose client went silent (it would hold the tenant's lock)
+        user_options = psycopg.conninfo.conninfo_to_dict(conninfo).get("options") or ""
+        idle_limit = f"-c idle_in_transaction_session_timeout={round(op_timeout * 1000)}"
         self._connect_kwargs: dict[str, Any] = {
             "autocommit": True,
             "connect_timeout": connect_timeout,
@@ -228,7 +241,10 @@ class PostgresStore(Store):
             "keepalives_interval": 5,
             "keepalives_count": 3,
             "tcp_user_timeout": 15000,
+            "options": f"{user_options} {idle_limit}".strip(),
         }
+        self._watchdog = _Watchdog(float(op_timeout))
+        self._drained_at = 0.0
         self._pool_timeout = float(pool_timeout)
         s = f'"{schema}"'
         self._channel = f"stateline:{schema}"[:63]
@@ -297,18 +313,35 @@ class PostgresStore(Store):
             if _healthy(conn):
                 break
             self._pool.putconn(conn)  # closed: the pool replaces it
+            self._drain()
         else:
             raise Unavailable("postgresql: every pooled connection is broken")
+        self._watchdog.watch(conn)
         try:
             yield conn
         finally:
-            if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                with contextlib.suppress(psycopg.Error):
-                    conn.rollback()
-            if pooled:
-                self._pool.putconn(conn)
-            else:
-                conn.close()
+            try:
+                if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    with contextlib.suppress(psycopg.Error):
+                        conn.rollback()
+            finally:
+                self._watchdog.release(conn)
+                broken = conn.closed or conn.broken
+                if pooled:
+                    self._pool.putconn(conn)
+                else:
+                    conn.close()
+                if broken:
+                    self._drain()
+
+    def _drain(self) -> None:
+        """One connection was lost: the idle ones probably were too (restart, partition). Replace them."""
+        now = time.monotonic()
+        if now - self._drained_at < 1.0 or self._closed:
+            return
+        self._drained_at = now
+        with contextlib.suppress(Exception):
+            self._pool.drain()
 
     def _connect_once(self) -> psycopg.Connection[Any]:
         try:
@@ -406,7 +439,16 @@ class PostgresStore(Store):
                     slot.result = res
                 else:
                     slot.error = res
+            failed = isinstance(results[0], Unavailable)
             with self._queues_lock:
+                if failed and q.pending:
+                    # the server is unreachable: the commits queued meanwhile fail now, not one attempt later
+                    err0 = results[0]
+                    assert isinstance(err0, Exception)
+                    for waiting in q.pending:
+                        waiting.error = _copy_error(err0)
+                        group.append(waiting)
+                    q.pending.clear()
                 if q.pending:
                     nxt = q.pending[0]
                     nxt.lead = True
@@ -755,6 +797,7 @@ class PostgresStore(Store):
                 with self._cond:
                     self._listening = True
                     self._cond.notify_all()
+                last_ping = time.monotonic()
                 while not self._closed:
                     for n in conn.notifies(timeout=0.5):
                         with self._cond:
@@ -762,6 +805,13 @@ class PostgresStore(Store):
                             self._cond.notify_all()
                     if conn.closed or conn.broken:
                         break
+                    if time.monotonic() - last_ping > _LISTEN_PING:  # a silent partition would look idle
+                        self._watchdog.watch(conn)
+                        try:
+                            conn.execute("SELECT 1")
+                        finally:
+                            self._watchdog.release(conn)
+                        last_ping = time.monotonic()
             except psycopg.Error:
                 pass
             finally:
@@ -802,6 +852,62 @@ class PostgresStore(Store):
         if listener is not None:
             listener.join(timeout=2.0)
         self._pool.close(timeout=1.0)
+        self._watchdog.stop()
+
+
+class _Watchdog:
+    """Shuts down the socket of a connection whose statement has waited longer than ``limit`` seconds.
+
+    libpq waits for an answer for ever; behind a partition (or a stalled proxy) that is a hang. Shutting
+    the socket down makes the waiting call fail at once with a connection error.
+    """
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._active: dict[int, tuple[float, psycopg.Connection[Any]]] = {}
+        self._thread: threading.Thread | None = None
+
+    def watch(self, conn: psycopg.Connection[Any]) -> None:
+        with self._lock:
+            self._active[id(conn)] = (time.monotonic() + self.limit, conn)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="stateline-pg-watchdog", daemon=True)
+                self._thread.start()
+
+    def release(self, conn: psycopg.Connection[Any]) -> None:
+        with self._lock:
+            self._active.pop(id(conn), None)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._active.clear()
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=2.0)
+
+    def _run(self) -> None:
+        me = threading.current_thread()
+        while True:
+            time.sleep(min(0.25, self.limit / 4))
+            now = time.monotonic()
+            with self._lock:
+                if self._thread is not me:
+                    return
+                for key, (deadline, conn) in list(self._active.items()):
+                    if deadline <= now:
+                        del self._active[key]
+                        _shut_down(conn)
+
+
+def _shut_down(conn: psycopg.Connection[Any]) -> None:
+    with contextlib.suppress(OSError, ValueError, psycopg.Error):
+        fd = conn.fileno()
+        dup = socket.socket(fileno=os.dup(fd))
+        try:
+            dup.shutdown(socket.SHUT_RDWR)
+        finally:
+            dup.close()
 
 
 class _Retry(Exception):
@@ -864,6 +970,7 @@ _URL_OPTIONS: dict[str, Any] = {
     "pool_max": lambda _n, v: v,
     "pool_timeout": _float_option,
     "connect_timeout": lambda _n, v: v,
+    "op_timeout": _float_option,
     "group_commit": _bool_option,
     "max_value_bytes": lambda n, v: _int_option(v, n, 1, 256 * 1024 * 1024),
 }
