@@ -572,7 +572,7 @@ def _check_case_id(case_id: object, field: str = "case_id") -> str:
 def _json(value: JSON, field: str) -> JSON:
     """A private deep copy of ``value`` if it is plain JSON, else ``_Bad``."""
     t = type(value)
-    if (t is int and -(2**63) <= value < 2**64) or t is bool or value is None:
+    if (t is int and -(2**63) <= value < 2**64) or t is bool or value is None or (t is str and value.isascii()):
         return value
     try:
         return orjson.loads(codec.encode(value, field))
@@ -975,9 +975,8 @@ def _persist(
     rhash = hashlib.sha256(body_bytes).hexdigest()
     value = b"".join((core[:-1], b',"receipt":{"seq":', str(seq).encode(), b',"hash":"', rhash.encode(), b'"}}'))
     receipt_data = b"".join((body_bytes[:-1], b',"hash":"', rhash.encode(), b'"}'))
-    events = tuple(
-        PreparedEvent(EVENT_TYPES[s["op"]], _sized(store, orjson.dumps(s), "event data"), _NO_META) for s in summaries
-    )
+    # each event holds one summary of the receipt, so it is smaller than the receipt, whose size is checked
+    events = tuple([PreparedEvent(EVENT_TYPES[s["op"]], orjson.dumps(s), _NO_META) for s in summaries])
     prepared = PreparedCommit(
         tenant,
         (guard, StreamAt(rstream, head_seq)),
