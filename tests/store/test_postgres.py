@@ -108,6 +108,7 @@ def test_url_options_and_schema(schema: str, opened: list[PostgresStore]) -> Non
         ("pool_timeout=-1", "pool_timeout"),
         ("pool_timeout=soon", "pool_timeout"),
         ("group_commit=maybe", "group_commit"),
+        ("op_timeout=0", "op_timeout"),
     ],
 )
 def test_bad_url_options_are_refused(query: str, field: str) -> None:
@@ -463,6 +464,26 @@ def test_outage_raises_unavailable_quickly_and_the_same_store_recovers(
         assert item is not None
         assert (item.value, item.version) == (3, 2)
         assert [c.revision for c in store.changes(T)] == [1, 2]
+
+
+def test_a_silent_partition_does_not_hang_calls(schema: str, opened: list[PostgresStore]) -> None:
+    with FaultProxy("127.0.0.1", 5432) as proxy:
+        store = _open(
+            opened,
+            f"postgresql://postgres@127.0.0.1:{proxy.port}/test?schema={schema}"
+            "&pool_timeout=1&connect_timeout=2&op_timeout=1.5",
+        )
+        store.commit(T, ops=[Put("ns", "k", 1)])
+        proxy.blackhole()  # the pooled connection looks fine but nothing comes back
+        for call in (lambda: store.commit(T, ops=[Put("ns", "k", 2)]), lambda: store.get(T, "ns", "k")):
+            started = time.monotonic()
+            with pytest.raises(Unavailable):
+                call()
+            assert time.monotonic() - started < OUTAGE_BOUND
+        proxy.restore()
+        # the stalled transaction's lock on the tenant is gone: commits go through again
+        store.commit(T, checks=[VersionIs("ns", "k", 1)], ops=[Put("ns", "k", 3)])
+        assert store.revision(T) == 2
 
 
 def test_connections_killed_by_the_server_are_survived(schema: str, opened: list[PostgresStore]) -> None:

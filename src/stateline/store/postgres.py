@@ -461,11 +461,15 @@ class PostgresStore(Store):
                 slot.done.set()
 
     def _run_group(self, tenant: str, group: list[_Slot]) -> list[Commit | StatelineError]:
+        lost = 0
         for attempt in range(_RETRIES + 1):
             try:
                 return self._try_group(tenant, group)
             except _Retry as exc:
-                if attempt == _RETRIES:
+                # a rolled-back transaction is tried again a few times; a lost connection once (it may
+                # have been a stale one), since the next attempt already pays the connect timeout
+                lost += not isinstance(exc.cause, psycopg.errors.TransactionRollback)
+                if attempt == _RETRIES or lost > 1:
                     raise _translate(exc.cause) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
