@@ -161,8 +161,8 @@ def test_claim_start_complete_and_event_shapes(tenant: Tenant) -> None:
     history = tenant.runs.history("r1")
     assert [e.type for e in history] == [
         "run.created",
-        "step.assigned",
         "run.running",
+        "step.assigned",
         "step.running",
         "step.completed",
         "run.completed",
@@ -173,7 +173,7 @@ def test_claim_start_complete_and_event_shapes(tenant: Tenant) -> None:
         assert e.data["flow_id"] == "flow-a"
         assert e.data["trace_id"] == "t1"
         assert e.data["tenant_id"] == "acme"
-    assigned = history[1]
+    assigned = history[2]
     assert assigned.meta == {"subject": ASSIGNED_SUBJECT}
     assert set(ASSIGNED_EVENT_FIELDS) <= set(assigned.data)
     assert assigned.data["worker_id"] == "w1"
@@ -496,7 +496,9 @@ def _check_exactly_once(runs: Runs, run_ids: list[str], claimed: list[tuple[str,
         run = runs.get(rid)
         assert run.status == "completed"
         assert all(s.status == "completed" and s.attempts == 1 for s in run.steps)
-        types = Counter(e.type for e in runs.history(rid))
+        history = runs.history(rid)
+        assert {e.data["run_id"] for e in history} == {rid}
+        types = Counter(e.type for e in history)
         assert types["step.assigned"] == types["step.completed"] == len(run.steps)
 
 
@@ -519,11 +521,18 @@ def test_concurrent_threads_complete_every_step_exactly_once(backend: Backend, t
                     idle += 1
                     continue
                 idle = 0
-                for c in got:
+                queue: list[Claim] = list(got)
+                while queue:
+                    c = queue.pop()
                     with guard:
                         claimed.append((c.run_id, c.step_id))
                         workers.add(n)
-                    tenant.runs.complete(c, c.lease_token, {"by": n})
+                    if n % 2:  # half the workers take their next step in the completing commit
+                        _, nxt = tenant.runs.complete_and_claim(c, c.lease_token, {"by": n})
+                        if nxt is not None:
+                            queue.append(nxt)
+                    else:
+                        tenant.runs.complete(c, c.lease_token, {"by": n})
         except BaseException as exc:
             errors.append(exc)
 
@@ -549,9 +558,16 @@ def _process_worker(url: str, n: int, out: Any) -> None:
                 idle += 1
                 continue
             idle = 0
-            for c in got:
+            queue = list(got)
+            while queue:
+                c = queue.pop()
                 mine.append((c.run_id, c.step_id))
-                runs.complete(c, c.lease_token, {"by": n})
+                if n % 2:
+                    _, nxt = runs.complete_and_claim(c, c.lease_token, {"by": n})
+                    if nxt is not None:
+                        queue.append(nxt)
+                else:
+                    runs.complete(c, c.lease_token, {"by": n})
         out.put(("ok", mine))
     except BaseException as exc:
         out.put(("error", repr(exc)))
@@ -637,3 +653,20 @@ def test_complete_and_claim_walks_a_chain_one_commit_per_step(tenant: Tenant) ->
     assert [s.result for s in run.steps] == ["A", "B", "C"]
     types = [e.type for e in tenant.runs.history("chain")]
     assert types.count("step.assigned") == types.count("step.completed") == 3
+
+
+def test_complete_and_claim_takes_a_ready_step_of_another_run(tenant: Tenant, clock: FakeClock) -> None:
+    tenant.runs.create("f", [StepSpec("a")], run_id="r1")
+    tenant.runs.create("f", [StepSpec("b", retry=NO_JITTER), StepSpec("c")], run_id="r2")
+    got = {c.step_id: c for c in tenant.runs.claim("w", limit=3)}
+    assert sorted(got) == ["a", "b", "c"]
+    tenant.runs.fail(got["b"], got["b"].lease_token, "retry me")
+    clock.advance(10)  # b's retry delay is over: it is ready in a running run
+    _, nxt = tenant.runs.complete_and_claim(got["a"], got["a"].lease_token, "A")
+    assert nxt is not None
+    assert (nxt.run_id, nxt.step_id, nxt.attempt) == ("r2", "b", 2)
+    assert tenant.runs.step("r1/a").status == "completed"
+    assert tenant.runs.step(nxt).status == "assigned"
+    # each run's history holds its own events only
+    assert {e.data["run_id"] for e in tenant.runs.history("r1")} == {"r1"}
+    assert [e.type for e in tenant.runs.history("r2")].count("step.assigned") == 3

@@ -418,12 +418,13 @@ def _check_token(token: object) -> str:
 class _Plan:
     """Checks and ops of one commit being built, plus the history events."""
 
-    __slots__ = ("checks", "events", "ops")
+    __slots__ = ("checks", "events", "ops", "other_runs")
 
     def __init__(self) -> None:
         self.checks: list[Check] = []
         self.ops: list[Op] = []
-        self.events: list[NewEvent] = []
+        self.events: list[NewEvent] = []  # of the run the commit is about
+        self.other_runs: dict[str, list[NewEvent]] = {}  # events of other runs it also changes
 
 
 # ---------------------------------------------------------------- the layer
@@ -491,8 +492,10 @@ class Runs:
 
     def _commit(self, plan: _Plan, run_id: str, trace_id: str) -> Commit:
         ops = list(plan.ops)
-        if plan.events:
-            ops.append(Append(f"runs:{run_id}", plan.events))
+        streams: dict[str, list[NewEvent]] = {run_id: list(plan.events)}
+        for other, events in plan.other_runs.items():
+            streams.setdefault(other, []).extend(events)
+        ops += [Append(f"runs:{r}", events) for r, events in streams.items() if events]
         return self.store.commit(self.tenant, plan.checks, ops, {"layer": "runs", "trace_id": trace_id})
 
     # ------------------------------------------------------------ create
@@ -873,7 +876,7 @@ class Runs:
             updated_at=now,
         )
         plan.ops += [Put(NS_STEPS, skey, doc), Put(NS_READY, new_due, 1)]
-        plan.events.append(
+        plan.other_runs.setdefault(run_id, []).append(
             self._event(
                 "step.assigned",
                 doc,
@@ -1058,11 +1061,12 @@ class Runs:
         lease: float | None = None,
         kinds: Iterable[str] | None = None,
     ) -> tuple[Step, Claim | None]:
-        """``complete``, and in the same commit assign to the same worker one dependent step that
-        this completion made ready (of one of ``kinds``, if given), for ``lease`` seconds (default:
-        the completed step's lease). Returns the completed step and that claim, or ``None`` when
-        the completion released no such step (call ``claim`` then). A workflow of sequential steps
-        thus costs one commit per step. (Like a step that was running when its run failed, a step
+        """``complete``, and in the same commit assign to the same worker its next step (of one of
+        ``kinds``, if given) for ``lease`` seconds (default: the completed step's lease): a dependent
+        that this completion made ready if there is one, else a step that is ready now in a running
+        run. Returns the completed step and that claim, or ``None`` when there was nothing to take
+        (call ``claim`` then: it also handles first steps of new runs and expired leases). A worker
+        thus pays one commit per step instead of two. (Like a step that was running when its run failed, a step
         claimed this way is not held back by a failure of its run that happened meanwhile.)"""
         if lease is not None:
             lease = _check_seconds(lease, "lease", maximum=MAX_LEASE_SECONDS, positive=True)
@@ -1085,10 +1089,12 @@ class Runs:
         _check_json(result, "result")
         metered = None if usage is None else _check_usage(usage)
         run_id, step_id = _step_ref(step)
+        skip: set[str] = set()
         for attempt in range(_MAX_RETRIES):
             run_id, skey, version, doc, now, _hit = self._leased(
                 (run_id, step_id), lease_token, "completed", cached=attempt == 0
             )
+            skip.add(skey)
             worker_id = doc["worker_id"]
             next_lease = doc["lease_seconds"]
             plan = _Plan()
@@ -1114,6 +1120,7 @@ class Runs:
                 )
             claim: Claim | None = None
             nxt: dict[str, Any] | None = None
+            nxt_key = ""
             if then_claim is not None:
                 want_lease, wanted = then_claim
                 for dep in released:
@@ -1122,26 +1129,60 @@ class Runs:
                         break
                 if nxt is not None:
                     # the dependent's Put and its ready entry were planned by _release: replace them
-                    ready_key = nxt["due_key"]
-                    dkey = f"{run_id}/{nxt['step_id']}"
+                    nxt_key = f"{run_id}/{nxt['step_id']}"
+                    replaced = ((NS_READY, nxt["due_key"]), (NS_STEPS, nxt_key))
                     plan.ops = [
-                        op
-                        for op in plan.ops
-                        if not (
-                            isinstance(op, Put) and (op.namespace, op.key) in ((NS_READY, ready_key), (NS_STEPS, dkey))
-                        )
+                        op for op in plan.ops if not (isinstance(op, Put) and (op.namespace, op.key) in replaced)
                     ]
+                else:
+                    nxt = self._ready_candidate(plan, wanted, now, skip)
+                    if nxt is not None:
+                        nxt_key = f"{nxt['run_id']}/{nxt['step_id']}"
+                if nxt is not None:
                     claim = self._assign(plan, nxt, worker_id, want_lease or next_lease, now)
             try:
                 commit = self._commit(plan, run_id, doc["trace_id"])
-            except Conflict:
+            except Conflict as exc:
+                if nxt is not None and any(
+                    getattr(f.check, "key", None) in (nxt_key, nxt["run_id"]) for f in exc.failures
+                ):
+                    skip.add(nxt_key)  # lost the extra step to another claimer: complete without it
                 continue  # a dependent or the run changed (or the step: the next read refuses)
             self._forget(lease_token)
             if claim is not None and nxt is not None:
-                self._remember(claim.lease_token, nxt, commit.versions[(NS_STEPS, f"{run_id}/{nxt['step_id']}")])
+                self._remember(claim.lease_token, nxt, commit.versions[(NS_STEPS, nxt_key)])
             self._after_settle(commit, doc)
             return self._step_from(doc, commit.versions[(NS_STEPS, skey)], False), claim
         raise Conflict(f"step {run_id}/{step_id}: too much contention, gave up", details={"reason": "contention"})
+
+    def _ready_candidate(self, plan: _Plan, wanted: set[str] | None, now: int, skip: set[str]) -> dict[str, Any] | None:
+        """A pending or retrying step that is due now, of a running run, to be assigned in ``plan``
+        (whose checks then include that step's and its run's versions); ``None`` if there is none."""
+        kinds = sorted(wanted) if wanted is not None else None
+        window = max(self._window, 2)
+        items = self._due(kinds, now, window, set())
+        if not items:
+            return None
+        start = random.randrange(len(items))
+        for due in items[start:] + items[:start]:
+            _kind, _at, run_id, step_id = due.key.split("/", 3)
+            key = f"{run_id}/{step_id}"
+            if key in skip:
+                continue
+            step_item, run_item = self.store.get_many(self.tenant, [(NS_STEPS, key), (NS_RUNS, run_id)])
+            if step_item is None or run_item is None:
+                continue
+            doc = dict(step_item.value)
+            if doc["due_key"] != due.key or doc["status"] not in ("pending", "retrying"):
+                continue
+            if run_item.value["status"] != "running":
+                continue  # claim() handles first steps, held-back and cancelled ones
+            plan.checks.append(VersionIs(NS_STEPS, key, step_item.version))
+            if not any(isinstance(c, VersionIs) and (c.namespace, c.key) == (NS_RUNS, run_id) for c in plan.checks):
+                plan.checks.append(VersionIs(NS_RUNS, run_id, run_item.version))
+            plan.ops.append(Delete(NS_READY, due.key))
+            return doc
+        return None
 
     def fail(self, step: StepRef, lease_token: str, error: Any, retryable: bool = True) -> Step:
         """Record a failed attempt of a step you hold. ``error`` is any JSON value (a message, an object).
