@@ -19,7 +19,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Generic, ParamSpec, TypeVar, cast
 
@@ -32,6 +32,7 @@ from stateline.types import (
     Absent,
     Check,
     Delete,
+    Exists,
     Incr,
     Put,
     VersionIs,
@@ -491,6 +492,8 @@ class _Seen:
     state: dict[tuple[str, int], tuple[int, int]]  # (key, window) -> (version, count)
     deny: dict[tuple[str, int], tuple[int, int, int]]  # (key, cost) -> (refused until, reset_at, remaining)
     tb: dict[str, tuple[int, int, int]]  # key -> (version, tat scaled, trusted until µs)
+    lease: dict[str, tuple[int, int]] = field(default_factory=dict)  # key -> (window, unused permits held)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 _SEEN: weakref.WeakKeyDictionary[Store, dict[tuple[Any, ...], _Seen]] = weakref.WeakKeyDictionary()
@@ -526,12 +529,28 @@ class RateLimiter:
     calls it; another process that is refusing the key from memory sees it when that refusal period
     ends. All callers must agree on the clock (one machine, or NTP-synchronised hosts).
 
+    ``batch`` (window algorithms only; default 1): a process takes up to ``batch`` permits of a key's
+    window from the Store in one commit and admits that key's next hits from them without a round
+    trip. It still never over-admits (a permit is counted in the Store before it is used), and one
+    process alone gets exactly the algorithm's answers. Across processes, permits a process holds but
+    has not used yet count as used, so another process may be refused up to ``batch − 1`` hits per
+    holding process early (the sliding window gives held permits back at the next window; a process
+    that exits loses its own for that window).
+
     A hit costs ``cost`` (1 to ``rate``; more raises ``InvalidArgument``). Keys are stored as
     ``<key>|<algorithm tag><window>``, so a key may use up to about 1,000 of the 1,024 key bytes.
     """
 
     def __init__(
-        self, store: Store, tenant: str, name: str, rate: int, per: float, algorithm: str = "sliding_window"
+        self,
+        store: Store,
+        tenant: str,
+        name: str,
+        rate: int,
+        per: float,
+        algorithm: str = "sliding_window",
+        *,
+        batch: int = 1,
     ) -> None:
         self._store = store
         self.tenant = check_tenant(tenant)
@@ -544,10 +563,13 @@ class RateLimiter:
             raise InvalidArgument("algorithm", f"must be one of {', '.join(_ALGORITHMS)}, got {algorithm!r}")
         self.algorithm = algorithm
         self._tag = {"sliding_window": "s", "fixed_window": "f", "token_bucket": "t"}[algorithm]
+        self.batch = _positive_int(batch, "batch", self.rate)
+        if batch > 1 and algorithm == "token_bucket":
+            raise InvalidArgument("batch", "applies to fixed_window and sliding_window only")
         # What this process last saw, shared by every limiter object of the same store and settings (so
         # ``t.limits(...)`` per request stays fast). Stale entries only cost a Conflict and a re-read,
         # or a refusal the Store would give as well (counters only grow, except by reset).
-        ident = (self.tenant, self.name, self.rate, self._per_us, algorithm)
+        ident = (self.tenant, self.name, self.rate, self._per_us, algorithm, self.batch)
         with _SEEN_LOCK:
             per_store = _SEEN.setdefault(store, {})
             seen = per_store.get(ident)
@@ -556,6 +578,7 @@ class RateLimiter:
         self._state = seen.state
         self._deny = seen.deny
         self._tb = seen.tb
+        self._seen = seen
 
     # ---- helpers
 
@@ -618,6 +641,8 @@ class RateLimiter:
         )
         for k in [k for k in self._deny if k[0] == key]:
             del self._deny[k]
+        with self._seen.lock:
+            self._seen.lease.pop(key, None)
         self._state.pop((key, w), None)
         self._state.pop((key, w - 1), None)
 
@@ -632,22 +657,81 @@ class RateLimiter:
         self._state[(key, w)] = state
         return state
 
+    def _take_lease(self, key: str, w: int, sliding: bool, cost: int, consume: bool) -> tuple[int, int]:
+        """Permits of this process's pool for ``key`` in window ``w``: ``(taken, left in the pool)``.
+
+        If the pool covers ``cost``, exactly ``cost`` is taken; otherwise all of it (less than ``cost``)
+        is, to be topped up from the Store. ``consume=False`` only looks.
+        """
+        seen = self._seen
+        with seen.lock:
+            held = seen.lease.get(key)
+            if held is None:
+                return 0, 0
+            if held[0] == w:
+                if not consume:
+                    return held[1], held[1]
+                if held[1] >= cost:
+                    left = held[1] - cost
+                    if left:
+                        seen.lease[key] = (w, left)
+                    else:
+                        del seen.lease[key]
+                    return cost, left
+                del seen.lease[key]
+                return held[1], 0
+            if not consume:
+                return 0, 0
+            del seen.lease[key]
+        if sliding and held[0] == w - 1:
+            self._give_back(key, held[0], held[1])
+        return 0, 0  # permits of an older window are worthless now (and weigh nothing)
+
+    def _put_lease(self, key: str, w: int, unused: int, sliding: bool) -> None:
+        if unused <= 0:
+            return
+        seen = self._seen
+        with seen.lock:
+            held = seen.lease.get(key)
+            if held is not None and held[0] == w:
+                unused += held[1]
+            seen.lease[key] = (w, unused)
+        if held is not None and held[0] == w - 1 and sliding:
+            self._give_back(key, held[0], held[1])
+
+    def _give_back(self, key: str, w: int, unused: int) -> None:
+        # unused permits of the previous window would weigh on this one: take them out of its counter
+        ns, wkey = self.namespace, self._wkey(key, w)
+        try:
+            c = self._store.commit(self.tenant, [Exists(ns, wkey)], [Incr(ns, wkey, -unused)])
+        except Conflict:
+            return
+        self._state[(key, w)] = (c.versions[(ns, wkey)], c.counters[(ns, wkey)])
+
     def _window(self, key: str, cost: int, consume: bool) -> RateLimitResult:
         per = self._per_us
         rate = self.rate
         now = self._store.clock.now_us()
-        if consume:
-            deny = self._deny.get((key, cost))
-            if deny is not None and deny[0] > now:
-                # refused from what this process saw: counts only grow, so the true answer is refused too
-                return RateLimitResult(False, rate, deny[2], deny[1], (deny[0] - now) / _US)
         w = now // per
         start = w * per
         sliding = self.algorithm == "sliding_window"
+        state = self._state
+        held, left = self._take_lease(key, w, sliding, cost, consume) if self.batch > 1 else (0, 0)
+        if consume and held >= cost:
+            # admitted from permits this process already took from the Store for this window
+            seen_cur = state.get((key, w), (0, held + left))
+            seen_prv = state.get((key, w - 1), (0, 0)) if sliding else (0, 0)
+            weighted = seen_prv[1] * (per - (now - start)) // per
+            return self._window_result(True, w, now, seen_prv[1], weighted, seen_cur[1] - held - left, cost)[0]
+        if consume:
+            deny = self._deny.get((key, cost))
+            if deny is not None and deny[0] > now:
+                # refused from what this process saw: others could only have added hits since
+                self._put_lease(key, w, held, sliding)
+                return RateLimitResult(False, rate, deny[2], deny[1], (deny[0] - now) / _US)
         ns = self.namespace
         wkey = self._wkey(key, w)
         pkey = self._wkey(key, w - 1) if sliding else ""
-        state = self._state
         for _ in range(10_000):
             cur = state.get((key, w)) if consume else None
             if cur is None:
@@ -657,15 +741,18 @@ class RateLimiter:
                 cached = state.get((key, w - 1)) if consume else None
                 prv = cached if cached is not None else self._read(key, w - 1)
             weighted = prv[1] * (per - (now - start)) // per
-            if weighted + cur[1] + cost > rate:
-                result, until = self._window_result(False, w, now, prv[1], weighted, cur[1], cost)
-                if consume:
+            need = max(0, cost - held)  # permits to take from the Store (held ones are already counted)
+            room = rate - weighted - cur[1]
+            if need > room or not consume:
+                allowed = need <= room
+                result, until = self._window_result(allowed, w, now, prv[1], weighted, cur[1] - held, cost)
+                if consume:  # (a look took nothing from the pool)
+                    self._put_lease(key, w, held, sliding)
                     if len(self._deny) > _HINTS_MAX:
                         self._deny.clear()
                     self._deny[(key, cost)] = (until, result.reset_at, result.remaining)
                 return result
-            if not consume:
-                return self._window_result(True, w, now, prv[1], weighted, cur[1], cost)[0]
+            take = min(max(need, self.batch), room)
             # admit only if neither counter moved since we looked (a late hit of the previous window
             # changes the weight, so it is checked too); the Store's checks make this exact
             checks: list[Check] = [VersionIs(ns, wkey, cur[0]) if cur[0] else Absent(ns, wkey)]
@@ -673,7 +760,7 @@ class RateLimiter:
                 checks.append(VersionIs(ns, pkey, prv[0]) if prv[0] else Absent(ns, pkey))
             ttl_us = (3 if sliding else 2) * per
             # names were validated above and the op is an integer increment: this is what prepare() builds
-            prepared = PreparedCommit(self.tenant, tuple(checks), (PreparedIncr(ns, wkey, cost, ttl_us),), b"{}")
+            prepared = PreparedCommit(self.tenant, tuple(checks), (PreparedIncr(ns, wkey, take, ttl_us),), b"{}")
             try:
                 c = self._store.commit_prepared(prepared)
             except Conflict:
@@ -682,7 +769,10 @@ class RateLimiter:
                 continue
             count = c.counters[(ns, wkey)]
             state[(key, w)] = (c.versions[(ns, wkey)], count)
-            return self._window_result(True, w, now, prv[1], weighted, count - cost, cost)[0]
+            unused = held + take - cost
+            self._put_lease(key, w, unused, sliding)
+            return self._window_result(True, w, now, prv[1], weighted, count - unused - cost, cost)[0]
+        self._put_lease(key, w, held, sliding)
         raise Unavailable(f"rate limit {self.name!r} for {key!r} kept conflicting")
 
     def _window_result(
