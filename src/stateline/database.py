@@ -185,9 +185,10 @@ class Tenant:
 
         return self._layer("docs", lambda: Documents(self.store, self.name))
 
-    def transaction(self) -> Transaction:
-        """A multi-document transaction (context manager); see ``Documents.transaction``."""
-        return self.docs.transaction()
+    def transaction(self, **options: Any) -> Transaction:
+        """A multi-document transaction (context manager); options (actor, reason, trace_id, ...)
+        as for ``Documents.transaction``."""
+        return self.docs.transaction(**options)
 
     def run_transaction(self, fn: Callable[[Transaction], T], **options: Any) -> T:
         """Run ``fn`` in a transaction, retrying on conflict; see ``Documents.run_transaction``."""
