@@ -664,6 +664,8 @@ class RateLimiter:
         is, to be topped up from the Store. ``consume=False`` only looks.
         """
         seen = self._seen
+        if key not in seen.lease:  # the common refusal case: nothing held, no lock needed
+            return 0, 0
         with seen.lock:
             held = seen.lease.get(key)
             if held is None:
