@@ -1025,3 +1025,8 @@ def test_direct_store_writes_to_the_case_key_are_seen_as_tampering(tenant: Tenan
     assert (v.ok, v.reason) == (False, "state_edited")
     with pytest.raises(CaseConflict):  # the stale handle cannot overwrite the rogue write silently
         case.put_ctx("x", 1).commit()
+    store.commit(T, ops=[Put("cases", "c1", ["not", "a", "case"])])
+    with pytest.raises(Conflict, match="not a case state"):
+        tenant.cases.open("c1")
+    v = tenant.cases.verify("c1")
+    assert (v.ok, v.reason) == (False, "state_edited")

@@ -1061,14 +1061,22 @@ class Cases:
         if item is None:
             raise NotFound(f"case {cid!r} does not exist", details={"case_id": cid})
         value = item.value
-        head = value["receipt"]
-        state = {
-            "ctx": value["ctx"],
-            "tokens": value["tokens"],
-            "scopes": value["scopes"],
-            "metadata": value["metadata"],
-        }
-        return Case(self, cid, state, item.version, None, head_seq=head["seq"], head_hash=head["hash"])
+        try:
+            head = value["receipt"]
+            state = {
+                "ctx": value["ctx"],
+                "tokens": value["tokens"],
+                "scopes": value["scopes"],
+                "metadata": value["metadata"],
+            }
+            head_seq, head_hash = head["seq"], head["hash"]
+        except (KeyError, TypeError):
+            raise Conflict(
+                f"case {cid!r}: the stored state is not a case state (written behind the layer's back?); "
+                "verify() reports what is wrong",
+                details={"case_id": cid},
+            ) from None
+        return Case(self, cid, state, item.version, None, head_seq=head_seq, head_hash=head_hash)
 
     def exists(self, case_id: str) -> bool:
         """Whether ``case_id`` has been created."""
@@ -1192,7 +1200,9 @@ def _verify(cid: str, value: JSON, version: int | None, events: list[Event]) -> 
         return fail(None, "state_edited", "the case state is missing", n)
     head = value.get("receipt") if type(value) is dict else None
     head_seq = head.get("seq") if type(head) is dict else None
-    if type(head_seq) is int and head_seq > last.seq:
+    if type(head_seq) is not int:
+        return fail(None, "state_edited", "the stored state is not a case state", n)
+    if head_seq > last.seq:
         return fail(last.seq + 1, "missing", f"the state records receipt {head_seq}; the stream ends at {last.seq}", n)
     if head_seq != last.seq or head is None or head.get("hash") != last.hash:
         return fail(last.seq, "unexpected", f"the state records receipt {head_seq}, not {last.seq}", n)
