@@ -128,6 +128,20 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) ->
         b.close_all()
 
 
+# Backends that several processes can open at once (the memory store lives in one process).
+PROCESS_BACKENDS = [b for b in BACKENDS if b != "memory"]
+
+
+@pytest.fixture(params=PROCESS_BACKENDS)
+def process_backend(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Iterator[Backend]:
+    """Like ``backend``, for tests whose child processes open the same store."""
+    b = make_backend(request.param, tmp_path, clock)
+    try:
+        yield b
+    finally:
+        b.close_all()
+
+
 @pytest.fixture
 def store(backend: Backend) -> Store:
     return backend.open()

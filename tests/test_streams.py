@@ -480,9 +480,8 @@ def test_check_reports_a_snapshot_that_disagrees_with_a_replay(tenant: Tenant) -
     assert s.check("s").snapshots_unverified == 3
 
 
-def test_killed_appender_never_leaves_a_snapshot_without_its_event(backend: Any) -> None:
-    if backend.kind == "memory":
-        pytest.skip("the memory store lives in one process")
+def test_killed_appender_never_leaves_a_snapshot_without_its_event(process_backend: Any) -> None:
+    backend = process_backend
     script = textwrap.dedent(
         """
         import sys
