@@ -718,7 +718,7 @@ def _plan(m: object, w: _Work, ts: int) -> dict[str, JSON]:
                 raise _Bad("fn", f"must return a token object (or None), got {type(result).__name__}")
         if set(new) != TOKEN_KEYS:
             raise _Bad("fn", f"a token has exactly the fields {sorted(TOKEN_KEYS)}, got {sorted(new)}")
-        if new["id"] != tid or new["created_at"] != old["created_at"]:
+        if new["id"] != tid or type(new["created_at"]) is not int or new["created_at"] != old["created_at"]:
             raise _Bad("fn", "a token's id and created_at cannot change")
         if type(new["status"]) is not str or new["status"] not in TOKEN_STATUSES:
             raise _Bad("fn", f"status must be one of {', '.join(TOKEN_STATUSES)}, got {new['status']!r}")
