@@ -23,6 +23,7 @@ alternating so that a busy machine hurts both alike:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -37,8 +38,10 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
+
 from stateline import Database, Put, open_store
-from stateline.runs import Runs, StepSpec
+from stateline.runs import Claim, Runs, StepSpec
 
 TENANT = "bench"
 PG_BASE = "postgresql://postgres@127.0.0.1:5432/test"
@@ -66,8 +69,6 @@ class Backend:
 
     def cleanup(self) -> None:
         if self.kind == "postgresql" and self.made:
-            import psycopg
-
             with psycopg.connect(PG_BASE, autocommit=True) as conn:
                 for schema in self.made:
                     conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
@@ -84,8 +85,6 @@ class Backend:
 
     def drop_dbos(self, url: str) -> None:
         if self.kind == "postgresql":
-            import psycopg
-
             name = url.rsplit("/", 1)[1]
             with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -133,8 +132,11 @@ def single_put_rate(url: str, n: int, threads: int) -> float:
         store.close()
 
 
-def cycle_rate(url: str, steps: int, workers: int) -> tuple[float, int]:
-    """claim+complete cycles/s with ``workers`` threads; returns (rate, cycles done)."""
+def cycle_rate(url: str, steps: int, workers: int, eager: bool) -> float:
+    """claim+complete cycles/s with ``workers`` threads over ``steps`` independent ready steps.
+
+    With ``eager`` a worker completes with ``complete_and_claim`` (its next step assigned in the
+    same commit) and calls ``claim`` only when that found nothing."""
     store = open_store(url)
     try:
         runs = Database(store).tenant(TENANT).runs
@@ -151,13 +153,18 @@ def cycle_rate(url: str, steps: int, workers: int) -> tuple[float, int]:
                     idle += 1
                     continue
                 idle = 0
-                for c in got:
-                    runs.complete(c, c.lease_token, {"ok": True})
+                c: Claim | None = got[0]
+                while c is not None:
+                    if eager:
+                        _, c = runs.complete_and_claim(c, c.lease_token, {"ok": True})
+                    else:
+                        runs.complete(c, c.lease_token, {"ok": True})
+                        c = None
                     done[i] += 1
 
         elapsed = threaded(workers, work)
         assert sum(done) == steps, (sum(done), steps)
-        return sum(done) / elapsed, sum(done)
+        return sum(done) / elapsed
     finally:
         store.close()
 
@@ -166,11 +173,12 @@ def chain(n: int = 10, kind: str = "default") -> list[StepSpec]:
     return [StepSpec(f"s{i}", kind=kind, depends_on=[f"s{i - 1}"] if i else []) for i in range(n)]
 
 
-def workflows(url: str, count: int, concurrency: int) -> dict[str, float]:
+def workflows(url: str, count: int, concurrency: int, eager: bool) -> dict[str, float]:
     """``count`` runs of 10 chained steps, ``concurrency`` at a time, each driven by one worker.
 
     Returns ms per step for the whole workflow (create + 10 claim/complete cycles, wall time over
-    steps) and the median latency of ``complete`` alone."""
+    steps) and the median latency of the call that records a step's completion. With ``eager``
+    the worker uses ``complete_and_claim``, which assigns it the next step in the same commit."""
     store = open_store(url)
     try:
         runs: Runs = Database(store).tenant(TENANT).runs
@@ -180,15 +188,24 @@ def workflows(url: str, count: int, concurrency: int) -> dict[str, float]:
 
         def work(i: int) -> None:
             mine: list[float] = []
+            kinds = [f"k{i}"]
             for _ in range(per):
                 # each worker drives its own workflow: its steps are of a kind only it claims
-                run = runs.create("wf", chain(10, kind=f"k{i}"))
+                run = runs.create("wf", chain(10, kind=kinds[0]))
+                (c,) = runs.claim(f"w{i}", lease=300, kinds=kinds)
                 for step_id in run.step_ids:
-                    (c,) = runs.claim(f"w{i}", lease=300, kinds=[f"k{i}"])
+                    assert c is not None
                     assert (c.run_id, c.step_id) == (run.run_id, step_id)
                     t = time.perf_counter()
-                    runs.complete(c, c.lease_token, {"step": step_id})
+                    if eager:
+                        _, nxt = runs.complete_and_claim(c, c.lease_token, {"step": step_id})
+                    else:
+                        runs.complete(c, c.lease_token, {"step": step_id})
                     mine.append(time.perf_counter() - t)
+                    if eager:
+                        c = nxt
+                    elif step_id != run.step_ids[-1]:
+                        (c,) = runs.claim(f"w{i}", lease=300, kinds=kinds)
             completes.extend(mine)
 
         elapsed = threaded(concurrency, work)
@@ -201,9 +218,9 @@ def workflows(url: str, count: int, concurrency: int) -> dict[str, float]:
 # ---------------------------------------------------------------- DBOS (in a child process)
 
 DBOS_CHILD = r"""
-import json, os, sys, threading, time, logging
+import json, sys, threading, time, logging
 from dbos import DBOS
-url, count, concurrency = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+url, plan = sys.argv[1], json.loads(sys.argv[2])
 DBOS(config={"name": "slbench", "system_database_url": url, "log_level": "WARNING"})
 logging.getLogger("dbos").setLevel(logging.WARNING)
 
@@ -220,30 +237,33 @@ def flow(n):
 
 DBOS.launch()
 flow(2)  # warm up
-per = max(1, count // concurrency)
-barrier = threading.Barrier(concurrency + 1)
-def work():
+result = {}
+for concurrency, count in plan:
+    per = max(1, count // concurrency)
+    barrier = threading.Barrier(concurrency + 1)
+    def work():
+        barrier.wait()
+        for _ in range(per):
+            assert flow(10) == 10
+    threads = [threading.Thread(target=work) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
     barrier.wait()
-    for _ in range(per):
-        assert flow(10) == 10
-threads = [threading.Thread(target=work) for _ in range(concurrency)]
-for t in threads:
-    t.start()
-barrier.wait()
-start = time.perf_counter()
-for t in threads:
-    t.join()
-elapsed = time.perf_counter() - start
-print(json.dumps({"wall_ms_per_step": elapsed / (per * concurrency * 10) * 1000}))
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    result[str(concurrency)] = (time.perf_counter() - start) / (per * concurrency * 10) * 1000
+print(json.dumps(result))
 DBOS.destroy()
 """
 
 
-def dbos_workflows(backend: Backend, count: int, concurrency: int) -> dict[str, float] | str:
+def dbos_workflows(backend: Backend, plan: list[tuple[int, int]]) -> dict[str, float] | str:
+    """ms per step of DBOS 10-step workflows, for each (concurrency, count) of ``plan``."""
     url = backend.dbos_url()
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", DBOS_CHILD, url, str(count), str(concurrency)],
+            [sys.executable, "-c", DBOS_CHILD, url, json.dumps(plan)],
             capture_output=True,
             text=True,
             timeout=600,
@@ -258,10 +278,8 @@ def dbos_workflows(backend: Backend, count: int, concurrency: int) -> dict[str, 
 
 
 def dbos_available() -> str | None:
-    try:
-        import dbos  # noqa: F401
-    except ImportError as exc:
-        return f"dbos is not installed ({exc}); pip install dbos"
+    if importlib.util.find_spec("dbos") is None:
+        return "dbos is not installed (pip install dbos)"
     return None
 
 
@@ -276,9 +294,9 @@ def run_backend(kind: str, directory: Path, args: argparse.Namespace, with_dbos:
     b = Backend(kind, directory)
     q = args.quick
     rounds = 3 if q else 5
-    puts = 200 if q else 1000
-    steps = 200 if q else 1000
-    wf_seq = 3 if q else 10
+    puts = 120 if q else 1000
+    steps = 120 if q else 1000
+    wf_seq = 2 if q else 10
     wf_par = 8 if q else 32
     figures: dict[str, list[float]] = {}
     notes: list[str] = []
@@ -290,52 +308,52 @@ def run_backend(kind: str, directory: Path, args: argparse.Namespace, with_dbos:
         for r in range(rounds):
             add("put1", single_put_rate(b.url(), puts, 1))
             add("put8", single_put_rate(b.url(), puts, 8))
-            rate, _ = cycle_rate(b.url(), steps, 8)
-            add("cycle8", rate)
+            add("cycle8", cycle_rate(b.url(), steps, 8, eager=False))
+            add("eager8", cycle_rate(b.url(), steps, 8, eager=True))
             b.cleanup()
             order = ("stateline", "dbos") if r % 2 == 0 else ("dbos", "stateline")
             for who in order:
                 if who == "stateline":
-                    s1 = workflows(b.url(), wf_seq, 1)
-                    s8 = workflows(b.url(), wf_par, 8)
-                    add("sl_wall1", s1["wall_ms_per_step"])
-                    add("sl_complete1", s1["complete_ms"])
-                    add("sl_wall8", s8["wall_ms_per_step"])
-                    add("sl_complete8", s8["complete_ms"])
+                    for conc, count in (("1", wf_seq), ("8", wf_par)):
+                        plain = workflows(b.url(), count, int(conc), eager=False)
+                        eager = workflows(b.url(), count, int(conc), eager=True)
+                        add(f"sl_wall{conc}", plain["wall_ms_per_step"])
+                        add(f"sl_complete{conc}", plain["complete_ms"])
+                        add(f"sl_eager_wall{conc}", eager["wall_ms_per_step"])
+                        add(f"sl_eager_complete{conc}", eager["complete_ms"])
                     b.cleanup()
                 elif with_dbos:
-                    d1 = dbos_workflows(b, wf_seq, 1)
-                    d8 = dbos_workflows(b, wf_par, 8)
-                    if isinstance(d1, str) or isinstance(d8, str):
-                        notes.append(str(d1 if isinstance(d1, str) else d8))
+                    d = dbos_workflows(b, [(1, wf_seq), (8, wf_par)])
+                    if isinstance(d, str):
+                        notes.append(d)
                         with_dbos = False
                         continue
-                    add("dbos_wall1", d1["wall_ms_per_step"])
-                    add("dbos_wall8", d8["wall_ms_per_step"])
+                    add("dbos_wall1", d["1"])
+                    add("dbos_wall8", d["8"])
     finally:
         b.cleanup()
 
     m = {k: med(v) for k, v in figures.items()}
     print(f"\n== {kind} ({rounds} rounds, medians) ==")
     print(f"single-put commits/s: {m['put1']:9.0f} (1 thread)   {m['put8']:9.0f} (8 threads)")
-    print(
-        f"claim+complete cycles/s, 8 workers: {m['cycle8']:9.0f}  "
-        f"-> one cycle costs {m['put8'] / m['cycle8']:.2f} single-put commits at 8 threads "
-        f"({m['put1'] / m['cycle8']:.2f} of 1-thread commits; target <= 3)"
-    )
-    print("10-step workflow, ms per step:")
-    for conc in ("1", "8"):
-        line = (
-            f"  {conc} at a time: stateline complete() {m[f'sl_complete{conc}']:7.3f} ms, "
-            f"whole cycle (create+claim+complete) {m[f'sl_wall{conc}']:7.3f} ms"
+    for key, label in (("cycle8", "claim() + complete()"), ("eager8", "complete_and_claim()")):
+        print(
+            f"cycles/s, 8 workers, {label:22s} {m[key]:7.0f} -> one cycle costs "
+            f"{m['put8'] / m[key]:.2f} single-put commits at 8 threads, "
+            f"{m['put1'] / m[key]:.2f} at 1 thread (target <= 3)"
         )
-        if f"dbos_wall{conc}" in m:
-            d = m[f"dbos_wall{conc}"]
-            line += (
-                f" | DBOS {d:7.3f} ms -> complete() {d / m[f'sl_complete{conc}']:.1f}x, "
-                f"whole cycle {d / m[f'sl_wall{conc}']:.1f}x faster (target >= 5x)"
-            )
-        print(line)
+    print("10-step workflow, ms per step (DBOS: workflow wall time / 10):")
+    for conc in ("1", "8"):
+        d = m.get(f"dbos_wall{conc}")
+        rows = (
+            ("complete()", m[f"sl_complete{conc}"]),
+            ("claim+complete, wall per step", m[f"sl_wall{conc}"]),
+            ("complete_and_claim()", m[f"sl_eager_complete{conc}"]),
+            ("complete_and_claim, wall per step", m[f"sl_eager_wall{conc}"]),
+        )
+        print(f"  {conc} workflow(s) at a time:" + (f"  DBOS {d:7.3f} ms" if d else "  (no DBOS figure)"))
+        for label, v in rows:
+            print(f"    stateline {label:36s} {v:7.3f} ms" + (f"   DBOS/stateline = {d / v:5.1f}x" if d else ""))
     for n in notes:
         print("note:", n)
     sys.stdout.flush()
@@ -355,8 +373,8 @@ def main() -> None:
     if why:
         print("DBOS skipped:", why)
     with tempfile.TemporaryDirectory(prefix="bench-runs-") as tmp:
-        for kind in args.backends.split(","):
-            kind = kind.strip()
+        for name in args.backends.split(","):
+            kind = name.strip()
             if kind not in ("sqlite", "postgresql"):
                 raise SystemExit(f"unknown backend {kind!r}")
             run_backend(kind, Path(tmp), args, with_dbos=not args.no_dbos and why is None)

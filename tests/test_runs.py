@@ -161,8 +161,8 @@ def test_claim_start_complete_and_event_shapes(tenant: Tenant) -> None:
     history = tenant.runs.history("r1")
     assert [e.type for e in history] == [
         "run.created",
-        "run.running",
         "step.assigned",
+        "run.running",
         "step.running",
         "step.completed",
         "run.completed",
@@ -173,7 +173,7 @@ def test_claim_start_complete_and_event_shapes(tenant: Tenant) -> None:
         assert e.data["flow_id"] == "flow-a"
         assert e.data["trace_id"] == "t1"
         assert e.data["tenant_id"] == "acme"
-    assigned = history[2]
+    assigned = history[1]
     assert assigned.meta == {"subject": ASSIGNED_SUBJECT}
     assert set(ASSIGNED_EVENT_FIELDS) <= set(assigned.data)
     assert assigned.data["worker_id"] == "w1"

@@ -1147,9 +1147,11 @@ class Runs:
                     getattr(f.check, "key", None) in (nxt_key, nxt["run_id"]) for f in exc.failures
                 ):
                     skip.add(nxt_key)  # lost the extra step to another claimer: complete without it
+                    self._window = min(_MAX_WINDOW, self._window * 2)
                 continue  # a dependent or the run changed (or the step: the next read refuses)
             self._forget(lease_token)
             if claim is not None and nxt is not None:
+                self._window = max(_MIN_WINDOW, self._window - 1)
                 self._remember(claim.lease_token, nxt, commit.versions[(NS_STEPS, nxt_key)])
             self._after_settle(commit, doc)
             return self._step_from(doc, commit.versions[(NS_STEPS, skey)], False), claim
@@ -1164,23 +1166,29 @@ class Runs:
         if not items:
             return None
         start = random.randrange(len(items))
+        looked = 0
         for due in items[start:] + items[:start]:
             _kind, _at, run_id, step_id = due.key.split("/", 3)
             key = f"{run_id}/{step_id}"
             if key in skip:
                 continue
+            looked += 1
+            if looked > 3:
+                return None  # leave the search to claim()
             step_item, run_item = self.store.get_many(self.tenant, [(NS_STEPS, key), (NS_RUNS, run_id)])
             if step_item is None or run_item is None:
                 continue
             doc = dict(step_item.value)
             if doc["due_key"] != due.key or doc["status"] not in ("pending", "retrying"):
                 continue
-            if run_item.value["status"] != "running":
-                continue  # claim() handles first steps, held-back and cancelled ones
+            if run_item.value["status"] not in ("running", "pending"):
+                continue  # claim() handles the steps of failed and cancelled runs
             plan.checks.append(VersionIs(NS_STEPS, key, step_item.version))
             if not any(isinstance(c, VersionIs) and (c.namespace, c.key) == (NS_RUNS, run_id) for c in plan.checks):
                 plan.checks.append(VersionIs(NS_RUNS, run_id, run_item.version))
             plan.ops.append(Delete(NS_READY, due.key))
+            if run_item.value["status"] == "pending":
+                self._run_transition(plan, run_item, "running", now)
             return doc
         return None
 
@@ -1313,7 +1321,9 @@ class Runs:
                 assert run_item is not None
             run = dict(run_item.value)
             if run["status"] != "cancelled":
-                if not any(isinstance(c, VersionIs) and c.namespace == NS_RUNS for c in plan.checks):
+                if not any(
+                    isinstance(c, VersionIs) and (c.namespace, c.key) == (NS_RUNS, doc["run_id"]) for c in plan.checks
+                ):
                     plan.checks.append(VersionIs(NS_RUNS, doc["run_id"], run_item.version))
                 run["dead_steps"] = sorted({*run["dead_steps"], doc["step_id"]})
                 if run["status"] != "failed":
@@ -1357,7 +1367,7 @@ class Runs:
         run = dict(run_item.value) if run is None else run
         frm = run_item.value["status"]
         _require_run(f"run {run['run_id']}", frm, to)
-        if not any(isinstance(c, VersionIs) and c.namespace == NS_RUNS for c in plan.checks):
+        if not any(isinstance(c, VersionIs) and (c.namespace, c.key) == (NS_RUNS, run["run_id"]) for c in plan.checks):
             plan.checks.append(VersionIs(NS_RUNS, run["run_id"], run_item.version))
         run.update(status=to, updated_at=now)
         if to == "running" and run["started_at"] is None:
@@ -1374,7 +1384,7 @@ class Runs:
         data: dict[str, Any] = {"from": frm, "to": to, "at": now}
         if reason:
             data["reason"] = reason
-        plan.events.append(self._event(f"run.{to}", run, data, step=False))
+        plan.other_runs.setdefault(run["run_id"], []).append(self._event(f"run.{to}", run, data, step=False))
         return run
 
     def _cancel_step_ops(
