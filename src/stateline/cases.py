@@ -707,8 +707,13 @@ def _plan(m: object, w: _Work, ts: int) -> dict[str, JSON]:
         old = w.tokens.get(tid)
         if old is None:
             raise _Bad("token_id", f"token {tid!r} does not exist")
+        patch: list[dict[str, JSON]] | None = None
         if type(m.fn) is _FieldSetter:  # update_token(id, status=..., ...): only the given fields change
-            new = {**old, **{k: _json(v, f"fn.{k}") for k, v in m.fn.changes.items()}}
+            changes = {k: _json(v, f"fn.{k}") for k, v in m.fn.changes.items()}
+            new = {**old, **changes}
+            patch = []
+            for k, v in changes.items():
+                _diff(old[k], v, f"/{k}", patch)
         else:
             if not callable(m.fn):
                 raise _Bad("fn", "must be callable")
@@ -724,7 +729,7 @@ def _plan(m: object, w: _Work, ts: int) -> dict[str, JSON]:
             raise _Bad("fn", f"status must be one of {', '.join(TOKEN_STATUSES)}, got {new['status']!r}")
         if new["scope"] is not None and (new["scope"] != old["scope"] or new["status"] in LIVE_TOKEN_STATUSES):
             _active_scope(w, new["scope"], "fn.scope")
-        return {"op": "update_token", "id": tid, "patch": json_diff(old, new)}
+        return {"op": "update_token", "id": tid, "patch": json_diff(old, new) if patch is None else patch}
     if t is EnterScope:
         assert isinstance(m, EnterScope)
         sid = _ident(m.scope, "scope")
