@@ -3,7 +3,8 @@
 Everything shared lives in the Store and changes only through ``commit`` with checks, so the same
 code is correct on one process with ``memory://`` and on many processes sharing SQLite, PostgreSQL
 or Redis. Namespaces: ``cache.<name>`` (shared caches only), ``sessions``, ``limits.<name>``,
-``idempotency.<kind>`` and ``deliveries``.
+``idempotency.<kind>`` and ``deliveries``. What a process keeps for itself (a process-local cache's
+entries, what rate limiters last saw) is a fast path whose limits each class documents.
 """
 
 from __future__ import annotations
