@@ -443,10 +443,11 @@ class PostgresStore(Store):
             with self._queues_lock:
                 if failed and q.pending:
                     # the server is unreachable: the commits queued meanwhile fail now, not one attempt later
-                    err0 = results[0]
-                    assert isinstance(err0, Exception)
                     for waiting in q.pending:
-                        waiting.error = _copy_error(err0)
+                        waiting.error = Unavailable(
+                            f"postgresql: not applied, the commit before it failed: {results[0]}",
+                            details={"applied": False},
+                        )
                         group.append(waiting)
                     q.pending.clear()
                 if q.pending:
