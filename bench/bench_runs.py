@@ -198,7 +198,7 @@ def workflows(url: str, count: int, concurrency: int, eager: bool) -> dict[str, 
                     assert (c.run_id, c.step_id) == (run.run_id, step_id)
                     t = time.perf_counter()
                     if eager:
-                        _, nxt = runs.complete_and_claim(c, c.lease_token, {"step": step_id})
+                        _, nxt = runs.complete_and_claim(c, c.lease_token, {"step": step_id}, kinds=kinds)
                     else:
                         runs.complete(c, c.lease_token, {"step": step_id})
                     mine.append(time.perf_counter() - t)
