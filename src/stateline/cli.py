@@ -87,14 +87,19 @@ def serve(
     db = stateline.open(url)
     token = bootstrap_admin_key(db, bootstrap_tenant)
     where = f"http://{host}:{port}"
-    console.print(f"stateline {stateline.__version__} serving [bold]{url}[/bold] on {where}")
-    console.print(f"  dashboard: {where}/ui/    API docs: {where}/docs    metrics: {where}/metrics")
+    banner = [
+        f"stateline {stateline.__version__} serving {url} on {where}",
+        f"  dashboard: {where}/ui/",
+        f"  API docs:  {where}/docs  (OpenAPI: {where}/openapi.json)",
+        f"  metrics:   {where}/metrics",
+    ]
     if token is not None:
-        console.print(f"  admin key for tenant {bootstrap_tenant!r} (shown once, keep it): [bold]{token}[/bold]")
+        banner.append(f"  admin key for tenant {bootstrap_tenant!r} (shown once, keep it): {token}")
     else:
-        console.print(
-            f"  keys exist; make another with: stateline keys create --url {url} --tenant NAME --scopes read,write"
+        banner.append(
+            f"  API keys exist; make one with: stateline keys create --url {url} --tenant NAME --scopes read,write"
         )
+    print("\n".join(banner), flush=True)  # plain: never wrapped, shown even when stdout is a pipe
     configure_logging(log_level.upper())
     common = {"host": host, "port": port, "log_config": None, "timeout_graceful_shutdown": 10, "access_log": False}
     if workers == 1:

@@ -25,7 +25,12 @@ __all__ = [
 _log = logging.getLogger("stateline.observability")
 
 # Attributes every LogRecord has; anything else passed with ``extra=`` is emitted as a field.
-_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",  # uvicorn's ANSI-coloured copy of msg
+}
 
 
 def current_trace_id() -> str | None:
