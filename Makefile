@@ -32,7 +32,13 @@ unit: $(STAMP)
 	$(BIN)/pytest -x -q
 
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(ARGS)
+
+# The long reliability pass (at most about 30 minutes); figures go to bench/results/reliability.json.
+soak: $(STAMP)
+	STATELINE_SOAK=1 STATELINE_RELIABILITY_REPORT=bench/results/reliability.json \
+		$(BIN)/pytest tests/reliability -q --timeout 1800
+	cat bench/results/reliability.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -18,6 +18,7 @@ import stateline
 from stateline import FakeClock
 from tests.conftest import make_backend
 from tests.reliability import scale
+from tests.reliability.conftest import record
 
 T = "crash"
 PAIRS = 5
@@ -90,3 +91,4 @@ def test_acknowledged_commits_survive_sigkill(kind: str, tmp_path: Path, request
         assert revisions == list(range(1, t.revision() + 1))  # no gap in the change feed
     assert kills == scale(6, 60)
     assert acked_pairs
+    record(kills=kills, acknowledged_commits_checked=len(acked_pairs) + acked_case, lost=0)

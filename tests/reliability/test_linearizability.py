@@ -13,6 +13,7 @@ import pytest
 from stateline import Absent, Conflict, Put, Store, Unavailable, VersionIs
 from tests.conftest import Backend
 from tests.reliability import scale
+from tests.reliability.conftest import record
 from tests.reliability.linearizability import Op, check
 
 T = "lin"
@@ -129,3 +130,4 @@ def test_store_histories_are_linearizable(backend: Backend, seed: int) -> None:
     history = run_clients(store, clients=8, ops_per_client=scale(8, 15), seed=seed)
     assert len(history) == 8 * scale(8, 15)
     assert check(history)
+    record(linearizability_histories=1, operations_checked=len(history))

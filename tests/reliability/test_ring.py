@@ -18,6 +18,7 @@ import stateline
 from stateline import Conflict, Put, Store, VersionIs
 from tests.conftest import Backend
 from tests.reliability import scale
+from tests.reliability.conftest import record
 
 T = "ring"
 NS = "ring"
@@ -85,6 +86,7 @@ def test_ring_stays_one_cycle_under_contending_threads(backend: Backend) -> None
     assert sum(applied) > 0
     assert_one_cycle(store, n)
     assert store.revision(T) == 1 + sum(applied)
+    record(ring_transactions=sum(applied), operations_checked=sum(applied))
 
 
 WRITER = """
@@ -135,4 +137,5 @@ def test_ring_survives_writer_processes_killed_mid_run(
             assert child.stdout is not None
             child.stdout.close()
         assert_one_cycle(store, n)
+        record(kills=3, ring_checks_after_kill=1)
     assert store.revision(T) > 1
