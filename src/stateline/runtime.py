@@ -466,9 +466,9 @@ class Sessions:
 # ================================================================= rate limits
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: it is made on every hit, and a frozen one costs three times as much
 class RateLimitResult:
-    """The outcome of one ``hit``.
+    """The outcome of one ``hit`` (read-only by convention).
 
     ``remaining``: hits of cost 1 still admitted now; ``reset_at``: µs time at which the full limit is
     available again if no more hits come; ``retry_after``: seconds to wait before this hit would be
