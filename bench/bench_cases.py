@@ -103,8 +103,15 @@ def _es_quantum(agg: Any, i: int) -> None:
 # ---------------------------------------------------------------- timing
 
 
+_CPU: list[float] = [0.0]  # CPU µs per call (all threads of the process) of the last _rate
+
+
 def _rate(n_threads: int, seconds: float, make: Callable[[int], Callable[[int], object]]) -> float:
-    """``n_threads`` clients call their function in a loop for ``seconds``; returns calls/s in total."""
+    """``n_threads`` clients call their function in a loop for ``seconds``; returns calls/s in total.
+
+    Also records the process CPU time per call in ``_CPU[0]``: on a shared, loaded machine it varies
+    less than the wall-clock rate (it excludes waiting for the CPU and for fsync).
+    """
     fns = [make(c) for c in range(n_threads)]
     counts = [0] * n_threads
     start = threading.Barrier(n_threads + 1)
@@ -127,27 +134,39 @@ def _rate(n_threads: int, seconds: float, make: Callable[[int], Callable[[int], 
     for t in threads:
         t.start()
     start.wait()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     time.sleep(seconds)
     stop.set()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     if errors:
         raise errors[0]
+    _CPU[0] = cpu / max(1, sum(counts)) * 1e6
     return sum(counts) / elapsed
+
+
+_CPU_MEDIANS: list[float] = [0.0, 0.0]  # CPU µs per call of the last _alternate: ours, peer
 
 
 def _alternate(runs: int, ours: Callable[[], float], peer: Callable[[], float]) -> tuple[float, float]:
     a: list[float] = []
     b: list[float] = []
+    ca: list[float] = []
+    cb: list[float] = []
+
+    def one(fn: Callable[[], float], rates: list[float], cpus: list[float]) -> None:
+        rates.append(fn())
+        cpus.append(_CPU[0])
+
     for r in range(runs):
         if r % 2 == 0:
-            a.append(ours())
-            b.append(peer())
+            one(ours, a, ca)
+            one(peer, b, cb)
         else:
-            b.append(peer())
-            a.append(ours())
+            one(peer, b, cb)
+            one(ours, a, ca)
+    _CPU_MEDIANS[:] = [statistics.median(ca), statistics.median(cb)]
     return statistics.median(a), statistics.median(b)
 
 
@@ -155,6 +174,8 @@ def _line(label: str, ours: float, peer: float, peer_name: str, target: float | 
     ratio = ours / peer if peer else float("inf")
     goal = "" if target is None else f"  (target >= {target:g}x: {'met' if ratio >= target else 'NOT met'})"
     print(f"  {label:<44} stateline {ours:>9,.0f}/s   {peer_name} {peer:>9,.0f}/s   ratio {ratio:5.2f}x{goal}")
+    ca, cb = _CPU_MEDIANS
+    print(f"  {'':<44} CPU per call: stateline {ca:,.0f} µs, {peer_name} {cb:,.0f} µs ({cb / ca:4.2f}x)")
 
 
 # ---------------------------------------------------------------- scenarios
@@ -252,6 +273,8 @@ def bench_sqlite(seconds: float, runs: int, workdir: str) -> None:
         f"  {'case commit vs single Put of the same bytes':<44} case {a:>9,.0f}/s   put ({size} B) {p:>9,.0f}/s   "
         f"cost ratio {p / a:5.2f}x  (target <= 1.3x: {'met' if p / a <= 1.3 else 'NOT met'})"
     )
+    ca, cp = _CPU_MEDIANS
+    print(f"  {'':<44} CPU per call: case commit {ca:,.0f} µs, single Put {cp:,.0f} µs")
     a, b = _alternate(runs, ours_1, peer_1)
     _line("one writer", a, b, "eventsourcing", 1.6)
     flushes, carried = store.batches, store.batched_commits  # type: ignore[attr-defined]
