@@ -1431,6 +1431,8 @@ class Case:
     def commit(self) -> Receipt | None:
         """Validate, apply and persist the buffered mutations with a receipt, atomically.
 
+        Each mutation is validated against the state as it would be after the valid ones before it
+        (a refused mutation is left out when checking the rest), so one call reports every problem.
         Returns the new ``Receipt`` (``None`` if the buffer was empty: nothing is written). Raises
         ``CommitRejected`` listing every invalid mutation; ``CaseConflict`` if another writer committed
         first; ``Unavailable`` if the store cannot be reached (the commit may or may not have landed:
