@@ -263,6 +263,13 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
                     "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
                 }
             )
+            post["responses"].setdefault(
+                "409",
+                {
+                    "description": "Conflict, or the Idempotency-Key was used with another request or is in progress",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+                },
+            )
     for name in ("HTTPValidationError", "ValidationError"):
         components.get("schemas", {}).pop(name, None)
     app.openapi_schema = schema

@@ -74,7 +74,7 @@ async def append(request: Request, stream: str) -> Response:
     return json_response(out, 201)
 
 
-@router.get("/{stream:path}/events", response_model=EventsOut, responses=responses(), name="streams.read")
+@router.get("/{stream:path}/events", response_model=EventsOut, responses=responses(404), name="streams.read")
 async def read(
     request: Request,
     stream: str,
@@ -88,14 +88,14 @@ async def read(
     return json_response({"stream": stream, "events": events})
 
 
-@router.get("/{stream:path}/check", response_model=CheckReport, responses=responses(), name="streams.check")
+@router.get("/{stream:path}/check", response_model=CheckReport, responses=responses(404), name="streams.check")
 async def check(request: Request, stream: str) -> Response:
     """Consistency check: seqs contiguous, revisions monotonic, snapshots sound."""
     caller = Caller.of(request, LAYER, "read")
     return json_response(await caller.run(caller.tenant.streams.check, stream))
 
 
-@router.get("/{stream:path}", response_model=StreamInfo, responses=responses(), name="streams.info")
+@router.get("/{stream:path}", response_model=StreamInfo, responses=responses(404), name="streams.info")
 async def info(request: Request, stream: str) -> Response:
     """A stream's bounds (``last_seq`` 0: never appended to)."""
     caller = Caller.of(request, LAYER, "read")
