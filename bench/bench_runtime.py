@@ -35,6 +35,7 @@ from limits.storage import MemoryStorage, RedisStorage, Storage
 from limits.strategies import FixedWindowRateLimiter, SlidingWindowCounterRateLimiter
 
 import stateline
+from harness import record
 from stateline.runtime import RateLimiter
 from stateline.store.protocol import Store
 
@@ -175,12 +176,35 @@ def main() -> None:
     for kind in kinds:
         backend = Backend(kind)
         try:
-            for algorithm in PEERS:
+            for algorithm, strategy in PEERS.items():
                 for workload in WORKLOADS:
                     ours, batched, peer = bench_limits(backend, algorithm, workload, seconds, runs, args.batch)
                     print(
                         f"{kind:8} {algorithm:15} {workload:8} {ours:12,.0f} {batched:12,.0f} {peer:12,.0f} "
                         f"{ours / peer:6.2f} {batched / peer:12.2f}"
+                    )
+                    peer_name = f"limits {strategy.__name__} ({type(backend.peer).__name__})"
+                    common = {"bench": "runtime", "backend": kind, "unit": "hits/s", "runs": runs, "seconds": seconds}
+                    record(
+                        name=f"{algorithm} hit, {workload} workload, 1 thread",
+                        value=ours,
+                        peer=peer_name,
+                        peer_value=peer,
+                        ratio=ours / peer,
+                        target=1.0,
+                        met=ours >= peer,
+                        notes="t.limits(...): every admitted hit is one Store commit (exact across processes)",
+                        **common,
+                    )
+                    record(
+                        name=f"{algorithm} hit batch={args.batch}, {workload} workload, 1 thread",
+                        value=batched,
+                        peer=peer_name,
+                        peer_value=peer,
+                        ratio=batched / peer,
+                        notes="RateLimiter(batch=N): permits taken N per commit; never over-admits, "
+                        "exact for one process only",
+                        **common,
                     )
         finally:
             backend.close()
@@ -190,6 +214,18 @@ def main() -> None:
     finally:
         backend.close()
     print(f"idempotency repeat (memory): run() {via_run:,.0f}/s, with once() {via_with:,.0f}/s (target >= 50,000/s)")
+    for name, value in (("run()", via_run), ("with once()", via_with)):
+        record(
+            bench="runtime",
+            name=f"idempotency repeat of a seen key via {name}, 1 thread",
+            backend="memory",
+            unit="checks/s",
+            value=value,
+            target=50_000.0,
+            met=value >= 50_000,
+            runs=runs,
+            seconds=seconds,
+        )
 
 
 if __name__ == "__main__":
