@@ -34,6 +34,7 @@ from typing import Any
 
 import orjson
 
+from harness import record
 from stateline import Event, open_store
 from stateline.store.protocol import Store
 from stateline.streams import Projection, Streams
@@ -327,6 +328,52 @@ def _reachable_pg() -> bool:
     return True
 
 
+def _record(kind: str, r: dict[str, Any], quick: bool, pg_sync: str) -> None:
+    """Hand this backend's figures to bench/run.py (no-op when run by hand)."""
+    dur = {"memory": "in process", "sqlite": "synchronous=FULL, WAL"}.get(kind, f"synchronous_commit={pg_sync}")
+    peer_dur = {"memory": "POPO, in process", "sqlite": "synchronous=FULL (checked)"}.get(kind, dur)
+    a = r["load_vs_replay"]
+    record(
+        bench="streams",
+        name=f"load {a['events']:,}-event stream (snapshot + 37 events)",
+        backend=kind,
+        unit="ms",
+        value=a["load_s"] * 1e3,
+        peer="stateline full replay",
+        peer_value=a["replay_s"] * 1e3,
+        runs=5 if quick else 9,
+        durability="read only",
+    )
+    if "rebuild_100" in r:
+        b = r["rebuild_100"]
+        record(
+            bench="streams",
+            name="rebuild a 100-event stream (no snapshot)",
+            backend=kind,
+            unit="ms",
+            value=b["stateline_replay_s"] * 1e3,
+            peer="eventsourcing repository.get",
+            peer_value=b["eventsourcing_s"] * 1e3,
+            runs=5 if quick else 9,
+            durability="read only",
+        )
+    for threads in (1, 4):
+        c = r.get(f"append_reload_{threads}")
+        if c:
+            record(
+                bench="streams",
+                name=f"append 5 events + reload, {threads} thread(s)",
+                backend=kind,
+                unit="ops/s",
+                value=c["stateline_ops_per_s"],
+                peer="eventsourcing save + get",
+                peer_value=c["eventsourcing_ops_per_s"],
+                runs=3 if quick else 5,
+                durability=dur,
+                peer_durability=peer_dur,
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="fewer rounds: finishes well under a minute")
@@ -343,8 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs; "
         f"eventsourcing {version('eventsourcing')}; {'quick' if args.quick else 'full'} run"
     )
+    pg_sync = "?"
     if "postgresql" in kinds:
-        print(f"PostgreSQL synchronous_commit={_pg_exec('SHOW synchronous_commit')[0]}")
+        pg_sync = _pg_exec("SHOW synchronous_commit")[0]
+        print(f"PostgreSQL synchronous_commit={pg_sync}")
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-streams-") as d:
         tmp = Path(d)
@@ -371,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"eventsourcing save+get {c['eventsourcing_ops_per_s']:,.0f} ops/s -> {c['ratio']:.2f}x"
                     )
             results[kind] = r
+            _record(kind, r, args.quick, pg_sync)
             sys.stdout.flush()
     if args.json:
         args.json.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
