@@ -8,6 +8,8 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import stateline
 from stateline import Conflict, Database, FakeClock, InvalidArgument, NotFound, Tenant
@@ -670,3 +672,28 @@ def test_complete_and_claim_takes_a_ready_step_of_another_run(tenant: Tenant, cl
     # each run's history holds its own events only
     assert {e.data["run_id"] for e in tenant.runs.history("r1")} == {"r1"}
     assert [e.type for e in tenant.runs.history("r2")].count("step.assigned") == 3
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    deps=st.lists(st.lists(st.integers(min_value=0, max_value=30), max_size=3), min_size=1, max_size=12),
+    batch=st.integers(min_value=1, max_value=4),
+)
+def test_random_dags_run_in_dependency_order(tenant: Tenant, deps: list[list[int]], batch: int) -> None:
+    # step i may depend only on earlier steps: always a DAG
+    steps = [StepSpec(f"s{i}", depends_on=sorted({f"s{d % i}" for d in ds}) if i else []) for i, ds in enumerate(deps)]
+    run = tenant.runs.create("prop", steps)
+    done: set[str] = set()
+    while True:
+        got = tenant.runs.claim("w", limit=batch)
+        if not got:
+            break
+        for c in got:
+            assert c.run_id == run.run_id
+            spec = next(s for s in steps if s.id == c.step_id)
+            assert set(spec.depends_on) <= done, f"{c.step_id} ran before {set(spec.depends_on) - done}"
+        for c in got:
+            tenant.runs.complete(c, c.lease_token, None)
+            done.add(c.step_id)
+    assert done == {s.id for s in steps}
+    assert tenant.runs.get(run.run_id).status == "completed"
