@@ -894,12 +894,18 @@ class RedisStore(Store):
     def _sweep(self, limit: int) -> int:
         removed = 0
         now = self.clock.now_us()
+        after: str | None = None
         with self._io("sweep"):
-            for tenant in self._tenants(None, 10_000) if limit else []:
-                if removed >= limit:
+            while removed < limit:
+                page = self._tenants(after, 1000)
+                for tenant in page:
+                    t = self._t(tenant)
+                    removed += int(self._sweep_script(keys=[t + "exp"], args=[now, limit - removed, t]))
+                    if removed >= limit:
+                        break
+                if len(page) < 1000:
                     break
-                t = self._t(tenant)
-                removed += int(self._sweep_script(keys=[t + "exp"], args=[now, limit - removed, t]))
+                after = page[-1]
         return removed
 
     def _ping(self) -> None:
