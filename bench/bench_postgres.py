@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 import psycopg
 
+from harness import record
 from stateline import Put, open_store
 from stateline.clock import SystemClock
 from stateline.store.postgres import PostgresStore, _Queries
@@ -182,6 +183,20 @@ def main() -> None:
     med = {name: {who: statistics.median(v) for who, v in res.items()} for name, res in results.items()}
     for name, m in med.items():
         print(f"{name:<24}{m['stateline']:>15.0f}{m['raw']:>12.0f}{m['raw'] / m['stateline']:>11.2f}x")
+        record(
+            bench="postgres",
+            name=f"single-put commit, {name}",
+            backend="postgresql",
+            unit="commits/s",
+            value=m["stateline"],
+            peer="raw psycopg, same statements",
+            peer_value=m["raw"],
+            target=1 / 1.25,
+            runs=runs,
+            seconds=seconds,
+            durability=f"synchronous_commit={sync[0] if sync else '?'}",
+            peer_durability=f"synchronous_commit={sync[0] if sync else '?'}",
+        )
     single = med["1 client"]["stateline"]
     for name in ("8 clients, 8 tenants", "8 clients, 1 tenant"):
         print(
