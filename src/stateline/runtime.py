@@ -597,7 +597,11 @@ class RateLimiter:
     # ---- public API
 
     def hit(self, key: str, cost: int = 1) -> RateLimitResult:
-        """Consume ``cost`` from ``key``'s limit if it fits; the result says whether it did."""
+        """Consume ``cost`` from ``key``'s limit if it fits; the result says whether it did.
+
+        Raises ``Unavailable`` when the Store cannot be reached: whether to fail open or closed is
+        the caller's choice.
+        """
         key, cost = self._check(key, cost)
         if self.algorithm == "token_bucket":
             return self._token_bucket(key, cost, consume=True)
