@@ -32,6 +32,7 @@ from typing import Protocol
 
 import orjson
 
+from harness import record
 from stateline import Put, open_store
 from stateline.store.sqlite import (
     SQL_BEGIN,
@@ -240,6 +241,17 @@ def main() -> None:
         mems = [memory_rate(n_memory) for _ in range(rounds)]
         mem, mem_cpu = statistics.median(m[0] for m in mems), statistics.median(m[1] for m in mems)
         print(f"memory        1 thread : {mem:>9,.0f} commits/s (target >= 100,000; {mem_cpu:,.0f} /s of CPU time)")
+        record(
+            bench="store",
+            name="single-put commit, 1 thread",
+            backend="memory",
+            unit="commits/s",
+            value=mem,
+            target=100_000,
+            runs=rounds,
+            durability="in process",
+            notes=f"{mem_cpu:,.0f} /s of CPU time",
+        )
 
         for synchronous in ("FULL", "NORMAL"):
             pairs = [interleaved(files, synchronous, blocks, block) for _ in range(rounds)]
@@ -249,6 +261,20 @@ def main() -> None:
             print(
                 f"sqlite {synchronous:<6} 1 thread : stateline {ours:>7,.0f} commits/s, raw sqlite3 {raw:>7,.0f} /s, "
                 f"cost ratio {ratio:.2f}{target}"
+            )
+            record(
+                bench="store",
+                name=f"single-put commit, 1 thread, synchronous={synchronous}",
+                backend="sqlite",
+                unit="commits/s",
+                value=ours,
+                peer="raw sqlite3, same statements",
+                peer_value=raw,
+                ratio=1 / ratio,
+                target=1 / 1.5 if synchronous == "FULL" else None,
+                runs=rounds,
+                durability=f"synchronous={synchronous}, WAL",
+                peer_durability=f"synchronous={synchronous}, WAL",
             )
 
         singles: list[float] = []
@@ -276,6 +302,20 @@ def main() -> None:
         print(
             f"  commits per write transaction (one fsync of the log each): {statistics.median(per_batches):.1f}; "
             f"raw fsync of this disk: {fsync:,.0f} /s, so {many / fsync:.1f} commits per raw fsync"
+        )
+        record(
+            bench="store",
+            name=f"single-put commit, {threads} threads",
+            backend="sqlite",
+            unit="commits/s",
+            value=many,
+            peer="stateline, 1 thread",
+            peer_value=one,
+            target=5.0,
+            runs=rounds,
+            durability="synchronous=FULL, WAL",
+            peer_durability="synchronous=FULL, WAL",
+            notes=f"{statistics.median(per_batches):.1f} commits per flush; raw fsync {fsync:,.0f}/s",
         )
     sys.stdout.flush()
 
