@@ -5,7 +5,7 @@ Run: ``make bench`` (or ``python bench/run.py``); ``--quick`` for a pass of abou
 ``runtime``, ``scaling``, ``locks``, ``http``, ...), ``--backend memory|sqlite|postgresql|redis``
 (repeatable). Each script runs as a child process with ``STATELINE_BENCH_JSON`` naming a file where
 it records its figures (see ``bench/harness.py``); its printed output is kept in
-``bench/results/<name>.log`` and quoted in the Markdown report. The physical floor
+``bench/results/latest.json`` and quoted in the Markdown report. The physical floor
 (``bench/floor.py``) always runs first, so every figure can be read beside the limits of the machine.
 
 In full mode the scripts that take ``--seconds`` / ``--runs`` get 5 s runs, 3 of them (at least);
@@ -100,7 +100,7 @@ KNOWN: dict[str, Script] = {
         Script("scaling", BENCH / "bench_scaling.py", ("memory", "sqlite"), backend_flag="--backends", weight=1.5),
         Script("locks", BENCH / "bench_locks.py", ("redis",), full_args=FULL, weight=1.0),
         Script("bus", BENCH / "bench_bus.py", ("memory", "sqlite"), weight=1.0),
-        Script("http", BENCH / "bench_http.py", ("memory", "sqlite", "postgresql", "redis"), weight=1.0),
+        Script("http", BENCH / "bench_http.py", ("memory", "sqlite"), backend_flag="--backends", weight=1.5),
     )
 }
 
@@ -200,7 +200,6 @@ def run_scripts(
             progress.update(task, name=script.name, line="starting")
             fd, jpath = tempfile.mkstemp(prefix=f"bench-{script.name}-", suffix=".jsonl")
             os.close(fd)
-            log = RESULTS / f"{script.name}.log"
             env = {**os.environ, ENV: jpath, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
             started = time.perf_counter()
             lines: list[str] = []
@@ -218,7 +217,6 @@ def run_scripts(
                         break
                 rc = proc.wait()
             elapsed = time.perf_counter() - started
-            log.write_text("\n".join(lines) + "\n")
             got = load(jpath)
             os.unlink(jpath)
             got = [r for r in got if r.get("backend") not in BACKENDS or r.get("backend") in backends]
@@ -236,8 +234,7 @@ def run_scripts(
             )
             colour = "green" if rc == 0 else "red"
             progress.console.print(
-                f"[{colour}]{script.name}[/]: {status}, {len(got)} figures recorded, {elapsed:.0f} s "
-                f"(output in {log.relative_to(ROOT)})"
+                f"[{colour}]{script.name}[/]: {status}, {len(got)} figures recorded, {elapsed:.0f} s"
             )
             if rc != 0:
                 for line in lines[-8:]:
