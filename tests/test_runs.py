@@ -577,9 +577,9 @@ def _process_worker(url: str, n: int, out: Any) -> None:
         db.close()
 
 
-def test_concurrent_processes_complete_every_step_exactly_once(backend: Backend, db: Database) -> None:
-    if backend.kind == "memory":
-        pytest.skip("the memory store lives in one process")
+def test_concurrent_processes_complete_every_step_exactly_once(process_backend: Backend) -> None:
+    backend = process_backend
+    db = Database(backend.open())
     total = 400
     runs = db.tenant("acme").runs
     run_ids = _create_many(runs, total)
