@@ -75,22 +75,21 @@ __all__ = ["RedisStore"]
 
 # KEYS: 1 rev, 2 changes, 3 feed, 4 seqs, 5 streams, 6 namespaces, 7 expiries,
 #       then per distinct item i: 6+2i its hash, 7+2i its namespace index; then stream zsets.
-# ARGV: now, meta, grace_ms, n_items, n_checks, n_ops, then per item (namespace, key),
-#       then the checks, then the ops (see RedisStore._commit for their shapes).
+# ARGV: "now grace_ms n_items n_checks n_ops", meta, then the checks, then the ops; small fields share
+#       one argument (fewer arguments are cheaper to send). See RedisStore._commit for their shapes.
 _COMMIT_LUA = r"""#!lua
-local now_s = ARGV[1]
+local now_s, grace, n_items, n_checks, n_ops = string.match(ARGV[1], '^(%d+) (%d+) (%d+) (%d+) (%d+)$')
 local now = tonumber(now_s)
 local meta = ARGV[2]
-local grace = tonumber(ARGV[3])
-local n_items = tonumber(ARGV[4])
-local n_checks = tonumber(ARGV[5])
-local n_ops = tonumber(ARGV[6])
-local a = 7
+grace = tonumber(grace); n_items = tonumber(n_items); n_checks = tonumber(n_checks); n_ops = tonumber(n_ops)
+local a = 3
 local fmt = string.format
 
-local item_ns, item_key = {}, {}
-for i = 1, n_items do
-  item_ns[i] = ARGV[a]; item_key[i] = ARGV[a + 1]; a = a + 2
+-- an item's namespace and key, read back from its key names: T .. 'i:' .. ns .. '|' .. key and T .. 'z:' .. ns
+local tlen = #KEYS[1] - 3
+local function names(i)
+  local ns = string.sub(KEYS[7 + 2 * i], tlen + 3)
+  return ns, string.sub(KEYS[6 + 2 * i], tlen + #ns + 4)
 end
 
 local items = {}
@@ -123,12 +122,17 @@ end
 -- checks
 local failed = {}
 for i = 1, n_checks do
-  local kind, ref, want = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
-  a = a + 3
+  local arg = ARGV[a]
+  local kind = string.sub(arg, 1, 1)
   if kind == 's' then
-    local seq = last_seq(ref)
+    local want = tonumber(string.sub(arg, 2))
+    local seq = last_seq(ARGV[a + 1])
+    a = a + 2
     if seq ~= want then failed[#failed + 1] = i; failed[#failed + 1] = seq end
   else
+    a = a + 1
+    local ref, want = string.match(arg, '^.(%d+) ?(%d*)$')
+    want = tonumber(want)
     local s = load(tonumber(ref))
     local ok
     if kind == 'v' then ok = s.live and s.n == want
@@ -209,11 +213,14 @@ local res = {}
 local adds, add_order = {}, {}
 local trims = {}
 for j = 1, n_ops do
-  local kind = ARGV[a]
+  local arg = ARGV[a]
+  local kind = string.sub(arg, 1, 1)
   if j > 1 then body[#body + 1] = ',' end
   if kind == 'p' then
-    local i, head, val, ttl = tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-    a = a + 5
+    local i, ttl = string.match(arg, '^p(%d+) (%d*)$')
+    i = tonumber(i)
+    local head, val = ARGV[a + 1], ARGV[a + 2]
+    a = a + 3
     local s = load(i)
     local ver = 1
     if s.live then ver = s.n + 1 else s.c = now_s end
@@ -222,8 +229,8 @@ for j = 1, n_ops do
     body[#body + 1] = head .. fmt('%d', ver) .. ',"value":' .. val .. ',"exp":' .. (s.e or 'null') .. '}'
     res[#res + 1] = ver; res[#res + 1] = ''
   elseif kind == 'd' then
-    local i, head = tonumber(ARGV[a + 1]), ARGV[a + 2]
-    a = a + 3
+    local i, head = tonumber(string.sub(arg, 2)), ARGV[a + 1]
+    a = a + 2
     local s = load(i)
     local ver = 0
     if s.live then ver = s.n end
@@ -231,8 +238,10 @@ for j = 1, n_ops do
     body[#body + 1] = head .. fmt('%d', ver) .. '}'
     res[#res + 1] = 0; res[#res + 1] = ''
   elseif kind == 'i' then
-    local i, head, by, ttl = tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-    a = a + 5
+    local i, by, ttl = string.match(arg, '^i(%d+) (%-?%d+) (%d*)$')
+    i = tonumber(i)
+    local head = ARGV[a + 1]
+    a = a + 2
     local s = load(i)
     local base, ver
     if s.live then
@@ -251,8 +260,10 @@ for j = 1, n_ops do
     body[#body + 1] = head .. fmt('%d', ver) .. ',"value":' .. val .. ',"exp":' .. (s.e or 'null') .. '}'
     res[#res + 1] = ver; res[#res + 1] = val
   elseif kind == 'a' then
-    local zi, stream, head, n = tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
-    a = a + 5
+    local zi, n = string.match(arg, '^a(%d+) (%d+)$')
+    zi = tonumber(zi); n = tonumber(n)
+    local stream, head = ARGV[a + 1], ARGV[a + 2]
+    a = a + 3
     local first = last_seq(stream) + 1
     local list = adds[zi]
     if list == nil then
@@ -275,8 +286,10 @@ for j = 1, n_ops do
     list.last = first + n - 1
     res[#res + 1] = first + n - 1; res[#res + 1] = ''
   else -- 't'
-    local zi, before, frag = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3]
-    a = a + 4
+    local zi, before = string.match(arg, '^t(%d+) (%d+)$')
+    zi = tonumber(zi); before = tonumber(before)
+    local frag = ARGV[a + 1]
+    a = a + 2
     if trims[zi] == nil or trims[zi] < before then trims[zi] = before end
     body[#body + 1] = frag
     res[#res + 1] = 0; res[#res + 1] = ''
@@ -292,12 +305,13 @@ for i = 1, n_items do
   if s and s.dirty then
     local hk, zk = KEYS[6 + 2 * i], KEYS[7 + 2 * i]
     local had_exp = s.orig_e ~= false and s.orig_e ~= nil and s.orig_e ~= ''
-    local member = item_ns[i] .. '|' .. item_key[i]
+    local member = string.sub(hk, tlen + 3)  -- "<namespace>|<key>", its name in the expiry index
     if s.live then
       redis.call('HSET', hk, 'v', s.v, 'n', fmt('%d', s.n), 'r', rev_s, 'c', s.c, 'u', now_s, 'e', s.e or '')
       if not s.phys then
-        redis.call('ZADD', zk, 0, item_key[i])
-        redis.call('SADD', KEYS[6], item_ns[i])
+        local ns, key = names(i)
+        redis.call('ZADD', zk, 0, key)
+        redis.call('SADD', KEYS[6], ns)
       end
       if s.pexp == 0 then
         -- a hash carries a Redis expiry only while it has a logical one
@@ -308,7 +322,8 @@ for i = 1, n_items do
       end
     elseif s.phys then
       redis.call('DEL', hk)
-      redis.call('ZREM', zk, item_key[i])
+      local _, key = names(i)
+      redis.call('ZREM', zk, key)
       if had_exp then redis.call('ZREM', KEYS[7], member) end
     end
   end
@@ -638,10 +653,8 @@ class RedisStore(Store):
         t = self._t(tenant)
         keys: list[Any] = [_COMMIT_SHA, 0, *_fixed_keys(t)]  # EVALSHA sha numkeys keys... args...
         item_idx: dict[tuple[str, str], int] = {}
-        item_args: list[Any] = []
-        check_args: list[Any] = []
-        op_args: list[Any] = []
-        stream_refs: list[int] = []  # positions in op_args that hold a stream's KEYS index, fixed below
+        args: list[Any] = []
+        stream_refs: list[int] = []  # positions in args of ops that name a stream's KEYS index, fixed below
         stream_names: list[str] = []
         stream_idx: dict[str, int] = {}
 
@@ -651,8 +664,6 @@ class RedisStore(Store):
             if i is None:
                 i = item_idx[pair] = len(item_idx) + 1
                 keys.extend(_item_keys(t, ns, key))
-                item_args.append(ns)
-                item_args.append(key)
             return i
 
         def stream(name: str) -> int:
@@ -660,44 +671,46 @@ class RedisStore(Store):
             if zi is None:
                 zi = stream_idx[name] = len(stream_names)
                 stream_names.append(name)
-            stream_refs.append(len(op_args) + 1)
+            stream_refs.append(len(args))
             return zi
 
         for chk in c.checks:
             if isinstance(chk, VersionIs):
-                check_args += ("v", item(chk.namespace, chk.key), chk.version)
+                args.append(f"v{item(chk.namespace, chk.key)} {chk.version}")
             elif isinstance(chk, StreamAt):
-                check_args += ("s", chk.stream, chk.seq)
+                args += (f"s{chk.seq}", chk.stream)
             else:
-                check_args += ("a" if isinstance(chk, Absent) else "e", item(chk.namespace, chk.key), 0)
+                args.append(f"{'a' if isinstance(chk, Absent) else 'e'}{item(chk.namespace, chk.key)}")
         for op in c.ops:
             if isinstance(op, PreparedPut):
-                ttl: Any = "" if op.ttl_us is None else op.ttl_us
-                op_args += ("p", item(op.namespace, op.key), _head("put", op.namespace, op.key), op.value, ttl)
+                ttl = "" if op.ttl_us is None else op.ttl_us
+                i = item(op.namespace, op.key)
+                args += (f"p{i} {ttl}", _head("put", op.namespace, op.key), op.value)
             elif isinstance(op, PreparedIncr):
                 ttl = "" if op.ttl_us is None else op.ttl_us
-                op_args += ("i", item(op.namespace, op.key), _head("incr", op.namespace, op.key), op.by, ttl)
+                i = item(op.namespace, op.key)
+                args += (f"i{i} {op.by} {ttl}", _head("incr", op.namespace, op.key))
             elif isinstance(op, PreparedDelete):
-                op_args += ("d", item(op.namespace, op.key), _head("delete", op.namespace, op.key))
+                args += (f"d{item(op.namespace, op.key)}", _head("delete", op.namespace, op.key))
             elif isinstance(op, PreparedAppend):
                 head = b'{"op":"append","stream":%s,"events":[' % orjson.dumps(op.stream)
-                op_args += ("a", stream(op.stream), op.stream, head, len(op.events))
+                args += (("a", stream(op.stream), len(op.events)), op.stream, head)
                 for e in op.events:
-                    op_args += (e.type, e.data, e.meta)
+                    args += (e.type, e.data, e.meta)
             else:
                 frag = orjson.dumps({"op": "trim", "stream": op.stream, "before": op.before_seq})
-                op_args += ("t", stream(op.stream), op.before_seq, frag)
+                args += (("t", stream(op.stream), op.before_seq), frag)
         if stream_names:
             base = len(keys) - 1  # KEYS are 1-based in Lua; keys[0:2] are the sha and numkeys
             keys.extend(f"{t}s:{name}" for name in stream_names)
             for pos in stream_refs:
-                op_args[pos] += base
+                kind, zi, n = args[pos]
+                args[pos] = f"{kind}{base + zi} {n}"
         keys[1] = len(keys) - 2
         now = self.clock.now_us()
-        keys += (now, c.meta, self._grace_ms, len(item_idx), len(c.checks), len(c.ops))
-        keys += item_args
-        keys += check_args
-        keys += op_args
+        keys.append(f"{now} {self._grace_ms} {len(item_idx)} {len(c.checks)} {len(c.ops)}")
+        keys.append(c.meta)
+        keys += args
         try:
             try:
                 out = self._exec("EVALSHA", *keys)
