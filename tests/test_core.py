@@ -99,3 +99,13 @@ def test_open_urls(tmp_path: Path) -> None:
         assert t.revision() == 1
     with pytest.raises(InvalidArgument):
         db.tenant("bad name")
+
+
+def test_tenant_cache_is_one_instance_per_name_and_refuses_other_options() -> None:
+    t = stateline.open("memory://").tenant("acme")
+    cache = t.cache("policies", max_size=10)
+    assert t.cache("policies") is cache
+    assert t.cache("policies", max_size=10) is cache
+    with pytest.raises(InvalidArgument):
+        t.cache("policies", max_size=5)
+    assert t.limits("api", 5, 1.0, batch=2).hit("k").allowed

@@ -472,9 +472,10 @@ store.close()
 
 
 @pytest.mark.parametrize(("algorithm", "batch"), [*VARIANTS[:3], ("sliding_window", 8)])
-def test_no_over_admission_across_processes(backend: Backend, clock: FakeClock, algorithm: str, batch: int) -> None:
-    if backend.kind == "memory":
-        pytest.skip("a memory store lives in one process")
+def test_no_over_admission_across_processes(
+    process_backend: Backend, clock: FakeClock, algorithm: str, batch: int
+) -> None:
+    backend = process_backend
     backend.open().ping()  # create the schema before the children race to
     procs = [
         subprocess.Popen(

@@ -128,6 +128,7 @@ class Tenant:
         self.name = name
         self.store = db.store
         self._layers: dict[str, Any] = {}
+        self._cache_options: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
     def _layer(self, key: str, make: Callable[[], T]) -> T:
@@ -223,10 +224,14 @@ class Tenant:
         return self._layer("locks", lambda: Locks(self.store, self.name))
 
     def cache(self, name: str, **options: Any) -> Cache:
-        """The TTL cache called ``name`` (one instance per name in this process)."""
+        """The TTL cache called ``name``: one instance per name in this process, so every caller
+        shares it. Asking again for ``name`` with other options is refused."""
         from stateline.runtime import Cache
 
-        return self._layer(f"cache:{name}", lambda: Cache(self.store, self.name, name, **options))
+        cache = self._layer(f"cache:{name}", lambda: Cache(self.store, self.name, name, **options))
+        if options and self._cache_options.setdefault(name, options) != options:
+            raise InvalidArgument("options", f"cache {name!r} already exists here with other options")
+        return cache
 
     @property
     def sessions(self) -> Sessions:
@@ -235,11 +240,13 @@ class Tenant:
 
         return self._layer("sessions", lambda: Sessions(self.store, self.name))
 
-    def limits(self, name: str, rate: int, per: float, algorithm: str = "sliding_window") -> RateLimiter:
-        """A rate limiter admitting ``rate`` hits per ``per`` seconds per key."""
+    def limits(
+        self, name: str, rate: int, per: float, algorithm: str = "sliding_window", **options: Any
+    ) -> RateLimiter:
+        """A rate limiter admitting ``rate`` hits per ``per`` seconds per key (options as for ``RateLimiter``)."""
         from stateline.runtime import RateLimiter
 
-        return RateLimiter(self.store, self.name, name, rate, per, algorithm)
+        return RateLimiter(self.store, self.name, name, rate, per, algorithm, **options)
 
     @property
     def idempotency(self) -> Idempotency:
