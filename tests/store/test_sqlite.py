@@ -117,7 +117,7 @@ def test_acknowledged_commits_survive_kill_9(
     assert proc.stdout is not None
     acked: list[tuple[int, str, int]] = []
     try:
-        while len(acked) < 300:
+        while len(acked) < 600:
             line = proc.stdout.readline()
             if not line:
                 _, err = proc.communicate(timeout=30)
