@@ -469,6 +469,7 @@ def test_server_killed_and_restarted_under_an_open_store(opened: Callable[..., R
         # same store object: fresh connections, and the scripts are loaded again (NOSCRIPT)
         assert s.get(T, "ns", "k") is None
         assert s.commit(T, [Absent("ns", "k")], [Put("ns", "k", 3)]).revision == 1
+        assert s.tenants() == [T]  # the tenant list went with the old server; the first commit rebuilt it
         redis.Redis(port=port).script_flush()
         assert s.commit(T, [VersionIs("ns", "k", 1)], [Put("ns", "k", 4)]).revision == 2
         assert [c.revision for c in s.watch(T, 0, timeout=1)] == [1, 2]

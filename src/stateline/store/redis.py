@@ -625,10 +625,10 @@ class RedisStore(Store):
     def _t(self, tenant: str) -> str:
         return f"{self._prefix}:{{{tenant}}}:"
 
-    def _register(self, tenant: str) -> None:
+    def _register(self, tenant: str, *, force: bool = False) -> None:
         # The tenant list is one key outside every tenant's slot, so the commit script cannot
         # write it; registering first (idempotent) makes the list a superset of committed tenants.
-        if tenant in self._registered:
+        if tenant in self._registered and not force:
             return
         with self._io("commit"):
             self._r.zadd(self._tenants_key, {tenant: 0})
@@ -733,6 +733,11 @@ class RedisStore(Store):
                     counters[(op.namespace, op.key)] = int(res[2 * j + 1])
                 elif isinstance(op, PreparedAppend):
                     seqs[op.stream] = res[2 * j]
+            if out[1] == 1:
+                # a tenant's first commit: register again, in case the server lost the list since
+                # this process registered it (a restart without persistence, a failover)
+                with contextlib.suppress(StatelineError):
+                    self._register(tenant, force=True)
             return Commit(out[1], now, versions, counters, seqs)
         if status == 0:
             flat = out[1]
