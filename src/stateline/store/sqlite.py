@@ -71,7 +71,7 @@ MAX_BATCH = 512
 # How long a leader may wait for the committers released by the last batch to queue again (µs).
 GATHER_US = 300
 # Idle reader connections kept for reuse.
-MAX_IDLE_READERS = 8
+MAX_IDLE_READERS = 16
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sl_schema (
