@@ -262,6 +262,14 @@ def _lat(p50: float | None, p99: float | None) -> str:
     return f"{p50:.3g} / {p99:.3g}" if p99 is not None else f"{p50:.3g}"
 
 
+def internal(r: dict[str, Any]) -> bool:
+    """Whether a figure compares stateline with itself (scaling, snapshots, threads) rather than with a peer."""
+    if (r.get("extra") or {}).get("internal") is not None:
+        return bool(r["extra"]["internal"])
+    peer = (r.get("peer") or "").lower()
+    return peer.startswith(("stateline", "same", "full replay", "case open"))
+
+
 def floors(results: list[dict[str, Any]]) -> dict[str, float]:
     """Per backend, the rate of its physical limit: fsync/s for SQLite, a ping's rate for servers."""
     out: dict[str, float] = {}
@@ -351,7 +359,8 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]], runs: list[dic
             ratio = f"**{r['ratio']:.2f}**" if r.get("ratio") is not None else ""
             target = ""
             if r.get("target") is not None:
-                target = f"≥ {r['target']:.2f} " + ("✓" if r.get("met") else "✗")
+                shown = f"{r['target']:.2f}" if r.get("peer") else f"{_num(r['target'])} {unit}"
+                target = f"≥ {shown} " + ("✓" if r.get("met") else "✗")
             lat = _lat(r.get("p50_ms"), r.get("p99_ms"))
             if r.get("peer_p50_ms") is not None:
                 lat += f"; {_lat(r['peer_p50_ms'], r.get('peer_p99_ms'))}"
@@ -363,8 +372,10 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]], runs: list[dic
             if r.get("runs"):
                 rs = f"{r['runs']}" + (f" × {r['seconds']:g}" if r.get("seconds") else "")
             dur = r.get("durability") or ""
-            if r.get("peer_durability"):
+            if r.get("peer_durability") and r["peer_durability"] != dur:
                 dur += f"; {r['peer_durability']}"
+            elif r.get("peer_durability"):
+                dur = f"both: {dur}"
             peer_fig = f"{_num(r.get('peer_value'), unit)}" if r.get("peer_value") is not None else ""
             name = r["name"] + (f" ({r['notes']})" if r.get("notes") else "")
             lines.append(
@@ -409,37 +420,66 @@ def chart(results: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> No
     rows = [r for r in results if r.get("ratio") is not None and r.get("peer")]
     if not rows:
         return
-    labels = [f"{r['bench']}: {r['name']} [{r['backend']}] vs {r['peer']}" for r in rows]
-    labels = [lb if len(lb) <= 90 else lb[:87] + "..." for lb in labels]
-    ratios = [r["ratio"] for r in rows]
-    colours = ["#2a9d8f" if x >= 1 else "#e76f51" for x in ratios]
-    height = max(3.0, 0.32 * len(rows) + 1.6)
-    fig, ax = plt.subplots(figsize=(13, height), dpi=110)
-    y = list(range(len(rows)))[::-1]
-    ax.barh(y, ratios, color=colours, height=0.7)
-    ax.set_xscale("log")
-    ax.axvline(1.0, color="black", linewidth=1)
-    for r, yy in zip(rows, y, strict=True):
-        if r.get("target") is not None:
-            ax.plot([r["target"]], [yy], marker="|", color="black", markersize=12, markeredgewidth=2)
-    for yy, x in zip(y, ratios, strict=True):
-        ax.text(x * 1.03, yy, f"{x:.2f}x", va="center", fontsize=8)
-    ax.set_yticks(y)
-    ax.set_yticklabels(labels, fontsize=8)
-    ax.set_xlim(min(0.1, min(ratios) / 1.5), max(10.0, max(ratios) * 2))
-    ax.set_xlabel("speed ratio stateline / peer, same run (log scale; > 1: stateline faster; | = target)")
-    m = meta["machine"]
-    ax.set_title(
-        f"stateline vs peers: {m['date']}, {m['cores']} cores, "
-        f"{'quick' if meta['quick'] else 'full'} run; SQLite FULL, PostgreSQL synchronous_commit="
-        f"{(m.get('postgresql') or {}).get('synchronous_commit', '?')}, Redis appendfsync="
-        f"{(m.get('redis') or {}).get('appendfsync', '?')}",
-        fontsize=9,
+    panels = [
+        ("stateline / another library or driver, same work, same run", [r for r in rows if not internal(r)]),
+        ("stateline / stateline (scaling, snapshots, group commit), same run", [r for r in rows if internal(r)]),
+    ]
+    panels = [(t, p) for t, p in panels if p]
+    heights = [max(1.5, 0.3 * len(p) + 0.9) for _, p in panels]
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(13, sum(heights) + 1.2),
+        dpi=100,
+        gridspec_kw={"height_ratios": heights},
+        squeeze=False,
     )
-    ax.grid(axis="x", which="both", alpha=0.3)
+    m = meta["machine"]
+    fig.suptitle(
+        f"stateline speed ratios: {m['date']}, {m['cores']} cores, {'quick' if meta['quick'] else 'full'} run\n"
+        f"SQLite synchronous=FULL; PostgreSQL synchronous_commit="
+        f"{(m.get('postgresql') or {}).get('synchronous_commit', '?')}; Redis appendonly="
+        f"{(m.get('redis') or {}).get('appendonly', '?')}, appendfsync={(m.get('redis') or {}).get('appendfsync', '?')}"
+        "; the same durability on both sides",
+        fontsize=10,
+    )
+    for (title, prow), ax in zip(panels, axes[:, 0], strict=True):
+        labels = [f"{r['bench']}: {r['name']} [{r['backend']}] / {r['peer']}" for r in prow]
+        labels = [lb if len(lb) <= 95 else lb[:92] + "..." for lb in labels]
+        ratios = [r["ratio"] for r in prow]
+        colours = [
+            ("#2a9d8f" if r["met"] else "#d62828") if r.get("met") is not None else ("#2a9d8f" if x >= 1 else "#f4a261")
+            for r, x in zip(prow, ratios, strict=True)
+        ]
+        y = list(range(len(prow)))[::-1]
+        ax.barh(y, ratios, color=colours, height=0.7)
+        ax.set_xscale("log")
+        ax.axvline(1.0, color="black", linewidth=1)
+        for r, yy in zip(prow, y, strict=True):
+            if r.get("target") is not None:
+                ax.plot([r["target"]], [yy], marker="|", color="black", markersize=12, markeredgewidth=2)
+        for yy, x in zip(y, ratios, strict=True):
+            ax.text(x * 1.04, yy, f"{x:.2f}x", va="center", fontsize=8)
+        ax.set_yticks(y)
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.set_xlim(min(0.1, min(ratios) / 1.5), max(10.0, max(ratios) * 2.5))
+        ax.set_title(title, fontsize=9, loc="left")
+        ax.grid(axis="x", which="both", alpha=0.3)
+    axes[-1, 0].set_xlabel(
+        "speed ratio (log scale): > 1 stateline faster; black tick = target (green: met or > 1, red: target missed)"
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def write_docs(
+    meta: dict[str, Any], results: list[dict[str, Any]], runs: list[dict[str, Any]], console: Console
+) -> None:
+    DOCS.mkdir(parents=True, exist_ok=True)
+    (DOCS / "README.md").write_text(markdown(meta, results, runs))
+    chart(results, meta, DOCS / "chart.png")
+    console.print(f"wrote {(DOCS / 'README.md').relative_to(ROOT)} and {(DOCS / 'chart.png').relative_to(ROOT)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -450,8 +490,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before a script is stopped")
     parser.add_argument("--no-docs", action="store_true", help="write bench/results/latest.json only")
     parser.add_argument("--list", action="store_true", help="list the scripts and exit")
+    parser.add_argument("--report-only", action="store_true", help="rewrite docs/benchmarks/ from latest.json")
     args = parser.parse_args(argv)
     console = Console()
+    if args.report_only:
+        saved = orjson.loads((RESULTS / "latest.json").read_bytes())
+        write_docs(saved["meta"], saved["results"], saved["scripts"], console)
+        return 0
     scripts = discover()
     if args.list:
         for s in scripts:
@@ -476,10 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / "latest.json").write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2))
     console.print(f"wrote {(RESULTS / 'latest.json').relative_to(ROOT)} ({len(results)} figures)")
     if not args.no_docs:
-        DOCS.mkdir(parents=True, exist_ok=True)
-        (DOCS / "README.md").write_text(markdown(meta, results, runs))
-        chart(results, meta, DOCS / "chart.png")
-        console.print(f"wrote {(DOCS / 'README.md').relative_to(ROOT)} and {(DOCS / 'chart.png').relative_to(ROOT)}")
+        write_docs(meta, results, runs, console)
     failed = [r["name"] for r in runs if r["status"] != "ok"]
     if failed:
         console.print(f"[red]failed: {', '.join(failed)}[/]")
