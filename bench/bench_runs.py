@@ -40,6 +40,7 @@ from pathlib import Path
 
 import psycopg
 
+from harness import record
 from stateline import Database, Put, open_store
 from stateline.runs import Claim, Runs, StepSpec
 
@@ -356,7 +357,48 @@ def run_backend(kind: str, directory: Path, args: argparse.Namespace, with_dbos:
             print(f"    stateline {label:36s} {v:7.3f} ms" + (f"   DBOS/stateline = {d / v:5.1f}x" if d else ""))
     for n in notes:
         print("note:", n)
+    _record(kind, m, rounds)
     sys.stdout.flush()
+
+
+def _record(kind: str, m: dict[str, float], rounds: int) -> None:
+    """Hand the figures to bench/run.py (no-op when run by hand)."""
+    dur = "synchronous=FULL, WAL" if kind == "sqlite" else "server default (durable commit)"
+    for key, label in (("cycle8", "claim() + complete()"), ("eager8", "complete_and_claim()")):
+        record(
+            bench="runs",
+            name=f"cycle {label}, 8 workers",
+            backend=kind,
+            unit="cycles/s",
+            value=m[key],
+            peer="stateline single-put commit, 8 threads",
+            peer_value=m["put8"],
+            target=1 / 3,
+            runs=rounds,
+            durability=dur,
+            peer_durability=dur,
+        )
+    for conc in ("1", "8"):
+        d = m.get(f"dbos_wall{conc}")
+        for key, label, target in (
+            (f"sl_complete{conc}", "complete() per step", 5.0),
+            (f"sl_eager_wall{conc}", "complete_and_claim, wall per step", None),
+            (f"sl_wall{conc}", "claim+complete, wall per step", None),
+        ):
+            record(
+                bench="runs",
+                name=f"10-step workflow, {conc} at a time: {label}",
+                backend=kind,
+                unit="ms",
+                value=m[key],
+                p50_ms=m[key] if key.startswith("sl_complete") else None,
+                peer="DBOS Transact, workflow wall time / 10" if d else None,
+                peer_value=d,
+                target=target if d else None,
+                runs=rounds,
+                durability=dur,
+                peer_durability=dur if d else "",
+            )
 
 
 def main() -> None:
