@@ -92,6 +92,7 @@ class MemoryStore(Store):
         super().__init__(clock=clock, **options)
         self._cond = threading.Condition(threading.Lock())
         self._data: dict[str, _Tenant] = {}
+        self._watchers = 0
 
     @classmethod
     def from_url(cls, url: str, *, clock: Clock | None = None, **options: Any) -> Self:
@@ -143,13 +144,13 @@ class MemoryStore(Store):
             versions: dict[tuple[str, str], int] = {}
             counters: dict[tuple[str, str], int] = {}
 
-            def current(ns: str, key: str) -> _Rec | None:
-                k = (ns, key)
-                return staged[k] if k in staged else self._rec(t, ns, key, now)
-
             for op in c.ops:
                 if type(op) is PreparedPut:
-                    old = current(op.namespace, op.key)
+                    old = (
+                        staged[k]
+                        if (k := (op.namespace, op.key)) in staged
+                        else self._rec(t, op.namespace, op.key, now)
+                    )
                     exp = None if op.ttl_us is None else now + op.ttl_us
                     version = 1 if old is None else old.version + 1
                     staged[(op.namespace, op.key)] = _Rec(
@@ -158,12 +159,20 @@ class MemoryStore(Store):
                     versions[(op.namespace, op.key)] = version
                     recorder.put(op.namespace, op.key, version, op.value, exp)
                 elif type(op) is PreparedDelete:
-                    old = current(op.namespace, op.key)
+                    old = (
+                        staged[k]
+                        if (k := (op.namespace, op.key)) in staged
+                        else self._rec(t, op.namespace, op.key, now)
+                    )
                     staged[(op.namespace, op.key)] = None
                     versions[(op.namespace, op.key)] = 0
                     recorder.delete(op.namespace, op.key, 0 if old is None else old.version)
                 elif type(op) is PreparedIncr:
-                    old = current(op.namespace, op.key)
+                    old = (
+                        staged[k]
+                        if (k := (op.namespace, op.key)) in staged
+                        else self._rec(t, op.namespace, op.key, now)
+                    )
                     if old is None:
                         base, version, created, exp = 0, 1, now, (None if op.ttl_us is None else now + op.ttl_us)
                     else:
@@ -220,7 +229,8 @@ class MemoryStore(Store):
                     cut = bisect_left(s.events, before, key=lambda e: e[0])
                     del s.events[:cut]
             t.changes.append(recorder.body(now, c.meta))
-            self._cond.notify_all()
+            if self._watchers:
+                self._cond.notify_all()
             return Commit(revision, now, versions, counters, last_seqs)
 
     def _get(self, tenant: str, namespace: str, key: str) -> Item | None:
@@ -305,7 +315,11 @@ class MemoryStore(Store):
 
     def _watch(self, tenant: str, after_revision: int, timeout: float, limit: int) -> list[Change]:
         with self._cond:
-            self._cond.wait_for(lambda: self._revision_locked(tenant) > after_revision or self._closed, timeout)
+            self._watchers += 1
+            try:
+                self._cond.wait_for(lambda: self._revision_locked(tenant) > after_revision or self._closed, timeout)
+            finally:
+                self._watchers -= 1
         return self._changes(tenant, after_revision, limit)
 
     def _revision_locked(self, tenant: str) -> int:
