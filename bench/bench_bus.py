@@ -27,6 +27,7 @@ from pathlib import Path
 import nats
 import orjson
 
+from harness import record
 from stateline import Put, open_store
 from stateline.bus import Relay, envelope_of, subject_of
 from stateline.store.protocol import Store
@@ -158,6 +159,17 @@ def main() -> None:
     reads = [shared_state_reads(1_000_000 if args.quick else 5_000_000) for _ in range(rounds)]
     ours, bare = statistics.median(r[0] for r in reads), statistics.median(r[1] for r in reads)
     print(f"SharedState.get: {ours:,.0f} reads/s (dict.get {bare:,.0f}/s, ratio {bare / ours:.2f}x cost)")
+    record(
+        bench="bus",
+        name="SharedState.get, 1 thread",
+        backend="memory",
+        unit="reads/s",
+        value=ours,
+        peer="dict.get of the same data",
+        peer_value=bare,
+        runs=rounds,
+        durability="in process",
+    )
 
     with tempfile.TemporaryDirectory(prefix="bench-bus-") as tmp:
         for kind, url in (("memory", "memory://"), ("sqlite", f"sqlite:///{Path(tmp) / 'bus.db'}")):
@@ -172,11 +184,34 @@ def main() -> None:
                 f"relay throughput [{kind}]: {relay_rate:,.0f} changes/s "
                 f"(raw publish_async of the same envelopes {raw_rate:,.0f}/s, relay at {relay_rate / raw_rate:.0%})"
             )
+            record(
+                bench="bus",
+                name="relay to JetStream",
+                backend=kind,
+                unit="changes/s",
+                value=relay_rate,
+                peer="raw nats-py publish_async, same envelopes",
+                peer_value=raw_rate,
+                runs=rounds,
+                durability="synchronous=FULL, WAL" if kind == "sqlite" else "in process",
+                peer_durability="JetStream acknowledged",
+            )
             store = open_store(url)
             lat = sorted(end_to_end_latency(store, samples))
             store.close()
             p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
             print(f"commit -> consumer latency [{kind}]: median {statistics.median(lat):.2f} ms, p99 {p99:.2f} ms")
+            record(
+                bench="bus",
+                name="commit -> JetStream consumer latency",
+                backend=kind,
+                unit="ms",
+                value=statistics.median(lat),
+                p50_ms=statistics.median(lat),
+                p99_ms=p99,
+                notes=f"{len(lat)} spaced commits",
+                durability="synchronous=FULL, WAL" if kind == "sqlite" else "in process",
+            )
 
 
 if __name__ == "__main__":
