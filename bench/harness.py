@@ -6,7 +6,8 @@ as one JSON line; otherwise :func:`record` does nothing, so a script run by hand
 
 Ratios are always *speed* ratios, stateline over its peer: above 1 stateline is faster (more operations
 per second, or less time per operation). ``target`` is a minimum of that ratio (a script whose own
-target is a cost, "stateline costs at most 1.5x the peer", records ``target=1 / 1.5``).
+target is a cost, "stateline costs at most 1.5x the peer", records ``target=1 / 1.5``); for a figure
+with no peer it is a minimum rate, or a maximum time when ``unit`` is a time.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class Result:
     peer: str | None = None
     peer_value: float | None = None
     ratio: float | None = None  # speed ratio stateline / peer (> 1: stateline faster)
-    target: float | None = None  # minimum speed ratio (or minimum value when there is no peer)
+    target: float | None = None  # minimum speed ratio; with no peer, minimum rate or maximum time
     met: bool | None = None
     p50_ms: float | None = None
     p99_ms: float | None = None
@@ -62,9 +63,12 @@ class Result:
         if self.ratio is None and self.peer_value:
             self.ratio = speed_ratio(self.value, self.peer_value, self.unit)
         if self.met is None and self.target is not None:
-            figure = self.ratio if self.peer is not None else self.value
-            if figure is not None:
-                self.met = figure >= self.target
+            if self.peer is not None:
+                self.met = self.ratio is not None and self.ratio >= self.target
+            elif self.unit in TIME_UNITS:
+                self.met = self.value <= self.target  # a time with no peer: the target is a maximum
+            else:
+                self.met = self.value >= self.target
 
     def to_json(self) -> dict[str, Any]:
         """The record as plain JSON (NaN and infinities as null)."""
