@@ -17,6 +17,7 @@ Group commit: the commits that threads of one process submit while a transaction
 written are applied together in the next write transaction, each inside its own savepoint and
 with its own checks and outcome, and made durable by one ``COMMIT`` (one flush). Several
 processes may open the same file; writers serialise on SQLite's write lock (``BEGIN IMMEDIATE``).
+A process forked after opening a store gets fresh connections of its own on first use.
 """
 
 from __future__ import annotations
