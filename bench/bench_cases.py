@@ -36,6 +36,7 @@ import psycopg
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 
+from harness import record
 from stateline import Put, open_store
 from stateline.cases import Case, Cases
 
@@ -178,6 +179,35 @@ def _line(label: str, ours: float, peer: float, peer_name: str, target: float | 
     print(f"  {'':<44} CPU per call: stateline {ca:,.0f} µs, {peer_name} {cb:,.0f} µs ({cb / ca:4.2f}x)")
 
 
+def _rec(
+    backend: str,
+    label: str,
+    ours: float,
+    peer: float | None,
+    peer_name: str | None,
+    target: float | None,
+    runs: int,
+    seconds: float,
+    durability: str,
+    peer_durability: str = "",
+) -> None:
+    """Hand one figure to bench/run.py (no-op when run by hand)."""
+    record(
+        bench="cases",
+        name=label,
+        backend=backend,
+        unit="commits/s",
+        value=ours,
+        peer=peer_name,
+        peer_value=peer,
+        target=target,
+        runs=runs,
+        seconds=seconds,
+        durability=durability,
+        peer_durability=peer_durability,
+    )
+
+
 # ---------------------------------------------------------------- scenarios
 
 
@@ -201,7 +231,11 @@ def bench_memory(seconds: float, runs: int) -> None:
 
     a, b = _alternate(runs, ours, peer)
     _line("case commit, 5 mutations + receipt", a, b, "eventsourcing 5-event save", None)
+    mem = ("in process", "POPO, in process")
+    _rec("memory", "case commit, 5 mutations + receipt", a, b, "eventsourcing 5-event save", None, runs, seconds, *mem)
     one = statistics.median(peer_one_event() for _ in range(runs))
+    _rec("memory", "case commit", a, one, "eventsourcing one-event aggregate", 2.0, runs, seconds, *mem)
+    _rec("memory", "case commit (absolute)", a, None, None, 50_000, runs, seconds, mem[0])
     print(
         f"  {'eventsourcing one-event aggregates':<44} {one:>19,.0f}/s   stateline/that {a / one:5.2f}x  (target >= 2x)"
     )
@@ -275,11 +309,15 @@ def bench_sqlite(seconds: float, runs: int, workdir: str) -> None:
     )
     ca, cp = _CPU_MEDIANS
     print(f"  {'':<44} CPU per call: case commit {ca:,.0f} µs, single Put {cp:,.0f} µs")
+    dur = ("synchronous=FULL, WAL", f"synchronous={sync}, journal_mode={mode}")
+    _rec("sqlite", "case commit", a, p, f"stateline single Put of the same {size} B", 1 / 1.3, runs, seconds, dur[0])
     a, b = _alternate(runs, ours_1, peer_1)
     _line("one writer", a, b, "eventsourcing", 1.6)
+    _rec("sqlite", "case commit, one writer", a, b, "eventsourcing 5-event save", 1.6, runs, seconds, *dur)
     flushes, carried = store.batches, store.batched_commits  # type: ignore[attr-defined]
     a, b = _alternate(runs, ours_16, peer_16)
     _line("16 cases, 16 threads", a, b, "eventsourcing", 6.0)
+    _rec("sqlite", "case commit, 16 cases, 16 threads", a, b, "eventsourcing 5-event save", 6.0, runs, seconds, *dur)
     per_flush = (store.batched_commits - carried) / max(1, store.batches - flushes)  # type: ignore[attr-defined]
     print(f"  {'':<44} stateline group commit: {per_flush:.1f} commits per flush")
     store.close()
@@ -326,6 +364,8 @@ def bench_postgres(seconds: float, runs: int) -> None:
 
         a, b = _alternate(runs, ours, peer)
         _line("one writer, one connection", a, b, "eventsourcing", 2.0)
+        dur = f"synchronous_commit={sync}"
+        _rec("postgresql", "case commit, one writer", a, b, "eventsourcing 5-event save", 2.0, runs, seconds, dur, dur)
     finally:
         store.close()
         app.close()
