@@ -116,11 +116,6 @@ elif mode == "rounds":
 """
 
 
-def durable(backend: Backend) -> None:
-    if backend.kind == "memory":
-        pytest.skip("the memory store lives inside one process: killing the process takes the store along")
-
-
 def child(backend: Backend, mode: str, arg: object = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", CHILD, backend.url, mode, str(arg)],
@@ -222,8 +217,8 @@ def test_an_exception_at_each_stage_leaves_old_or_new_state(
 
 
 @pytest.mark.parametrize("stage", [*STAGES_BEFORE, "after_store_commit"])
-def test_a_process_killed_at_each_stage_leaves_old_or_new_state(backend: Backend, stage: str) -> None:
-    durable(backend)
+def test_a_process_killed_at_each_stage_leaves_old_or_new_state(process_backend: Backend, stage: str) -> None:
+    backend = process_backend
     cases = setup_case(backend)
     before = cases.open("c1").snapshot()
     proc = child(backend, "stage", stage)
@@ -233,8 +228,8 @@ def test_a_process_killed_at_each_stage_leaves_old_or_new_state(backend: Backend
     resume(fresh(backend))
 
 
-def test_a_process_killed_inside_the_store_commit_leaves_old_or_new_state(backend: Backend) -> None:
-    durable(backend)
+def test_a_process_killed_inside_the_store_commit_leaves_old_or_new_state(process_backend: Backend) -> None:
+    backend = process_backend
     cases = setup_case(backend)
     # how many adapter lines run inside one Store commit?
     probe = child(backend, "count")
@@ -253,8 +248,8 @@ def test_a_process_killed_inside_the_store_commit_leaves_old_or_new_state(backen
     assert cases.verify("c1").ok
 
 
-def test_processes_killed_at_random_moments_never_leave_a_mix(backend: Backend) -> None:
-    durable(backend)
+def test_processes_killed_at_random_moments_never_leave_a_mix(process_backend: Backend) -> None:
+    backend = process_backend
     setup_case(backend)
     rng = random.Random(7)
     for _ in range(3):
@@ -284,8 +279,8 @@ def test_processes_killed_at_random_moments_never_leave_a_mix(backend: Backend) 
 # ------------------------------------------------------------------ two processes, one case
 
 
-def test_two_processes_exactly_one_wins_each_version(backend: Backend) -> None:
-    durable(backend)
+def test_two_processes_exactly_one_wins_each_version(process_backend: Backend) -> None:
+    backend = process_backend
     setup_case(backend, commits=0)
     procs = [
         subprocess.Popen(
@@ -330,8 +325,8 @@ def test_two_processes_exactly_one_wins_each_version(backend: Backend) -> None:
     assert cases.verify("c1").ok
 
 
-def test_two_processes_contending_share_the_versions_without_overlap(backend: Backend) -> None:
-    durable(backend)
+def test_two_processes_contending_share_the_versions_without_overlap(process_backend: Backend) -> None:
+    backend = process_backend
     setup_case(backend, commits=0)
     per_process = 10
     procs = [
