@@ -314,3 +314,41 @@ def test_consume_redelivers_then_dead_letters(jetstream: JetStreamTarget) -> Non
     assert len(dead) == 1
     assert dead[0]["data"]["revision"] == 3
     assert dead[0]["headers"]["Stateline-Deliveries"] == "3"
+
+
+def test_run_events_reach_the_seed_subjects(jetstream: JetStreamTarget) -> None:
+    db = stateline.open("memory://")
+    runs = db.tenant("acme").runs
+    relay = Relay(
+        db.store, NATS_URL, stream=jetstream.stream, prefix=jetstream.prefix, alias_prefix=jetstream.alias_prefix
+    )
+    relay.start()
+    try:
+        runs.create("flow-1", [{"id": "s1", "kind": "llm"}], run_id="r1", trace_id="trace-7")
+        (claim,) = runs.claim("worker-1")
+        runs.complete(claim, claim.lease_token, {"answer": 42}, usage={"tokens": 10, "cost_usd": 0.5})
+        _wait_for(lambda: relay.lag()["acme"] == 0)
+    finally:
+        relay.stop()
+
+    async def read_aliases() -> dict[str, list[dict[str, Any]]]:
+        nc = await nats.connect(NATS_URL)
+        js = nc.jetstream()
+        out: dict[str, list[dict[str, Any]]] = {}
+        for seed in ("caf.exec.assigned.v1", "caf.exec.result.v1", "beamline.usage.v1.metered"):
+            sub = await js.pull_subscribe(f"{jetstream.alias_prefix}{seed}", stream=jetstream.stream)
+            msgs = await sub.fetch(10, timeout=5)
+            out[seed] = [orjson.loads(m.data) for m in msgs]
+        await nc.close()
+        return out
+
+    got = asyncio.run(read_aliases())
+    (assigned,) = got["caf.exec.assigned.v1"]
+    (result,) = got["caf.exec.result.v1"]
+    (metered,) = got["beamline.usage.v1.metered"]
+    for body in (assigned, result, metered):
+        assert (body["tenant_id"], body["run_id"], body["step_id"], body["flow_id"]) == ("acme", "r1", "s1", "flow-1")
+        assert body["trace_id"] == "trace-7"
+    assert assigned["data"]["worker_id"] == "worker-1"
+    assert result["data"]["status"] == "success"
+    assert metered["data"]["tokens_used"] == 10

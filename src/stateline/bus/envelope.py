@@ -7,15 +7,17 @@ from typing import Any
 
 from stateline.types import Change, ChangeOp
 
-__all__ = ["ALIASES", "ENVELOPE_FIELDS", "alias_messages", "envelope_of", "subject_of"]
+__all__ = ["ALIASES", "ENVELOPE_FIELDS", "SEED_SUBJECTS", "alias_messages", "envelope_of", "subject_of"]
 
-# Run events that are also published on the seed subjects the platform already consumes.
+# The seed subjects the platform already consumes. A run event names its own in ``meta.subject``
+# (the runs layer does); events without one fall back to this table by type.
+SEED_SUBJECTS = frozenset({"caf.exec.assigned.v1", "caf.exec.result.v1", "beamline.usage.v1.metered"})
 ALIASES: dict[str, str] = {
     "step.assigned": "caf.exec.assigned.v1",
     "step.completed": "caf.exec.result.v1",
     "step.failed": "caf.exec.result.v1",
     "step.dead": "caf.exec.result.v1",
-    "usage.metered": "beamline.usage.v1.metered",
+    "step.metered": "beamline.usage.v1.metered",
 }
 
 ENVELOPE_FIELDS = ("run_id", "flow_id", "step_id", "idempotency_key", "trace_id")
@@ -95,7 +97,8 @@ def alias_messages(change: Change, alias_prefix: str = "") -> list[tuple[str, st
     out = []
     for op in change.ops:
         for e in op.events:
-            alias = ALIASES.get(e.type)
+            tagged = e.meta.get("subject")
+            alias = tagged if tagged in SEED_SUBJECTS else ALIASES.get(e.type)
             if alias is None:
                 continue
             body: dict[str, Any] = {
