@@ -20,6 +20,7 @@ __all__ = [
     "configure_logging",
     "current_trace_id",
     "make_tracer_provider",
+    "otlp_configured",
 ]
 
 _log = logging.getLogger("stateline.observability")
@@ -73,23 +74,28 @@ def configure_logging(level: str | int = "INFO", stream: IO[str] | None = None) 
         lg.propagate = True
 
 
-def make_tracer_provider(service_name: str = "stateline") -> TracerProvider:
-    """A tracer provider of its own (the global one is left alone).
+def otlp_configured() -> bool:
+    """Whether the environment asks for spans to be exported over OTLP."""
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 
-    Spans get real trace ids (they show in logs and audit entries) but go nowhere unless
-    ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) is set and the
-    ``opentelemetry-exporter-otlp-proto-http`` package is installed; then they are batched to it.
+
+def make_tracer_provider(service_name: str = "stateline") -> TracerProvider | None:
+    """A tracer provider of its own (the global one is left alone) that exports over OTLP, or ``None``
+    when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._TRACES_ENDPOINT``) is not set: recording spans
+    nobody receives is pure cost, so the service then only propagates trace ids (to logs, commit
+    meta and audit entries). Exporting needs ``opentelemetry-exporter-otlp-proto-http`` installed.
     """
+    if not otlp_configured():
+        return None
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
-        try:
-            exporter_mod = importlib.import_module("opentelemetry.exporter.otlp.proto.http.trace_exporter")
-        except ImportError:
-            _log.warning("OTLP endpoint configured but opentelemetry-exporter-otlp-proto-http is not installed")
-        else:
-            from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: PLC0415  # only with OTLP
+    try:
+        exporter_mod = importlib.import_module("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+    except ImportError:
+        _log.warning("OTLP endpoint configured but opentelemetry-exporter-otlp-proto-http is not installed")
+        return provider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: PLC0415  # only with OTLP
 
-            provider.add_span_processor(BatchSpanProcessor(exporter_mod.OTLPSpanExporter()))
+    provider.add_span_processor(BatchSpanProcessor(exporter_mod.OTLPSpanExporter()))
     return provider
 
 

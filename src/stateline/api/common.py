@@ -32,6 +32,7 @@ __all__ = [
     "json_response",
     "parse_body",
     "parse_etag",
+    "query_number",
     "read_json",
 ]
 
@@ -122,6 +123,20 @@ async def parse_body(request: Request, model: type[M], *, optional: bool = False
         first = errors[0] if errors else {"loc": [], "msg": "invalid body"}
         field_name = ".".join(first["loc"]) or "body"
         raise InvalidArgument(field_name, str(first["msg"]), details={"errors": errors[:20]}) from None
+
+
+def query_number(request: Request, name: str) -> float | None:
+    """A positive number from the query string (``None`` if absent); ``InvalidArgument`` otherwise."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidArgument(name, f"must be a number, got {raw[:40]!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise InvalidArgument(name, "must be a positive number")
+    return value
 
 
 def parse_etag(value: str | None, header: str) -> int | str | None:

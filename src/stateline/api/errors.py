@@ -133,7 +133,7 @@ ERROR_RESPONSES: dict[int, dict[str, Any]] = {
     503: _doc("The store cannot be reached now; retry later"),
 }
 
-_COMMON = (400, 401, 403, 413, 429, 503)
+_COMMON = (400, 401, 403, 404, 413, 429, 503)  # 404: also any path that names no route
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -29,11 +29,11 @@ class InstrumentedStore(Store):
 
     scheme = "instrumented"
 
-    def __init__(self, inner: Store, metrics: Metrics, tracer: Tracer) -> None:
+    def __init__(self, inner: Store, metrics: Metrics, tracer: Tracer | None) -> None:
         super().__init__(clock=inner.clock, max_value_bytes=inner.max_value_bytes)
         self.inner = inner
         self.metrics = metrics
-        self.tracer = tracer
+        self.tracer = tracer  # None: no spans (nothing would receive them)
         self._latency = {
             name: metrics.store_latency.labels(name)
             for name in (
@@ -65,24 +65,30 @@ class InstrumentedStore(Store):
         raise TypeError("InstrumentedStore wraps an open Store; it cannot be opened from a URL")
 
     def _call(self, name: str, fn: Callable[[], T], tenant: str | None = None) -> T:
-        started = time.perf_counter()
-        with self.tracer.start_as_current_span(
+        tracer = self.tracer
+        if tracer is None:
+            return self._timed(name, fn)
+        with tracer.start_as_current_span(
             f"store.{name}", record_exception=False, set_status_on_exception=False
         ) as span:
             if tenant is not None:
                 span.set_attribute("stateline.tenant", tenant)
-            try:
-                return fn()
-            except Conflict:
-                raise
-            except StatelineError as exc:
-                self.metrics.store_errors.labels(name, exc.code).inc()
-                raise
-            except Exception:
-                self.metrics.store_errors.labels(name, "internal").inc()
-                raise
-            finally:
-                self._latency[name].observe(time.perf_counter() - started)
+            return self._timed(name, fn)
+
+    def _timed(self, name: str, fn: Callable[[], T]) -> T:
+        started = time.perf_counter()
+        try:
+            return fn()
+        except Conflict:
+            raise
+        except StatelineError as exc:
+            self.metrics.store_errors.labels(name, exc.code).inc()
+            raise
+        except Exception:
+            self.metrics.store_errors.labels(name, "internal").inc()
+            raise
+        finally:
+            self._latency[name].observe(time.perf_counter() - started)
 
     def _commit(self, c: PreparedCommit) -> Commit:
         try:

@@ -16,6 +16,7 @@ from stateline.api.common import (
     json_response,
     parse_body,
     parse_etag,
+    query_number,
     read_json,
 )
 from stateline.api.errors import responses
@@ -313,8 +314,14 @@ async def get_item(
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """One item, with its version as the ``ETag``; 304 when ``If-None-Match`` names that version."""
+    return await _get_item(request)
+
+
+async def _get_item(request: Request) -> Response:
+    namespace: str = request.path_params["namespace"]
+    key: str = request.path_params["key"]
     caller = Caller.of(request, LAYER, "read")
-    wanted = parse_etag(if_none_match, "If-None-Match")
+    wanted = parse_etag(request.headers.get("if-none-match"), "If-None-Match")
     item = await caller.run(caller.tenant.get, namespace, key)
     if item is None:
         raise NotFound(f"no item {namespace}/{key}", details={"namespace": namespace, "key": key})
@@ -349,12 +356,19 @@ async def put_item(
     if_none_match: Annotated[str | None, Header(description="*: create only (412 if it exists)")] = None,
 ) -> Response:
     """Write an item. ``If-Match`` makes it a compare-and-set; ``If-None-Match: *`` a create."""
+    return await _put_item(request)
+
+
+async def _put_item(request: Request) -> Response:
+    namespace: str = request.path_params["namespace"]
+    key: str = request.path_params["key"]
+    ttl = query_number(request, "ttl")
     caller = Caller.of(request, LAYER, "write")
     _guard(caller, [namespace], [])
     value = await read_json(request)
     checks: list[Check] = []
-    match = parse_etag(if_match, "If-Match")
-    none_match = parse_etag(if_none_match, "If-None-Match")
+    match = parse_etag(request.headers.get("if-match"), "If-Match")
+    none_match = parse_etag(request.headers.get("if-none-match"), "If-None-Match")
     if match == "*":
         checks.append(Exists(namespace, key))
     elif match is not None:
@@ -443,6 +457,10 @@ def _op(o: PutOp | DeleteOp | IncrOp | AppendOp | TrimOp) -> Op:
 async def transaction(request: Request) -> Response:
     """Commit ``ops`` if every one of ``checks`` holds, atomically. A failed check is 409 with
     ``details.failures``: every failed check and what was found."""
+    return await _transaction(request)
+
+
+async def _transaction(request: Request) -> Response:
     caller = Caller.of(request, LAYER, "write")
     body = await parse_body(request, TransactionIn)
     checks = [_check(c) for c in body.checks]
@@ -497,3 +515,7 @@ async def stats(request: Request) -> Response:
             "events": s.events,
         }
     )
+
+
+#: Routes served without FastAPI's per-request parameter machinery (same code as the documented routes).
+FAST = {"items.get": _get_item, "items.put": _put_item, "store.transaction": _transaction}
