@@ -284,6 +284,8 @@ class SQLiteStore(Store):
         self._queue_lock = threading.Lock()
         self._leading = False
         self._woken = 0
+        self._gather_want = 0
+        self._gathered = threading.Lock()
         self._write_lock = threading.Lock()
         self._cond = threading.Condition(threading.Lock())
         self._commits_seen = 0
@@ -323,6 +325,8 @@ class SQLiteStore(Store):
         self._queue_lock = threading.Lock()
         self._leading = False
         self._woken = 0
+        self._gather_want = 0
+        self._gathered = threading.Lock()
         self._write_lock = threading.Lock()
         self._cond = threading.Condition(threading.Lock())
         self._watchers = 0
@@ -463,6 +467,9 @@ class SQLiteStore(Store):
                 req.wake = threading.Lock()
                 req.wake.acquire()
                 self._queue.append(req)
+                if self._gather_want and len(self._queue) >= self._gather_want:
+                    self._gather_want = 0
+                    self._gathered.release()  # the leader waits for this group: it is complete
             else:
                 self._leading = True
                 req = None
@@ -536,11 +543,16 @@ class SQLiteStore(Store):
         """
         if not self._woken or GATHER_US <= 0:
             return
-        want = self._woken + own_queued
-        queue = self._queue
-        deadline = time.perf_counter() + GATHER_US / 1e6
-        while len(queue) < want and time.perf_counter() < deadline:
-            time.sleep(0)  # let them run (and take the GIL) until they are queued
+        with self._queue_lock:
+            want = self._woken + own_queued
+            if len(self._queue) >= want:
+                return
+            gathered = threading.Lock()
+            gathered.acquire()
+            self._gather_want, self._gathered = want, gathered
+        gathered.acquire(timeout=GATHER_US / 1e6)  # released by the committer that completes the group
+        with self._queue_lock:
+            self._gather_want = 0
 
     def _run_batch(self, batch: list[_Request]) -> None:
         try:
