@@ -2,8 +2,8 @@
 
 Each client commits one small document (``Put`` of ~120 bytes) per commit, in a loop, for a fixed
 time. The peer is raw psycopg running the adapter's own SQL for that commit with the same
-pipelining: (BEGIN, lock the tenant row, read the item), then (upsert the item, insert the change
-record, set the revision, COMMIT, NOTIFY), with ``synchronous_commit=on``. Short runs of the two
+pipelining: (BEGIN, lock the tenant row, read the item), then (one statement that upserts the item,
+inserts the change record and sets the revision; COMMIT; NOTIFY), with ``synchronous_commit=on``. Short runs of the two
 alternate back to back (the machine's load drifts); rates are medians of the runs, and the cost
 ratio is the median of the per-pair ratios.
 
@@ -34,6 +34,29 @@ from stateline.clock import SystemClock
 from stateline.store.postgres import PostgresStore, _Queries
 
 NS = "bench"
+_WRITE_ARRAYS = [
+    "del_ns",
+    "del_key",
+    "ns",
+    "key",
+    "value",
+    "version",
+    "rev",
+    "created",
+    "expires",
+    "ev_stream",
+    "ev_seq",
+    "ev_type",
+    "ev_data",
+    "ev_meta",
+    "ev_rev",
+    "st_stream",
+    "st_last",
+    "tr_stream",
+    "tr_cut",
+    "ch_rev",
+    "ch_body",
+]
 
 
 def _value(i: int) -> dict[str, Any]:
@@ -82,6 +105,7 @@ class Raw:
         conn = psycopg.connect(self.dsn, autocommit=True)
         self.conns.append(conn)
         q = self.q
+        empty: dict[str, Any] = {name: [] for name in _WRITE_ARRAYS}
 
         def commit(i: int) -> None:
             key = f"k{c}-{i % 100}"
@@ -114,10 +138,23 @@ class Raw:
                     ],
                 }
             )
+            params = dict(
+                empty,
+                t=tenant,
+                now=now,
+                ns=[NS],
+                key=[key],
+                value=[value],
+                version=[version],
+                rev=[rev],
+                created=[created],
+                expires=[None],
+                ch_rev=[rev],
+                ch_body=[body],
+                revision=rev,
+            )
             with conn.pipeline():
-                conn.execute(q.upsert_items, (tenant, now, [NS], [key], [value], [version], [rev], [created], [None]))
-                conn.execute(q.insert_changes, (tenant, [rev], [body]))
-                conn.execute(q.set_revision, (rev, tenant))
+                conn.execute(q.write, params)
                 conn.execute("COMMIT")
                 conn.execute("SELECT pg_notify(%s, %s)", (self.channel, tenant))
 

@@ -534,51 +534,12 @@ class PostgresStore(Store):
                 self._abort(conn)
                 return results
 
-            # Round trip 2: every write, the change records, the revision, COMMIT; then wake watchers.
+            # Round trip 2: every write, the change records and the revision in one statement, COMMIT;
+            # then wake the watchers (outside the transaction, see the module docstring).
             committing = False
             try:
                 with conn.pipeline():
-                    puts = [(k, v) for k, v in plan.items.items() if v is not None]
-                    dels = [k for k, v in plan.items.items() if v is None]
-                    if dels:
-                        conn.execute(q.delete_items, ([k[0] for k in dels], [k[1] for k in dels], tenant))
-                    if puts:
-                        conn.execute(
-                            q.upsert_items,
-                            (
-                                tenant,
-                                now,
-                                [k[0] for k, _ in puts],
-                                [k[1] for k, _ in puts],
-                                [v[0] for _, v in puts],
-                                [v[1] for _, v in puts],
-                                [v[2] for _, v in puts],
-                                [v[3] for _, v in puts],
-                                [v[4] for _, v in puts],
-                            ),
-                        )
-                    if plan.events:
-                        ev = plan.events
-                        conn.execute(
-                            q.insert_events,
-                            (
-                                tenant,
-                                now,
-                                [e[0] for e in ev],
-                                [e[1] for e in ev],
-                                [e[2] for e in ev],
-                                [e[3] for e in ev],
-                                [e[4] for e in ev],
-                                [e[5] for e in ev],
-                            ),
-                        )
-                    if plan.last_seqs:
-                        names = list(plan.last_seqs)
-                        conn.execute(q.upsert_streams, (tenant, names, [plan.last_seqs[n] for n in names]))
-                    for name, before in plan.trims.items():
-                        conn.execute(q.trim_events, (tenant, name, before))
-                    conn.execute(q.insert_changes, (tenant, [r for r, _ in plan.changes], [b for _, b in plan.changes]))
-                    conn.execute(q.set_revision, (base + len(plan.changes), tenant))
+                    conn.execute(q.write, _write_params(tenant, plan))
                     committing = True
                     conn.execute("COMMIT")
                     conn.execute("SELECT pg_notify(%s, %s)", (self._channel, tenant))
@@ -860,6 +821,39 @@ class PostgresStore(Store):
         self._watchdog.stop()
 
 
+def _write_params(tenant: str, plan: _Plan) -> dict[str, Any]:
+    """The parameters of ``_Queries.write`` for one group's plan (empty arrays for what it does not do)."""
+    puts = [(k, v) for k, v in plan.items.items() if v is not None]
+    dels = [k for k, v in plan.items.items() if v is None]
+    ev = plan.events
+    return {
+        "t": tenant,
+        "now": plan.now,
+        "del_ns": [k[0] for k in dels],
+        "del_key": [k[1] for k in dels],
+        "ns": [k[0] for k, _ in puts],
+        "key": [k[1] for k, _ in puts],
+        "value": [v[0] for _, v in puts],
+        "version": [v[1] for _, v in puts],
+        "rev": [v[2] for _, v in puts],
+        "created": [v[3] for _, v in puts],
+        "expires": [v[4] for _, v in puts],
+        "ev_stream": [e[0] for e in ev],
+        "ev_seq": [e[1] for e in ev],
+        "ev_type": [e[2] for e in ev],
+        "ev_data": [e[3] for e in ev],
+        "ev_meta": [e[4] for e in ev],
+        "ev_rev": [e[5] for e in ev],
+        "st_stream": list(plan.last_seqs),
+        "st_last": list(plan.last_seqs.values()),
+        "tr_stream": list(plan.trims),
+        "tr_cut": list(plan.trims.values()),
+        "ch_rev": [r for r, _ in plan.changes],
+        "ch_body": [b for _, b in plan.changes],
+        "revision": plan.base_revision + len(plan.changes),
+    }
+
+
 class _Watchdog:
     """Shuts down the socket of a connection whose statement has waited longer than ``limit`` seconds.
 
@@ -997,36 +991,34 @@ class _Queries:
             f'JOIN {s}.items i ON i.tenant = %s AND i.ns = k.ns COLLATE "C" AND i.key = k.key COLLATE "C"'
         )
         self.read_streams = f"SELECT stream, last_seq FROM {s}.streams WHERE tenant = %s AND stream = ANY(%s::text[])"
-        self.delete_items = (
-            f"DELETE FROM {s}.items i USING unnest(%s::text[], %s::text[]) AS k(ns, key) "
-            'WHERE i.ns = k.ns COLLATE "C" AND i.key = k.key COLLATE "C" AND i.tenant = %s'
-        )
-        self.upsert_items = (
-            f"INSERT INTO {s}.items (tenant, ns, key, value, version, revision, created_at, updated_at, expires_at) "
-            "SELECT %s, k.ns, k.key, k.value, k.version, k.revision, k.created_at, %s, k.expires_at "
-            "FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::bigint[], %s::bigint[], %s::bigint[], "
-            "%s::bigint[]) AS k(ns, key, value, version, revision, created_at, expires_at) "
+        # every write of a group in one statement: data-modifying CTEs all run, on disjoint rows (the
+        # plan has one final state per key, and drops new events that a trim of the same group removes)
+        self.write = (
+            f"WITH del AS (DELETE FROM {s}.items i USING unnest(%(del_ns)s::text[], %(del_key)s::text[]) AS k(ns, key) "
+            'WHERE i.tenant = %(t)s AND i.ns = k.ns COLLATE "C" AND i.key = k.key COLLATE "C"), '
+            f"put AS (INSERT INTO {s}.items "
+            "(tenant, ns, key, value, version, revision, created_at, updated_at, expires_at) "
+            "SELECT %(t)s, k.ns, k.key, k.value, k.version, k.revision, k.created_at, %(now)s, k.expires_at "
+            "FROM unnest(%(ns)s::text[], %(key)s::text[], %(value)s::bytea[], %(version)s::bigint[], "
+            "%(rev)s::bigint[], %(created)s::bigint[], %(expires)s::bigint[]) "
+            "AS k(ns, key, value, version, revision, created_at, expires_at) "
             "ON CONFLICT (tenant, ns, key) DO UPDATE SET value = excluded.value, version = excluded.version, "
             "revision = excluded.revision, created_at = excluded.created_at, updated_at = excluded.updated_at, "
-            "expires_at = excluded.expires_at"
+            "expires_at = excluded.expires_at), "
+            f"ev AS (INSERT INTO {s}.events (tenant, stream, seq, type, data, meta, revision, recorded_at) "
+            "SELECT %(t)s, e.stream, e.seq, e.type, e.data, e.meta, e.revision, %(now)s "
+            "FROM unnest(%(ev_stream)s::text[], %(ev_seq)s::bigint[], %(ev_type)s::text[], %(ev_data)s::bytea[], "
+            "%(ev_meta)s::bytea[], %(ev_rev)s::bigint[]) AS e(stream, seq, type, data, meta, revision)), "
+            f"st AS (INSERT INTO {s}.streams (tenant, stream, last_seq) "
+            "SELECT %(t)s, k.stream, k.last_seq FROM unnest(%(st_stream)s::text[], %(st_last)s::bigint[]) "
+            "AS k(stream, last_seq) ON CONFLICT (tenant, stream) DO UPDATE SET last_seq = excluded.last_seq), "
+            f"tr AS (DELETE FROM {s}.events e USING unnest(%(tr_stream)s::text[], %(tr_cut)s::bigint[]) "
+            'AS k(stream, cut) WHERE e.tenant = %(t)s AND e.stream = k.stream COLLATE "C" AND e.seq < k.cut), '
+            f"ch AS (INSERT INTO {s}.changes (tenant, revision, body) "
+            "SELECT %(t)s, c.revision, c.body FROM unnest(%(ch_rev)s::bigint[], %(ch_body)s::bytea[]) "
+            "AS c(revision, body)) "
+            f"UPDATE {s}.tenants SET revision = %(revision)s WHERE tenant = %(t)s"
         )
-        self.insert_events = (
-            f"INSERT INTO {s}.events (tenant, stream, seq, type, data, meta, revision, recorded_at) "
-            "SELECT %s, e.stream, e.seq, e.type, e.data, e.meta, e.revision, %s "
-            "FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::bytea[], %s::bytea[], %s::bigint[]) "
-            "AS e(stream, seq, type, data, meta, revision)"
-        )
-        self.upsert_streams = (
-            f"INSERT INTO {s}.streams (tenant, stream, last_seq) "
-            "SELECT %s, k.stream, k.last_seq FROM unnest(%s::text[], %s::bigint[]) AS k(stream, last_seq) "
-            "ON CONFLICT (tenant, stream) DO UPDATE SET last_seq = excluded.last_seq"
-        )
-        self.trim_events = f"DELETE FROM {s}.events WHERE tenant = %s AND stream = %s AND seq < %s"
-        self.insert_changes = (
-            f"INSERT INTO {s}.changes (tenant, revision, body) "
-            "SELECT %s, c.revision, c.body FROM unnest(%s::bigint[], %s::bytea[]) AS c(revision, body)"
-        )
-        self.set_revision = f"UPDATE {s}.tenants SET revision = %s WHERE tenant = %s"
         self.get = f"SELECT {cols} FROM {s}.items i WHERE i.tenant = %s AND i.ns = %s AND i.key = %s AND {live}"
         self.get_many = (
             f"SELECT {cols} FROM unnest(%s::text[], %s::text[]) AS k(ns, key) "
