@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 from dataclasses import asdict, dataclass, field
@@ -12,6 +13,15 @@ from stateline.database import Database
 __all__ = ["ApiAuditor", "AuditEntry"]
 
 _log = logging.getLogger("stateline.audit")
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +43,8 @@ class AuditEntry:
 class ApiAuditor:
     """Writes an ``AuditEntry`` for every successful write through the API, in the caller's tenant.
 
-    Entries go to the tenant's audit log (the ``audit`` layer) and to the ``stateline.audit`` logger.
+    Entries go to the tenant's audit log (the ``audit`` layer), and at DEBUG level to the
+    ``stateline.audit`` logger.
     """
 
     def __init__(self, db: Database) -> None:
@@ -41,15 +52,13 @@ class ApiAuditor:
 
     def record(self, tenant: str, entry: AuditEntry) -> None:
         """Record ``entry`` for ``tenant``; raises if the audit log cannot be written."""
-        _log.info("audit", extra={"audit": asdict(entry), "tenant": tenant})
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("audit", extra={"audit": asdict(entry), "tenant": tenant})
         details = {"method": entry.method, "path": entry.path, "status": entry.status, **entry.details}
         ip = entry.ip
-        if ip is not None:
-            try:
-                ipaddress.ip_address(ip)
-            except ValueError:
-                details["client"] = ip  # e.g. a unix socket peer: kept, but not as an IP
-                ip = None
+        if ip is not None and not _is_ip(ip):
+            details["client"] = ip  # e.g. a unix socket peer: kept, but not as an IP
+            ip = None
         self.db.tenant(tenant).audit.log(
             f"key:{entry.key_id}",
             entry.action,
