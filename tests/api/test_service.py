@@ -10,9 +10,14 @@ from collections.abc import Iterator
 import orjson
 import pytest
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import stateline
 from stateline import FakeClock
+from stateline.api import ApiSettings, create_app
 from stateline.api.idempotency import HttpIdempotency
 from stateline.errors import Conflict
 
@@ -271,3 +276,29 @@ def test_two_apps_in_one_process_keep_their_own_metrics(clock: FakeClock) -> Non
                 assert 'route="/healthz"' in api2.client.get("/metrics").text
                 assert 'route="/healthz"' not in api.client.get("/metrics").text
     assert apps
+
+
+def test_spans_around_requests_and_store_calls_when_a_provider_records(clock: FakeClock) -> None:
+
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with stateline.open("memory://", clock=clock) as db:
+        app = create_app(db, settings=ApiSettings(rate_limit=None), tracer_provider=provider)
+        token, _ = app.state.stateline.keys.create("acme", ["read", "write"])
+        with TestClient(app) as client:
+            exporter.clear()
+            r = client.put("/v1/items/docs/a", json=1, headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code == 201
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    server = spans["PUT /v1/items/{namespace}/{key:path}"]
+    commit = spans["store.commit"]
+    assert server.attributes is not None
+    assert server.attributes["http.response.status_code"] == 201
+    assert server.attributes["stateline.tenant"] == "acme"
+    assert commit.context is not None
+    assert server.context is not None
+    assert commit.context.trace_id == server.context.trace_id
+    assert commit.parent is not None
+    assert commit.parent.span_id == server.context.span_id

@@ -1,0 +1,67 @@
+"""`stateline keys create|list|revoke` against a store file, and the JSON log lines with trace ids."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import orjson
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from typer.testing import CliRunner
+
+import stateline
+from stateline.api.auth import KeyStore
+from stateline.cli import app
+from stateline.errors import Unauthenticated
+from stateline.observability import JsonFormatter
+
+
+def test_keys_commands(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    runner = CliRunner()
+    made = runner.invoke(
+        app, ["keys", "create", "--url", url, "--tenant", "acme", "--scopes", "read,docs:write", "--name", "ci"]
+    )
+    assert made.exit_code == 0, made.output
+    token = made.output.strip().splitlines()[-1]
+    assert token.startswith("sl_")
+    key_id = token.split("_")[1]
+    with stateline.open(url) as db:
+        principal = KeyStore(db.store).authenticate(token)
+    assert (principal.tenant, sorted(principal.scopes)) == ("acme", ["docs:write", "read"])
+    listed = runner.invoke(app, ["keys", "list", "--url", url, "--tenant", "acme"])
+    assert listed.exit_code == 0
+    assert key_id in listed.output
+    assert token not in listed.output
+    revoked = runner.invoke(app, ["keys", "revoke", key_id, "--url", url])
+    assert revoked.exit_code == 0, revoked.output
+    with stateline.open(url) as db, pytest.raises(Unauthenticated, match="revoked"):
+        KeyStore(db.store).authenticate(token)
+    bad = runner.invoke(app, ["keys", "create", "--url", url, "--tenant", "acme", "--scopes", "root"])
+    assert bad.exit_code != 0
+
+
+def test_json_log_lines_carry_the_trace_id() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    log = logging.getLogger("stateline.test.json")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    tracer = TracerProvider().get_tracer("t")
+    with tracer.start_as_current_span("req") as span:
+        log.info("hello %s", "world", extra={"tenant": "acme"})
+        trace_id = format(span.get_span_context().trace_id, "032x")
+    log.info("outside")
+    log.removeHandler(handler)
+    first, second = (orjson.loads(line) for line in stream.getvalue().splitlines())
+    assert first["msg"] == "hello world"
+    assert first["trace_id"] == trace_id
+    assert first["tenant"] == "acme"
+    assert first["level"] == "info"
+    assert "trace_id" not in second
+    assert trace.get_current_span().get_span_context().is_valid is False
