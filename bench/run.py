@@ -440,7 +440,7 @@ def chart(results: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> No
         f"SQLite synchronous=FULL; PostgreSQL synchronous_commit="
         f"{(m.get('postgresql') or {}).get('synchronous_commit', '?')}; Redis appendonly="
         f"{(m.get('redis') or {}).get('appendonly', '?')}, appendfsync={(m.get('redis') or {}).get('appendfsync', '?')}"
-        "; the same durability on both sides",
+        "; each figure's durability on both sides is in README.md",
         fontsize=10,
     )
     for (title, prow), ax in zip(panels, axes[:, 0], strict=True):
@@ -460,6 +460,7 @@ def chart(results: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> No
                 ax.plot([r["target"]], [yy], marker="|", color="black", markersize=12, markeredgewidth=2)
         for yy, x in zip(y, ratios, strict=True):
             ax.text(x * 1.04, yy, f"{x:.2f}x", va="center", fontsize=8)
+        ax.set_ylim(-0.7, len(prow) - 0.3)
         ax.set_yticks(y)
         ax.set_yticklabels(labels, fontsize=8)
         ax.set_xlim(min(0.1, min(ratios) / 1.5), max(10.0, max(ratios) * 2.5))
@@ -468,7 +469,7 @@ def chart(results: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> No
     axes[-1, 0].set_xlabel(
         "speed ratio (log scale): > 1 stateline faster; black tick = target (green: met or > 1, red: target missed)"
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / (sum(heights) + 1.2)))
     fig.savefig(path)
     plt.close(fig)
 
