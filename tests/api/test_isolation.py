@@ -54,8 +54,18 @@ def _seed_a(api: Api, h: dict[str, str]) -> dict[str, str]:
     lease = c.post("/v1/locks/secret-lock/acquire", json={"owner": MARK, "ttl": 300}, headers=h).json()
     assert c.put("/v1/sessions/secret-session", json={"provider": MARK}, headers=h).status_code == 200
     assert c.post("/v1/deliveries/secret-msg/attempt", json={}, headers=h).status_code == 200
+    assert (
+        c.post("/v1/policies/secret-lock/versions", json={"type": "t", "definition": MARK}, headers=h).status_code
+        == 201
+    )
     assert c.post("/v1/limits/secret-lock/hit", json={"key": "k", "rate": 1, "per": 3600}, headers=h).json()["allowed"]
     api.ctx.source.tenant("acme").idempotency.run("secret-doc", lambda: MARK)
+    r = c.post("/v1/policies/secret-policy/versions", json={"type": "t", "definition": MARK}, headers=h)
+    assert r.status_code == 201, r.text
+    r = c.post(
+        "/v1/policies/secret-policy/versions", json={"type": "t", "definition": MARK, "activate": True}, headers=h
+    )
+    assert r.status_code == 201, r.text
     return {
         "key_id": made["id"],
         "tx_id": tx.json()["id"],
@@ -92,6 +102,8 @@ def _bodies(ids: dict[str, str]) -> dict[tuple[str, str], Any]:
         ("POST", "/v1/locks/{name}/extend"): {"token": ids["lock_token"], "ttl": 5},
         ("PUT", "/v1/sessions/{session_id}"): {"provider": "b"},
         ("POST", "/v1/limits/{name}/hit"): {"key": "k", "rate": 1, "per": 3600},
+        ("POST", "/v1/policies/{name}/activate"): {"version": 1},
+        ("POST", "/v1/policies/{name}/versions"): {"type": "t", "definition": "b"},
     }
 
 
@@ -106,11 +118,12 @@ def _params(ids: dict[str, str]) -> dict[str, str]:
         "case_id": "secret-case",
         "run_id": "secret-run",
         "step_id": "s1",
-        "name": "secret-lock",
+        "name": "secret-lock",  # also the limit's and the policy's name
         "session_id": "secret-session",
         "message_id": "secret-msg",
         "seq": "1",
         "feature": "secret-feature",
+        "version": "1",
     }
 
 

@@ -225,3 +225,26 @@ def test_gates_routes(api: Api) -> None:
     first = status["features"][0] if status["features"] else "nothing"
     assert c.get(f"/v1/gates/{first}", headers=h).json()["available"] is bool(status["features"])
     assert c.get("/v1/gates/surely-not-a-feature", headers=h).json()["available"] is False
+
+
+def test_policy_versions_activate_and_rollback(api: Api) -> None:
+    c, h = api.client, api.key("acme")
+    v1 = c.post("/v1/policies/routing/versions", json={"type": "router", "definition": {"to": "a"}}, headers=h)
+    assert (v1.status_code, v1.json()["version"]) == (201, 1)
+    assert c.get("/v1/policies/routing", headers=h).json()["active"] is None
+    v2 = c.post(
+        "/v1/policies/routing/versions", json={"type": "router", "definition": {"to": "b"}, "activate": True}, headers=h
+    )
+    assert v2.json()["version"] == 2
+    assert c.post("/v1/policies/routing/versions", json={"type": "other"}, headers=h).status_code == 409
+    got = c.get("/v1/policies/routing", headers=h).json()
+    assert (got["active"], got["active_definition"], got["latest"]) == (2, {"to": "b"}, 2)
+    assert c.post("/v1/policies/routing/activate", json={"version": 1}, headers=h).json()["active"] == 1
+    assert c.post("/v1/policies/routing/activate", json={"version": 9}, headers=h).status_code == 404
+    back = c.post("/v1/policies/routing/rollback", headers=h).json()
+    assert (back["active"], back["history"]) == (2, [2])
+    assert c.post("/v1/policies/routing/rollback", headers=h).status_code == 409  # nothing earlier
+    assert c.get("/v1/policies/routing/versions/1", headers=h).json()["definition"] == {"to": "a"}
+    assert c.get("/v1/policies/routing/versions/3", headers=h).status_code == 404
+    assert [p["name"] for p in c.get("/v1/policies", headers=h).json()["policies"]] == ["routing"]
+    assert c.get("/v1/policies/nope", headers=h).status_code == 404

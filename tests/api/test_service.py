@@ -280,7 +280,6 @@ def test_two_apps_in_one_process_keep_their_own_metrics(clock: FakeClock) -> Non
 
 def test_spans_around_requests_and_store_calls_when_a_provider_records(clock: FakeClock) -> None:
 
-
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
