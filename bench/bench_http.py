@@ -18,7 +18,6 @@ Run: ``python bench/bench_http.py [--quick] [--backends memory,sqlite]``. Statel
 per-tenant rate limit off (it would otherwise cap the figure at its default 1000 requests/s).
 """
 
-
 import argparse
 import contextlib
 import os
@@ -39,7 +38,7 @@ import httpx
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import record  # noqa: E402
+from harness import record
 
 HERE = Path(__file__).resolve()
 CASES = 256
@@ -205,7 +204,18 @@ class Server:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE), "--serve", kind, "--port", str(self.port), "--url", url, "--sample", sample_path],
+            [
+                sys.executable,
+                str(HERE),
+                "--serve",
+                kind,
+                "--port",
+                str(self.port),
+                "--url",
+                url,
+                "--sample",
+                sample_path,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -244,7 +254,9 @@ end
 """
 
 
-def wrk(base: str, method: str, path: str, body: dict[str, Any], token: str | None, n: int, seconds: float, conns: int) -> tuple[float, float, float]:
+def wrk(
+    base: str, method: str, path: str, body: dict[str, Any], token: str | None, n: int, seconds: float, conns: int
+) -> tuple[float, float, float]:
     """Run wrk; returns (2xx requests/s, p50 ms, p99 ms)."""
     auth = f'wrk.headers["Authorization"] = "Bearer {token}"' if token else ""
     script = LUA.format(n=n, path=path, method=method, body=orjson.dumps(body).decode(), auth=auth)
@@ -312,7 +324,10 @@ def sse_latency(base: str, token: str, n: int) -> list[float]:
     stop = threading.Event()
 
     def follow() -> None:
-        with httpx.Client(timeout=60) as c, c.stream("GET", base + "/v1/watch", params={"namespace": "docs"}, headers=h) as r:
+        with (
+            httpx.Client(timeout=60) as c,
+            c.stream("GET", base + "/v1/watch", params={"namespace": "docs"}, headers=h) as r,
+        ):
             ready.set()
             for line in r.iter_lines():
                 if line.startswith("data: "):
@@ -413,21 +428,34 @@ def main() -> None:
             with servers(backend, tmp) as (ours, bare, fast, token):
                 for name, method, path, peer_path, body, n in SCENARIOS:
                     results: dict[str, list[tuple[float, float, float]]] = {"stateline": [], "bare": [], "fastapi": []}
-                    order = [("stateline", ours, path, token), ("bare", bare, peer_path, None), ("fastapi", fast, peer_path, None)]
+                    order = [
+                        ("stateline", ours, path, token),
+                        ("bare", bare, peer_path, None),
+                        ("fastapi", fast, peer_path, None),
+                    ]
                     for r in range(args.runs):
                         for label, srv, p, tok in order[r % 3 :] + order[: r % 3]:
-                            results[label].append(wrk(srv.base, method, p, body, tok, n, args.seconds, args.connections))
+                            results[label].append(
+                                wrk(srv.base, method, p, body, tok, n, args.seconds, args.connections)
+                            )
                     med = {k: statistics.median(x[0] for x in v) for k, v in results.items()}
                     p50 = {k: statistics.median(x[1] for x in v) for k, v in results.items()}
                     p99 = {k: statistics.median(x[2] for x in v) for k, v in results.items()}
                     r_bare = med["stateline"] / med["bare"]
                     r_fast = med["stateline"] / med["fastapi"]
                     print(
-                        f"[{backend}] {name:12s} stateline {med['stateline']:8.0f} req/s (p50 {p50['stateline']:.2f} ms)"
+                        f"[{backend}] {name:12s} stateline {med['stateline']:8.0f} req/s"
+                        f" (p50 {p50['stateline']:.2f} ms)"
                         f" | bare Starlette {med['bare']:8.0f} ({r_bare:.2f}x)"
                         f" | FastAPI+pydantic {med['fastapi']:8.0f} ({r_fast:.2f}x)"
                     )
-                    common = {"bench": "http", "backend": backend, "unit": "req/s", "runs": args.runs, "seconds": args.seconds}
+                    common = {
+                        "bench": "http",
+                        "backend": backend,
+                        "unit": "req/s",
+                        "runs": args.runs,
+                        "seconds": args.seconds,
+                    }
                     record(
                         name=f"{name} vs bare Starlette",
                         value=med["stateline"],
@@ -457,7 +485,10 @@ def main() -> None:
                     s = sorted(lat)
                     p50_ms = statistics.median(s) * 1e3
                     p99_ms = s[min(len(s) - 1, int(0.99 * len(s)))] * 1e3
-                    print(f"[{backend}] commit -> SSE client: median {p50_ms:.2f} ms, p99 {p99_ms:.2f} ms over {len(s)} (from sending the PUT)")
+                    print(
+                        f"[{backend}] commit -> SSE client: median {p50_ms:.2f} ms, p99 {p99_ms:.2f} ms"
+                        f" over {len(s)} (from sending the PUT)"
+                    )
                     record(
                         bench="http",
                         name="commit to SSE client latency",

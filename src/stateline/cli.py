@@ -112,6 +112,7 @@ def serve(
     db.close()
     os.environ["STATELINE_URL"] = url
     os.environ["STATELINE_RATE_LIMIT"] = str(rate_limit)
+    os.environ["STATELINE_LOG_LEVEL"] = log_level
     uvicorn.run("stateline.api.server:app_from_env", factory=True, workers=workers, **common)  # type: ignore[arg-type]
 
 

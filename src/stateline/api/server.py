@@ -12,6 +12,7 @@ import stateline
 from stateline.api.app import ApiSettings, create_app
 from stateline.api.auth import KeyStore
 from stateline.database import DEFAULT_URL, Database
+from stateline.observability import configure_logging
 
 __all__ = ["app_from_env", "bootstrap_admin_key", "settings_from_env"]
 
@@ -40,6 +41,7 @@ def settings_from_env() -> ApiSettings:
 
 def app_from_env() -> FastAPI:
     """An app over ``STATELINE_URL`` that owns its database (closed at shutdown); for worker processes."""
+    configure_logging(os.environ.get("STATELINE_LOG_LEVEL", "INFO").upper())  # worker processes start afresh
     db = stateline.open(os.environ.get("STATELINE_URL", DEFAULT_URL))
     app = create_app(db, settings=settings_from_env())
     inner = app.router.lifespan_context
