@@ -200,7 +200,7 @@ def test_json_values_keep_key_order_and_exact_form(schema: str, opened: list[Pos
 
 def _group(store: PostgresStore, commits: list[tuple[list[Any], list[Any]]]) -> list[Any]:
     slots = [_Slot(store.prepare(T, checks, ops)) for checks, ops in commits]
-    return store._run_group(T, slots)
+    return store._run_group(slots)
 
 
 def test_group_commit_evaluates_each_commit_on_its_own(schema: str, opened: list[PostgresStore]) -> None:
@@ -258,7 +258,7 @@ _check = st.one_of(
     st.builds(Absent, st.just("ns"), _names),
     st.builds(StreamAt, st.sampled_from(["s1", "s2"]), st.integers(0, 4)),
 )
-_commit = st.tuples(st.lists(_check, max_size=2), st.lists(_op, min_size=1, max_size=4))
+_commit = st.tuples(st.lists(_check, max_size=2), st.lists(_op, min_size=1, max_size=4), st.sampled_from([0, 1]))
 
 
 @pytest.fixture(scope="module")
@@ -275,17 +275,18 @@ def shared_store() -> Iterator[PostgresStore]:
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(commits=st.lists(_commit, min_size=1, max_size=8), cuts=st.lists(st.integers(1, 4), max_size=4))
 def test_groups_give_the_same_result_as_one_commit_at_a_time(
-    shared_store: PostgresStore, commits: list[tuple[list[Any], list[Any]]], cuts: list[int]
+    shared_store: PostgresStore, commits: list[tuple[list[Any], list[Any], int]], cuts: list[int]
 ) -> None:
-    """Any split of a sequence of commits into groups ends in the memory adapter's state and feed."""
+    """Any split of a sequence of commits of two tenants into groups ends in the memory adapter's state and feed."""
     clock = FakeClock()
     shared_store.clock = clock
-    tenant = f"t{uuid.uuid4().hex[:10]}"
+    run = uuid.uuid4().hex[:10]
+    tenants = [f"t{run}", f"u{run}"]
     model = MemoryStore(clock=clock)
     expected: list[Any] = []
-    for checks, ops in commits:
+    for checks, ops, who in commits:
         try:
-            expected.append(model.commit(tenant, checks, ops))
+            expected.append(model.commit(tenants[who], checks, ops))
         except (Conflict, InvalidArgument) as exc:
             expected.append(type(exc))
     got: list[Any] = []
@@ -294,17 +295,20 @@ def test_groups_give_the_same_result_as_one_commit_at_a_time(
         chunk = commits[i : i + size]
         i += size
         if chunk:
-            slots = [_Slot(shared_store.prepare(tenant, c, o)) for c, o in chunk]
-            got.extend(r if isinstance(r, Commit) else type(r) for r in shared_store._run_group(tenant, slots))
+            slots = [_Slot(shared_store.prepare(tenants[who], c, o)) for c, o, who in chunk]
+            got.extend(r if isinstance(r, Commit) else type(r) for r in shared_store._run_group(slots))
         if i >= len(commits):
             break
     assert got == expected
-    assert shared_store.changes(tenant) == model.changes(tenant)
-    assert shared_store.scan(tenant, "ns") == model.scan(tenant, "ns")
-    for s in ("s1", "s2"):
-        assert shared_store.read_stream(tenant, s) == model.read_stream(tenant, s)
-        assert shared_store.stream_info(tenant, s) == model.stream_info(tenant, s)
-    assert shared_store.stats(tenant) == model.stats(tenant)
+    assert [t for t in shared_store.tenants(limit=10_000) if t in tenants] == model.tenants()
+    for tenant in tenants:
+        assert shared_store.revision(tenant) == model.revision(tenant)
+        assert shared_store.changes(tenant) == model.changes(tenant)
+        assert shared_store.scan(tenant, "ns") == model.scan(tenant, "ns")
+        for s in ("s1", "s2"):
+            assert shared_store.read_stream(tenant, s) == model.read_stream(tenant, s)
+            assert shared_store.stream_info(tenant, s) == model.stream_info(tenant, s)
+        assert shared_store.stats(tenant) == model.stats(tenant)
 
 
 def test_threads_on_one_tenant_commit_in_groups_without_losing_anything(
@@ -370,8 +374,8 @@ def test_change_feed_never_skips_under_concurrent_writer_processes(schema: str, 
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     writers = [
-        ctx.Process(target=_writer, args=(f"{url}&group_commit={'true' if i % 2 else 'false'}", 3.0, 2, out))
-        for i in range(4)
+        ctx.Process(target=_writer, args=(f"{url}&group_commit={mode}", 3.0, 2, out))
+        for mode in ("off", "tenant", "all", "tenant")
     ]
     for p in writers:
         p.start()

@@ -177,8 +177,9 @@ class _Row:
 
 @dataclass(slots=True)
 class _Plan:
-    """What one group transaction writes."""
+    """What one group transaction writes for one tenant."""
 
+    tenant: str
     base_revision: int
     now: int
     items: dict[tuple[str, str], tuple[bytes, int, int, int, int | None] | None] = field(default_factory=dict)
@@ -215,7 +216,7 @@ class PostgresStore(Store):
         pool_timeout: float = 3.0,
         connect_timeout: int = 3,
         op_timeout: float = 10.0,
-        group_commit: bool = True,
+        group_commit: bool | str = "tenant",
         **options: Any,
     ) -> None:
         super().__init__(clock=clock, **options)
@@ -228,7 +229,7 @@ class PostgresStore(Store):
             if type(value) not in (int, float) or not 0 < value <= 3600:
                 raise InvalidArgument(name, "must be a number of seconds in (0, 3600]")
         self.schema = schema
-        self._group = bool(group_commit)
+        self._group = _group_mode(group_commit)
         self._conninfo = conninfo
         # the server ends a transaction whose client went silent (it would hold the tenant's lock)
         user_options = psycopg.conninfo.conninfo_to_dict(conninfo).get("options") or ""
@@ -396,35 +397,36 @@ class PostgresStore(Store):
     # ------------------------------------------------------------ commit
 
     def _commit(self, c: PreparedCommit) -> Commit:
-        if not self._group:
-            res = self._run_group(c.tenant, [_Slot(c)])[0]
+        if self._group == "off":
+            res = self._run_group([_Slot(c)])[0]
             if isinstance(res, BaseException):
                 raise res
             return res
         slot = _Slot(c)
+        key = c.tenant if self._group == "tenant" else ""
         with self._queues_lock:
-            q = self._queues.get(c.tenant)
+            q = self._queues.get(key)
             if q is None:
-                q = self._queues[c.tenant] = _Queue()
+                q = self._queues[key] = _Queue()
             q.pending.append(slot)
             if not q.active:
                 q.active = slot.lead = True
         if not slot.lead:
             slot.done.wait()
         if slot.lead:
-            self._lead(c.tenant, q)
+            self._lead(key, q)
         if slot.error is not None:
             raise slot.error
         assert slot.result is not None
         return slot.result
 
-    def _lead(self, tenant: str, q: _Queue) -> None:
+    def _lead(self, key: str, q: _Queue) -> None:
         """Run one group of queued commits (the leader's among them), then pass the lead on."""
         with self._queues_lock:
             group = [q.pending.popleft() for _ in range(min(len(q.pending), _MAX_GROUP))]
         results: list[Commit | Exception] = []
         try:
-            results = list(self._run_group(tenant, group))
+            results = list(self._run_group(group))
         except Exception as exc:  # noqa: BLE001  (the leader hands any error to every commit of its group)
             err = _translate(exc) if isinstance(exc, psycopg.Error) else exc
             # one exception object per waiting thread: each raise writes its own traceback
@@ -456,16 +458,16 @@ class PostgresStore(Store):
                     nxt.done.set()
                 else:
                     q.active = False
-                    if self._queues.get(tenant) is q:
-                        del self._queues[tenant]
+                    if self._queues.get(key) is q:
+                        del self._queues[key]
             for slot in group:
                 slot.done.set()
 
-    def _run_group(self, tenant: str, group: list[_Slot]) -> list[Commit | StatelineError]:
+    def _run_group(self, group: list[_Slot]) -> list[Commit | StatelineError]:
         lost = 0
         for attempt in range(_RETRIES + 1):
             try:
-                return self._try_group(tenant, group)
+                return self._try_group(group)
             except _Retry as exc:
                 # a rolled-back transaction is tried again a few times; a lost connection once (it may
                 # have been a stale one), since the next attempt already pays the connect timeout
@@ -474,53 +476,61 @@ class PostgresStore(Store):
                     raise _translate(exc.cause) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _try_group(self, tenant: str, group: list[_Slot]) -> list[Commit | StatelineError]:
+    def _try_group(self, group: list[_Slot]) -> list[Commit | StatelineError]:
         q = self._q
-        keys: dict[tuple[str, str], bool] = {}
-        streams: set[str] = set()
+        keys: dict[tuple[str, str, str], bool] = {}
+        streams: set[tuple[str, str]] = set()
         for slot in group:
+            tenant = slot.commit.tenant
             for check in slot.commit.checks:
                 if type(check) is StreamAt:
-                    streams.add(check.stream)
+                    streams.add((tenant, check.stream))
                 else:
                     assert isinstance(check, VersionIs | Absent | Exists)
-                    keys.setdefault((check.namespace, check.key), False)
+                    keys.setdefault((tenant, check.namespace, check.key), False)
             for op in slot.commit.ops:
                 t = type(op)
                 if t is PreparedAppend or t is PreparedTrim:
                     assert isinstance(op, PreparedAppend | PreparedTrim)
-                    streams.add(op.stream)
+                    streams.add((tenant, op.stream))
                 else:
                     assert isinstance(op, PreparedPut | PreparedDelete | PreparedIncr)
-                    k = (op.namespace, op.key)
+                    k = (tenant, op.namespace, op.key)
                     keys[k] = keys.get(k, False) or t is PreparedIncr
+        tenants = sorted({slot.commit.tenant for slot in group})  # one lock order everywhere: no deadlock
 
         with self._connection() as conn:
-            # Round trip 1: lock the tenant's revision row, then read what the group touches.
+            # Round trip 1: lock the tenants' revision rows, then read what the group touches.
             try:
                 with conn.pipeline():
                     conn.execute("BEGIN")
-                    cur_rev = conn.execute(q.lock_tenant, (tenant,), binary=True)
+                    if len(tenants) == 1:
+                        cur_rev = conn.execute(q.lock_tenant, (tenants[0],), binary=True)
+                    else:
+                        cur_rev = conn.execute(q.lock_tenants, (tenants,), binary=True)
                     cur_items = cur_streams = None
                     if keys:
                         ks = list(keys)
                         cur_items = conn.execute(
                             q.read_items,
-                            ([k[0] for k in ks], [k[1] for k in ks], list(keys.values()), tenant),
+                            ([k[0] for k in ks], [k[1] for k in ks], [k[2] for k in ks], list(keys.values())),
                             binary=True,
                         )
                     if streams:
-                        cur_streams = conn.execute(q.read_streams, (tenant, list(streams)), binary=True)
-                row = cur_rev.fetchone()
-                assert row is not None
-                base = int(row[0])
-                rows: dict[tuple[str, str], _Row] = {}
+                        ss = list(streams)
+                        cur_streams = conn.execute(
+                            q.read_streams, ([x[0] for x in ss], [x[1] for x in ss]), binary=True
+                        )
+                bases = {t: int(r) for t, r in cur_rev.fetchall()}
+                assert len(bases) == len(tenants)
+                rows: dict[str, dict[tuple[str, str], _Row]] = {t: {} for t in tenants}
                 if cur_items is not None:
-                    for ns, key, value, version, created, expires in cur_items.fetchall():
-                        rows[(ns, key)] = _Row(value, version, created, expires)
-                seqs: dict[str, int] = {}
+                    for tenant, ns, key, value, version, created, expires in cur_items.fetchall():
+                        rows[tenant][(ns, key)] = _Row(value, version, created, expires)
+                seqs: dict[str, dict[str, int]] = {t: {} for t in tenants}
                 if cur_streams is not None:
-                    seqs = dict(cur_streams.fetchall())
+                    for tenant, name, last in cur_streams.fetchall():
+                        seqs[tenant][name] = last
             except psycopg.Error as exc:
                 self._abort(conn)
                 if isinstance(exc, psycopg.errors.TransactionRollback) or _is_connection_error(exc, conn):
@@ -528,21 +538,29 @@ class PostgresStore(Store):
                 raise _translate(exc) from None
 
             now = self.clock.now_us()
-            plan = _Plan(base, now)
-            results = [self._apply(slot.commit, plan, rows, seqs) for slot in group]
-            if not plan.changes:
+            plans = {t: _Plan(t, bases[t], now) for t in tenants}
+            results = [
+                self._apply(slot.commit, plans[slot.commit.tenant], rows[slot.commit.tenant], seqs[slot.commit.tenant])
+                for slot in group
+            ]
+            active = [p for p in plans.values() if p.changes]
+            if not active:
                 self._abort(conn)
                 return results
+            idle = [p.tenant for p in plans.values() if not p.changes]
 
             # Round trip 2: every write, the change records and the revision in one statement, COMMIT;
             # then wake the watchers (outside the transaction, see the module docstring).
             committing = False
             try:
                 with conn.pipeline():
-                    conn.execute(q.write, _write_params(tenant, plan))
+                    conn.execute(q.write, _write_params(active, idle))
                     committing = True
                     conn.execute("COMMIT")
-                    conn.execute("SELECT pg_notify(%s, %s)", (self._channel, tenant))
+                    if len(active) == 1:
+                        conn.execute("SELECT pg_notify(%s, %s)", (self._channel, active[0].tenant))
+                    else:
+                        conn.execute(q.notify_many, (self._channel, [p.tenant for p in active]))
             except psycopg.Error as exc:
                 committed = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE and not conn.broken
                 self._abort(conn)
@@ -821,37 +839,66 @@ class PostgresStore(Store):
         self._watchdog.stop()
 
 
-def _write_params(tenant: str, plan: _Plan) -> dict[str, Any]:
-    """The parameters of ``_Queries.write`` for one group's plan (empty arrays for what it does not do)."""
-    puts = [(k, v) for k, v in plan.items.items() if v is not None]
-    dels = [k for k, v in plan.items.items() if v is None]
-    ev = plan.events
-    return {
-        "t": tenant,
-        "now": plan.now,
-        "del_ns": [k[0] for k in dels],
-        "del_key": [k[1] for k in dels],
-        "ns": [k[0] for k, _ in puts],
-        "key": [k[1] for k, _ in puts],
-        "value": [v[0] for _, v in puts],
-        "version": [v[1] for _, v in puts],
-        "rev": [v[2] for _, v in puts],
-        "created": [v[3] for _, v in puts],
-        "expires": [v[4] for _, v in puts],
-        "ev_stream": [e[0] for e in ev],
-        "ev_seq": [e[1] for e in ev],
-        "ev_type": [e[2] for e in ev],
-        "ev_data": [e[3] for e in ev],
-        "ev_meta": [e[4] for e in ev],
-        "ev_rev": [e[5] for e in ev],
-        "st_stream": list(plan.last_seqs),
-        "st_last": list(plan.last_seqs.values()),
-        "tr_stream": list(plan.trims),
-        "tr_cut": list(plan.trims.values()),
-        "ch_rev": [r for r, _ in plan.changes],
-        "ch_body": [b for _, b in plan.changes],
-        "revision": plan.base_revision + len(plan.changes),
-    }
+def _write_params(plans: list[_Plan], idle: list[str]) -> dict[str, Any]:
+    """The parameters of ``_Queries.write`` for a group's plans, one per tenant with a commit to write.
+
+    ``idle`` names the group's other tenants: their revision rows, locked but unchanged, are removed
+    again if this group created them (a tenant exists once it has committed).
+    """
+    p: dict[str, list[Any]] = {name: [] for name in _WRITE_ARRAYS}
+    for plan in plans:
+        t = plan.tenant
+        for (ns, key), v in plan.items.items():
+            if v is None:
+                p["del_t"].append(t)
+                p["del_ns"].append(ns)
+                p["del_key"].append(key)
+            else:
+                p["t"].append(t)
+                p["ns"].append(ns)
+                p["key"].append(key)
+                p["value"].append(v[0])
+                p["version"].append(v[1])
+                p["rev"].append(v[2])
+                p["created"].append(v[3])
+                p["expires"].append(v[4])
+        for stream, seq, typ, data, meta, rev in plan.events:
+            p["ev_t"].append(t)
+            p["ev_stream"].append(stream)
+            p["ev_seq"].append(seq)
+            p["ev_type"].append(typ)
+            p["ev_data"].append(data)
+            p["ev_meta"].append(meta)
+            p["ev_rev"].append(rev)
+        for stream, last in plan.last_seqs.items():
+            p["st_t"].append(t)
+            p["st_stream"].append(stream)
+            p["st_last"].append(last)
+        for stream, cut in plan.trims.items():
+            p["tr_t"].append(t)
+            p["tr_stream"].append(stream)
+            p["tr_cut"].append(cut)
+        for rev, body in plan.changes:
+            p["ch_t"].append(t)
+            p["ch_rev"].append(rev)
+            p["ch_body"].append(body)
+        p["rv_t"].append(t)
+        p["rv"].append(plan.base_revision + len(plan.changes))
+    p["idle"] = idle
+    params: dict[str, Any] = p
+    params["now"] = plans[0].now
+    return params
+
+
+_WRITE_ARRAYS = (
+    "del_t", "del_ns", "del_key",
+    "t", "ns", "key", "value", "version", "rev", "created", "expires",
+    "ev_t", "ev_stream", "ev_seq", "ev_type", "ev_data", "ev_meta", "ev_rev",
+    "st_t", "st_stream", "st_last",
+    "tr_t", "tr_stream", "tr_cut",
+    "ch_t", "ch_rev", "ch_body",
+    "rv_t", "rv",
+)  # fmt: skip
 
 
 class _Watchdog:
@@ -954,13 +1001,15 @@ def _float_option(name: str, value: str) -> float:
         raise InvalidArgument(name, f"must be a number, got {value!r}") from None
 
 
-def _bool_option(name: str, value: str) -> bool:
-    v = value.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise InvalidArgument(name, f"must be true or false, got {value!r}")
+def _group_mode(value: object) -> str:
+    v = value.strip().lower() if isinstance(value, str) else value
+    if v is True or v in ("1", "true", "yes", "on", "tenant"):
+        return "tenant"
+    if v is False or v in ("0", "false", "no", "off"):
+        return "off"
+    if v == "all":
+        return "all"
+    raise InvalidArgument("group_commit", f"must be tenant (true), all or off (false), got {value!r}")
 
 
 _URL_OPTIONS: dict[str, Any] = {
@@ -970,7 +1019,7 @@ _URL_OPTIONS: dict[str, Any] = {
     "pool_timeout": _float_option,
     "connect_timeout": lambda _n, v: v,
     "op_timeout": _float_option,
-    "group_commit": _bool_option,
+    "group_commit": lambda _n, v: v,
     "max_value_bytes": lambda n, v: _int_option(v, n, 1, 256 * 1024 * 1024),
 }
 
@@ -983,41 +1032,58 @@ class _Queries:
         cols = "i.ns, i.key, i.value, i.version, i.revision, i.created_at, i.updated_at, i.expires_at"
         self.lock_tenant = (
             f"INSERT INTO {s}.tenants AS t (tenant, revision) VALUES (%s, 0) "
-            "ON CONFLICT (tenant) DO UPDATE SET revision = t.revision RETURNING revision"
+            "ON CONFLICT (tenant) DO UPDATE SET revision = t.revision RETURNING tenant, revision"
+        )
+        self.lock_tenants = (  # rows are locked in the (sorted) order given
+            f"INSERT INTO {s}.tenants AS t (tenant, revision) SELECT u, 0 FROM unnest(%s::text[]) AS u "
+            "ON CONFLICT (tenant) DO UPDATE SET revision = t.revision RETURNING tenant, revision"
         )
         self.read_items = (
-            "SELECT i.ns, i.key, CASE WHEN k.want THEN i.value END, i.version, i.created_at, i.expires_at "
-            "FROM unnest(%s::text[], %s::text[], %s::bool[]) AS k(ns, key, want) "
-            f'JOIN {s}.items i ON i.tenant = %s AND i.ns = k.ns COLLATE "C" AND i.key = k.key COLLATE "C"'
+            "SELECT i.tenant, i.ns, i.key, CASE WHEN k.want THEN i.value END, i.version, i.created_at, i.expires_at "
+            "FROM unnest(%s::text[], %s::text[], %s::text[], %s::bool[]) AS k(tenant, ns, key, want) "
+            f'JOIN {s}.items i ON i.tenant = k.tenant COLLATE "C" AND i.ns = k.ns COLLATE "C" '
+            'AND i.key = k.key COLLATE "C"'
         )
-        self.read_streams = f"SELECT stream, last_seq FROM {s}.streams WHERE tenant = %s AND stream = ANY(%s::text[])"
+        self.read_streams = (
+            f"SELECT st.tenant, st.stream, st.last_seq FROM unnest(%s::text[], %s::text[]) AS k(tenant, stream) "
+            f'JOIN {s}.streams st ON st.tenant = k.tenant COLLATE "C" AND st.stream = k.stream COLLATE "C"'
+        )
+        self.notify_many = "SELECT pg_notify(%s, u) FROM unnest(%s::text[]) AS u"
         # every write of a group in one statement: data-modifying CTEs all run, on disjoint rows (the
         # plan has one final state per key, and drops new events that a trim of the same group removes)
         self.write = (
-            f"WITH del AS (DELETE FROM {s}.items i USING unnest(%(del_ns)s::text[], %(del_key)s::text[]) AS k(ns, key) "
-            'WHERE i.tenant = %(t)s AND i.ns = k.ns COLLATE "C" AND i.key = k.key COLLATE "C"), '
+            f"WITH del AS (DELETE FROM {s}.items i USING unnest(%(del_t)s::text[], %(del_ns)s::text[], "
+            "%(del_key)s::text[]) AS k(tenant, ns, key) "
+            'WHERE i.tenant = k.tenant COLLATE "C" AND i.ns = k.ns COLLATE "C" AND i.key = k.key COLLATE "C"), '
             f"put AS (INSERT INTO {s}.items "
             "(tenant, ns, key, value, version, revision, created_at, updated_at, expires_at) "
-            "SELECT %(t)s, k.ns, k.key, k.value, k.version, k.revision, k.created_at, %(now)s, k.expires_at "
-            "FROM unnest(%(ns)s::text[], %(key)s::text[], %(value)s::bytea[], %(version)s::bigint[], "
+            "SELECT k.tenant, k.ns, k.key, k.value, k.version, k.revision, k.created_at, %(now)s, k.expires_at "
+            "FROM unnest(%(t)s::text[], %(ns)s::text[], %(key)s::text[], %(value)s::bytea[], %(version)s::bigint[], "
             "%(rev)s::bigint[], %(created)s::bigint[], %(expires)s::bigint[]) "
-            "AS k(ns, key, value, version, revision, created_at, expires_at) "
+            "AS k(tenant, ns, key, value, version, revision, created_at, expires_at) "
             "ON CONFLICT (tenant, ns, key) DO UPDATE SET value = excluded.value, version = excluded.version, "
             "revision = excluded.revision, created_at = excluded.created_at, updated_at = excluded.updated_at, "
             "expires_at = excluded.expires_at), "
             f"ev AS (INSERT INTO {s}.events (tenant, stream, seq, type, data, meta, revision, recorded_at) "
-            "SELECT %(t)s, e.stream, e.seq, e.type, e.data, e.meta, e.revision, %(now)s "
-            "FROM unnest(%(ev_stream)s::text[], %(ev_seq)s::bigint[], %(ev_type)s::text[], %(ev_data)s::bytea[], "
-            "%(ev_meta)s::bytea[], %(ev_rev)s::bigint[]) AS e(stream, seq, type, data, meta, revision)), "
+            "SELECT e.tenant, e.stream, e.seq, e.type, e.data, e.meta, e.revision, %(now)s "
+            "FROM unnest(%(ev_t)s::text[], %(ev_stream)s::text[], %(ev_seq)s::bigint[], %(ev_type)s::text[], "
+            "%(ev_data)s::bytea[], %(ev_meta)s::bytea[], %(ev_rev)s::bigint[]) "
+            "AS e(tenant, stream, seq, type, data, meta, revision)), "
             f"st AS (INSERT INTO {s}.streams (tenant, stream, last_seq) "
-            "SELECT %(t)s, k.stream, k.last_seq FROM unnest(%(st_stream)s::text[], %(st_last)s::bigint[]) "
-            "AS k(stream, last_seq) ON CONFLICT (tenant, stream) DO UPDATE SET last_seq = excluded.last_seq), "
-            f"tr AS (DELETE FROM {s}.events e USING unnest(%(tr_stream)s::text[], %(tr_cut)s::bigint[]) "
-            'AS k(stream, cut) WHERE e.tenant = %(t)s AND e.stream = k.stream COLLATE "C" AND e.seq < k.cut), '
+            "SELECT k.tenant, k.stream, k.last_seq "
+            "FROM unnest(%(st_t)s::text[], %(st_stream)s::text[], %(st_last)s::bigint[]) "
+            "AS k(tenant, stream, last_seq) "
+            "ON CONFLICT (tenant, stream) DO UPDATE SET last_seq = excluded.last_seq), "
+            f"tr AS (DELETE FROM {s}.events e USING unnest(%(tr_t)s::text[], %(tr_stream)s::text[], "
+            "%(tr_cut)s::bigint[]) AS k(tenant, stream, cut) "
+            'WHERE e.tenant = k.tenant COLLATE "C" AND e.stream = k.stream COLLATE "C" AND e.seq < k.cut), '
             f"ch AS (INSERT INTO {s}.changes (tenant, revision, body) "
-            "SELECT %(t)s, c.revision, c.body FROM unnest(%(ch_rev)s::bigint[], %(ch_body)s::bytea[]) "
-            "AS c(revision, body)) "
-            f"UPDATE {s}.tenants SET revision = %(revision)s WHERE tenant = %(t)s"
+            "SELECT c.tenant, c.revision, c.body "
+            "FROM unnest(%(ch_t)s::text[], %(ch_rev)s::bigint[], %(ch_body)s::bytea[]) AS c(tenant, revision, body)), "
+            f"idle AS (DELETE FROM {s}.tenants WHERE tenant = ANY(%(idle)s::text[]) AND revision = 0) "
+            f"UPDATE {s}.tenants t SET revision = v.rev "
+            "FROM unnest(%(rv_t)s::text[], %(rv)s::bigint[]) AS v(tenant, rev) "
+            'WHERE t.tenant = v.tenant COLLATE "C"'
         )
         self.get = f"SELECT {cols} FROM {s}.items i WHERE i.tenant = %s AND i.ns = %s AND i.key = %s AND {live}"
         self.get_many = (
