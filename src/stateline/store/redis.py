@@ -468,9 +468,14 @@ def _check_prefix(value: object) -> str:
     return value
 
 
-@lru_cache(maxsize=1024)
-def _fixed_keys(t: str) -> tuple[str, ...]:
-    return (t + "rev", t + "c", t + "feed", t + "seqs", t + "streams", t + "nss", t + "exp")
+@lru_cache(maxsize=4096)
+def _fixed_keys(prefix: str, tenant: str) -> tuple[str, tuple[str, ...]]:
+    """The tenant's key prefix and the keys every commit declares (the order the commit script expects)."""
+    t = f"{prefix}:{{{tenant}}}:"
+    return t, (t + "rev", t + "c", t + "feed", t + "seqs", t + "streams", t + "nss", t + "exp")
+
+
+_PUT_OR_DELETE = (PreparedPut, PreparedDelete)
 
 
 @lru_cache(maxsize=65536)
@@ -650,8 +655,8 @@ class RedisStore(Store):
         tenant = c.tenant
         if tenant not in self._registered:
             self._register(tenant)
-        t = self._t(tenant)
-        keys: list[Any] = [_COMMIT_SHA, 0, *_fixed_keys(t)]  # EVALSHA sha numkeys keys... args...
+        t, fixed = _fixed_keys(self._prefix, tenant)
+        keys: list[Any] = [_COMMIT_SHA, 0, *fixed]  # EVALSHA sha numkeys keys... args...
         item_idx: dict[tuple[str, str], int] = {}
         args: list[Any] = []
         stream_refs: list[int] = []  # positions in args of ops that name a stream's KEYS index, fixed below
@@ -726,7 +731,7 @@ class RedisStore(Store):
             counters: dict[tuple[str, str], int] = {}
             seqs: dict[str, int] = {}
             for j, op in enumerate(c.ops):
-                if isinstance(op, PreparedPut | PreparedDelete):
+                if isinstance(op, _PUT_OR_DELETE):
                     versions[(op.namespace, op.key)] = res[2 * j]
                 elif isinstance(op, PreparedIncr):
                     versions[(op.namespace, op.key)] = res[2 * j]
