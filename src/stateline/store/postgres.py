@@ -14,10 +14,13 @@ Why it is built this way:
   serialization failures (only possible with unusual server settings) roll back with nothing
   written and are retried a few times before ``Unavailable`` is raised.
 * Round trips. A commit is two pipelined round trips: (lock + read the touched rows), then
-  (all writes + change record + COMMIT). Commits of one tenant that arrive together in one
-  process are grouped into one transaction (group commit): each still gets its own revision,
-  change record and check evaluation, a failing one does not affect the others, and the group pays
-  one WAL flush instead of one each.
+  (one statement with every write, the change record and the revision + COMMIT). Commits of one
+  tenant that arrive together in one process are grouped into one transaction (group commit):
+  each still gets its own revision, change record and check evaluation, a failing one does not
+  affect the others, and the group pays one round trip pair and one WAL flush instead of one each.
+  ``group_commit=all`` also groups different tenants (their rows are locked in sorted order, so
+  groups cannot deadlock): fewer transactions on one server, but a transaction then spans tenants,
+  so do not use it where tenants are sharded across servers.
 * Watch. Each commit sends ``pg_notify(<channel of the schema>, tenant)`` right after its COMMIT, in
   the same pipeline but outside the transaction: NOTIFY inside a transaction takes a database-wide
   lock held until the commit is flushed, which would serialise every tenant's commits. A listener
@@ -198,7 +201,8 @@ class PostgresStore(Store):
     Options (URL query parameters or keyword arguments): ``schema`` (default ``stateline``; created
     if missing), ``pool_min`` (1), ``pool_max`` (10), ``pool_timeout`` seconds to wait for a
     connection (3), ``connect_timeout`` seconds (3), ``op_timeout`` seconds one statement may wait
-    for the server before its connection is dropped (10), ``group_commit`` (true). Other query
+    for the server before its connection is dropped (10), ``group_commit`` (``tenant``: group
+    concurrent commits of one tenant into one transaction; ``all``: of any tenants; ``off``). Other query
     parameters go to libpq unchanged (``sslmode``, ``password``, ``application_name``, ...).
     Opening creates the schema, or migrates an older one, safely when several processes open at once.
     """
