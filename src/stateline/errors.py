@@ -48,8 +48,9 @@ class InvalidArgument(StatelineError, ValueError):
     status = 400
 
     def __init__(self, field: str, problem: str, *, details: Mapping[str, Any] | None = None) -> None:
-        super().__init__(f"{field}: {problem}", details={"field": field, **(details or {})})
+        super().__init__(f"{field}: {problem}", details={**(details or {}), "field": field})
         self.field = field
+        self.problem = problem
 
 
 class Unauthenticated(StatelineError):

@@ -236,9 +236,13 @@ Op: TypeAlias = Put | Delete | Incr | Append | Trim
 # ---------------------------------------------------------------- results
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Item:
-    """A live stored value. Times are µs since the epoch; ``revision`` is the commit that last wrote it."""
+    """A live stored value. Times are µs since the epoch; ``revision`` is the commit that last wrote it.
+
+    Results (``Item``, ``Event``, ``Commit``) are plain slotted records, not frozen ones: they are made
+    on every read and commit, and a frozen dataclass costs three times as much to build.
+    """
 
     namespace: str
     key: str
@@ -250,7 +254,7 @@ class Item:
     expires_at: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
     """One event of a stream, numbered by ``seq`` from 1 with no gaps."""
 
@@ -294,7 +298,7 @@ class Change:
     ops: tuple[ChangeOp, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Commit:
     """What a successful commit returns.
 

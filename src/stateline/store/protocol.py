@@ -75,7 +75,7 @@ MAX_WATCH_SECONDS = 3600.0
 # ---------------------------------------------------------------- prepared input
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PreparedPut:
     namespace: str
     key: str
@@ -83,13 +83,13 @@ class PreparedPut:
     ttl_us: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PreparedDelete:
     namespace: str
     key: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PreparedIncr:
     namespace: str
     key: str
@@ -97,20 +97,20 @@ class PreparedIncr:
     ttl_us: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PreparedEvent:
     type: str
     data: bytes
     meta: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PreparedAppend:
     stream: str
     events: tuple[PreparedEvent, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PreparedTrim:
     stream: str
     before_seq: int
@@ -119,9 +119,13 @@ class PreparedTrim:
 PreparedOp = PreparedPut | PreparedDelete | PreparedIncr | PreparedAppend | PreparedTrim
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PreparedCommit:
-    """A validated commit: names checked, values encoded, TTLs in µs. ``meta`` is encoded JSON."""
+    """A validated commit: names checked, values encoded, TTLs in µs. ``meta`` is encoded JSON.
+
+    Prepared records are plain slotted classes (built on every commit; frozen ones cost three times
+    as much). Treat them as immutable.
+    """
 
     tenant: str
     checks: tuple[Check, ...]
@@ -252,6 +256,12 @@ def _ttl_us(ttl: object, field: str) -> int | None:
     return max(1, round(ttl * 1_000_000))
 
 
+def _op_field(index: int, field: str) -> str:
+    if not field or field.startswith("."):
+        return f"ops[{index}]{field}"
+    return f"ops[{index}].{field}"
+
+
 def _limit(value: object, field: str = "limit") -> int:
     return _int(value, field, minimum=1, maximum=MAX_LIMIT)
 
@@ -315,7 +325,16 @@ class Store(ABC):
             raise InvalidArgument("ops", f"at most {MAX_OPS} checks and {MAX_OPS} ops per commit")
         for i, c in enumerate(checks_t):
             self._validate_check(c, f"checks[{i}]")
-        prepared = tuple(self._prepare_op(op, f"ops[{i}]") for i, op in enumerate(ops_t))
+        prepared = []
+        for i, op in enumerate(ops_t):
+            try:
+                prepared.append(self._prepare_op(op))
+            except InvalidArgument as exc:  # name the op: field names are built only on this path
+                raise InvalidArgument(_op_field(i, exc.field), exc.problem, details=exc.details) from None
+            except PayloadTooLarge as exc:
+                field = _op_field(i, str(exc.details.get("field", "")))
+                problem = exc.message.split(": ", 1)[-1]
+                raise PayloadTooLarge(f"{field}: {problem}", details={**exc.details, "field": field}) from None
         if meta is None:
             meta_json = b"{}"
         else:
@@ -324,7 +343,7 @@ class Store(ABC):
             meta_json = codec.encode(dict(meta), "meta")
             if len(meta_json) > MAX_META_BYTES:
                 raise PayloadTooLarge(f"meta: over the limit of {MAX_META_BYTES} bytes", details={"field": "meta"})
-        return PreparedCommit(tenant, checks_t, prepared, meta_json)
+        return PreparedCommit(tenant, checks_t, tuple(prepared), meta_json)
 
     @staticmethod
     def _validate_check(c: object, field: str) -> None:
@@ -345,15 +364,16 @@ class Store(ABC):
         else:
             raise InvalidArgument(field, f"unknown check kind {t.__name__}")
 
-    def _prepare_op(self, op: object, field: str) -> PreparedOp:
+    def _prepare_op(self, op: object) -> PreparedOp:
+        field = ""
         t = type(op)
         if t is Put:
             assert isinstance(op, Put)
             return PreparedPut(
                 check_namespace(op.namespace),
                 check_key(op.key),
-                codec.encode(op.value, f"{field}.value", self.max_value_bytes),
-                _ttl_us(op.ttl, f"{field}.ttl"),
+                codec.encode(op.value, ".value", self.max_value_bytes),
+                None if op.ttl is None else _ttl_us(op.ttl, ".ttl"),
             )
         if t is Delete:
             assert isinstance(op, Delete)
