@@ -109,6 +109,7 @@ def test_url_options_and_schema(schema: str, opened: list[PostgresStore]) -> Non
         ("pool_timeout=soon", "pool_timeout"),
         ("group_commit=maybe", "group_commit"),
         ("op_timeout=0", "op_timeout"),
+        ("no_such_libpq_option=1", "url"),
     ],
 )
 def test_bad_url_options_are_refused(query: str, field: str) -> None:

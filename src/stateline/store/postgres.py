@@ -236,7 +236,10 @@ class PostgresStore(Store):
         self._group = _group_mode(group_commit)
         self._conninfo = conninfo
         # the server ends a transaction whose client went silent (it would hold the tenant's lock)
-        user_options = psycopg.conninfo.conninfo_to_dict(conninfo).get("options") or ""
+        try:
+            user_options = psycopg.conninfo.conninfo_to_dict(conninfo).get("options") or ""
+        except psycopg.Error as exc:
+            raise InvalidArgument("url", f"not a valid PostgreSQL connection string ({exc})") from None
         idle_limit = f"-c idle_in_transaction_session_timeout={round(op_timeout * 1000)}"
         self._connect_kwargs: dict[str, Any] = {
             "autocommit": True,
