@@ -452,7 +452,7 @@ _TRANSIENT_REPLIES = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "
 
 def _positive(value: object, field: str, maximum: float) -> float:
     try:
-        f = float(value)  # type: ignore[arg-type]
+        f = float(value)  # type: ignore[arg-type]  # URL options arrive as text, keyword options as numbers
     except (TypeError, ValueError):
         raise InvalidArgument(field, f"must be a number of seconds, got {value!r}") from None
     if not 0 < f <= maximum:
@@ -505,6 +505,9 @@ class RedisStore(Store):
     ``max_connections`` (a bound on the pool: callers then wait up to ``socket_timeout`` for a
     connection; default unbounded, one per concurrent caller), ``watch`` (``xread``, the default, or ``poll``).
     See ``docs/redis.md`` for what durability Redis gives.
+
+    ``from_url`` is the usual way in. A ``redis.Redis`` client given to the constructor must not
+    retry commands by itself (``Retry(NoBackoff(), 0)``): a resent commit could apply twice.
     """
 
     scheme = "redis"
