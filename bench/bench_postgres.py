@@ -4,8 +4,8 @@ Each client commits one small document (``Put`` of ~120 bytes) per commit, in a 
 time. The peer is raw psycopg running the adapter's own SQL for that commit with the same
 pipelining: (BEGIN, lock the tenant row, read the item), then (one statement that upserts the item,
 inserts the change record and sets the revision; COMMIT; NOTIFY), with ``synchronous_commit=on``. Short runs of the two
-alternate back to back (the machine's load drifts); rates are medians of the runs, and the cost
-ratio is the median of the per-pair ratios.
+alternate back to back, and every round runs every scenario (the machine's load drifts); rates are
+medians over the rounds, the cost ratio and the scaling are medians of the per-round ratios.
 
 Scenarios: 1 client; 8 clients on 8 tenants; 8 clients on 1 tenant (here the row lock serialises
 raw psycopg, and stateline's group commit is what scales); 8 clients on 8 tenants with
@@ -13,7 +13,7 @@ raw psycopg, and stateline's group commit is what scales); 8 clients on 8 tenant
 of one process, sharing one store (stateline) or holding one connection each (raw).
 
     python bench/bench_postgres.py --quick          # well under a minute
-    python bench/bench_postgres.py --seconds 1 --runs 15
+    python bench/bench_postgres.py --seconds 1 --runs 11
 """
 
 from __future__ import annotations
@@ -152,9 +152,9 @@ def main() -> None:
     parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--quick", action="store_true", help="short runs (about 40 s in all)")
     parser.add_argument("--seconds", type=float, default=1.0, help="length of one run")
-    parser.add_argument("--runs", type=int, default=15, help="runs per scenario and contender (median reported)")
+    parser.add_argument("--runs", type=int, default=11, help="rounds (each runs every scenario and contender once)")
     args = parser.parse_args()
-    seconds, runs = (0.5, 6) if args.quick else (args.seconds, args.runs)
+    seconds, runs = (0.5, 5) if args.quick else (args.seconds, args.runs)
 
     schema = f"sl_bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(args.dsn, autocommit=True) as admin:
@@ -164,7 +164,7 @@ def main() -> None:
     version, sync, fsync = (row[0] if row else "?" for row in settings)
     print(
         f"PostgreSQL {version}, synchronous_commit={sync}, fsync={fsync}; "
-        f"{runs} alternating runs of {seconds:g} s per scenario; medians"
+        f"{runs} rounds of every scenario, {seconds:g} s per run; medians"
     )
 
     scenarios = [
@@ -173,52 +173,57 @@ def main() -> None:
         ("8 clients, 1 tenant", 8, True, ""),
         ("8 clients, 8 tenants, all", 8, False, "&group_commit=all"),
     ]
-    med: dict[str, dict[str, float]] = {}
-    ratios: dict[str, float] = {}
+    rates: dict[str, dict[str, list[float]]] = {name: {"stateline": [], "raw": []} for name, *_ in scenarios}
+    stores: dict[str, PostgresStore] = {}
     try:
-        for name, n, shared, extra in scenarios:
-            # a fresh store per scenario, so that its pool holds the connections this scenario needs
+        for name, _n, _shared, extra in scenarios:
+            # a store per scenario, so that its pool holds the connections that scenario needs
             store = open_store(f"{args.dsn}?schema={schema}&pool_max=16{extra}")
             assert isinstance(store, PostgresStore)
-            raw = Raw(args.dsn, schema, store._channel)
-            run_id = uuid.uuid4().hex[:6]
+            stores[name] = store
+        channel = stores["1 client"]._channel
+        # Every round runs every scenario, stateline and raw back to back (alternating which goes first),
+        # so that the machine's drifting load hits all figures alike; the first round only warms up.
+        for r in range(runs + 1):
+            for name, n, shared, _extra in scenarios:
+                store = stores[name]
+                run_id = uuid.uuid4().hex[:6]
 
-            def tenant(c: int, run_id: str = run_id, shared: bool = shared) -> str:
-                return f"{run_id}-0" if shared else f"{run_id}-{c}"
+                def tenant(c: int, run_id: str = run_id, shared: bool = shared) -> str:
+                    return f"{run_id}-0" if shared else f"{run_id}-{c}"
 
-            def make_sl(c: int, store: PostgresStore = store, tenant: Callable[[int], str] = tenant) -> Any:
-                t = tenant(c)
-                return lambda i: store.commit(t, ops=[Put(NS, f"k{c}-{i % 100}", _value(i))])
+                def make_sl(c: int, store: PostgresStore = store, tenant: Callable[[int], str] = tenant) -> Any:
+                    t = tenant(c)
+                    return lambda i: store.commit(t, ops=[Put(NS, f"k{c}-{i % 100}", _value(i))])
 
-            raw_fns = [raw.client(tenant(c), c) for c in range(n)]
+                raw = Raw(args.dsn, schema, channel)
+                raw_fns = [raw.client(tenant(c), c) for c in range(n)]
 
-            def make_raw(c: int, raw_fns: list[Callable[[int], None]] = raw_fns) -> Callable[[int], None]:
-                return raw_fns[c]
+                def make_raw(c: int, raw_fns: list[Callable[[int], None]] = raw_fns) -> Callable[[int], None]:
+                    return raw_fns[c]
 
-            rates: dict[str, list[float]] = {"stateline": [], "raw": []}
-            pair_ratios: list[float] = []
-            try:
-                _run_clients(n, 0.2, make_sl)  # warm up both: connections made, statements prepared
-                _run_clients(n, 0.2, make_raw)
-                for r in range(runs):
+                try:
+                    for fn in raw_fns:  # connections warm: statements prepared, as in the store's pool
+                        for j in range(6):
+                            fn(j)
                     order = ("stateline", "raw") if r % 2 == 0 else ("raw", "stateline")
-                    got = {}
                     for who in order:
-                        if who == "stateline":
-                            got[who] = _run_clients(n, seconds, make_sl)
-                        else:
-                            got[who] = _run_clients(n, seconds, make_raw)
-                        rates[who].append(got[who])
-                    pair_ratios.append(got["raw"] / got["stateline"])
-            finally:
-                store.close()
-                raw.close()
-            med[name] = {who: statistics.median(v) for who, v in rates.items()}
-            ratios[name] = statistics.median(pair_ratios)
+                        rate = _run_clients(n, seconds if r else 0.2, make_sl if who == "stateline" else make_raw)
+                        if r:
+                            rates[name][who].append(rate)
+                finally:
+                    raw.close()
     finally:
+        for store in stores.values():
+            store.close()
         with psycopg.connect(args.dsn, autocommit=True) as admin:
             admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
+    med = {name: {who: statistics.median(v) for who, v in res.items()} for name, res in rates.items()}
+    ratios = {
+        name: statistics.median(raw / sl for sl, raw in zip(res["stateline"], res["raw"], strict=True))
+        for name, res in rates.items()
+    }
     print(f"{'scenario':<24}{'stateline c/s':>15}{'raw c/s':>12}{'cost ratio':>12}")
     for name, m in med.items():
         print(f"{name:<24}{m['stateline']:>15.0f}{m['raw']:>12.0f}{ratios[name]:>11.2f}x")
@@ -236,13 +241,17 @@ def main() -> None:
             durability=f"synchronous_commit={sync}",
             peer_durability=f"synchronous_commit={sync}",
         )
-    single = med["1 client"]
+    single = rates["1 client"]
     for name in med:
         if name == "1 client":
             continue
+        scale = {
+            who: statistics.median(m / s for m, s in zip(rates[name][who], single[who], strict=True))
+            for who in ("stateline", "raw")
+        }
         print(
-            f"scaling {name}: stateline {med[name]['stateline'] / single['stateline']:.1f}x, "
-            f"raw {med[name]['raw'] / single['raw']:.1f}x of its 1-client rate"
+            f"scaling {name}: stateline {scale['stateline']:.1f}x, raw {scale['raw']:.1f}x "
+            "of its 1-client rate (median over rounds)"
         )
     print(
         "cost ratio = median over back-to-back pairs of (stateline time per commit / raw time per commit); "
