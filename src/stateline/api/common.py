@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -97,13 +98,21 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
     return Response(orjson.dumps(data), status, headers, media_type="application/json")
 
 
+_LONG_DIGITS = re.compile(rb"\d{19,}")
+
+
 async def read_json(request: Request) -> Any:
     """The request body as JSON; ``InvalidArgument`` (400) if it is not."""
     body = await request.body()
     try:
-        return orjson.loads(body)
+        value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidArgument("body", f"not valid JSON ({exc.msg} at position {exc.pos})") from None
+    if _LONG_DIGITS.search(body) is not None:
+        # orjson reads an integer outside 64 bits as a float, which would store a different number;
+        # the standard parser keeps it exact, so the store's codec refuses it (400) instead.
+        value = json.loads(body)
+    return value
 
 
 async def parse_body(request: Request, model: type[M], *, optional: bool = False) -> M:
