@@ -20,6 +20,7 @@ from stateline import FakeClock
 from stateline.api import ApiSettings, create_app
 from stateline.api.idempotency import HttpIdempotency
 from stateline.errors import Conflict
+from tests.conftest import Backend
 
 from .conftest import Api, make_api
 
@@ -301,3 +302,26 @@ def test_spans_around_requests_and_store_calls_when_a_provider_records(clock: Fa
     assert commit.context.trace_id == server.context.trace_id
     assert commit.parent is not None
     assert commit.parent.span_id == server.context.span_id
+
+
+def test_shared_rate_limit_is_counted_in_the_store(backend: Backend, clock: FakeClock) -> None:
+    # Two apps (two API nodes) on one store share one budget per tenant.
+    nodes = [
+        make_api(stateline.Database(backend.open()), clock, rate_limit=2, rate_burst=2, rate_limit_shared=True)
+        for _ in range(2)
+    ]
+    try:
+        one, two = next(nodes[0]), next(nodes[1])
+        h = one.key("acme")
+        codes = [c.get("/v1/items/docs/a", headers=h).status_code for c in (one.client, two.client)]
+        assert codes == [404, 404]
+        refused = one.client.get("/v1/items/docs/a", headers=h)
+        assert refused.status_code == 429
+        assert int(refused.headers["retry-after"]) >= 1
+        assert two.client.get("/v1/items/docs/a", headers=h).status_code == 429
+        assert two.client.get("/v1/items/docs/a", headers=two.key("globex")).status_code == 404
+        clock.advance(2)
+        assert two.client.get("/v1/items/docs/a", headers=h).status_code == 404
+    finally:
+        for gen in nodes:
+            gen.close()

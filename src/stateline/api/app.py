@@ -62,8 +62,11 @@ _HEADERS = frozenset(
 class ApiSettings:
     """Limits and knobs of the HTTP service.
 
-    ``rate_limit`` is requests per second per tenant in this process (``None``: no limit) with bursts
-    up to ``rate_burst``; ``max_body_bytes`` bounds every request body (413 beyond);
+    ``rate_limit`` is requests per second per tenant (``None``: no limit) with bursts up to
+    ``rate_burst``: by default counted in this process (a token bucket in memory, no store call); with
+    ``rate_limit_shared`` counted in the store by the runtime layer's token bucket, so every API node and
+    worker shares one budget (at the cost of a store commit per request); ``max_body_bytes`` bounds
+    every request body (413 beyond);
     ``key_cache_seconds`` is how long a verified key is trusted before it is read again (a revoke made
     by another process takes effect within it); ``idempotency_ttl`` is how long a POST's response is
     kept for replay; ``max_wait`` bounds long polls; ``heartbeat_seconds`` spaces SSE keep-alives.
@@ -73,6 +76,7 @@ class ApiSettings:
     max_body_bytes: int = 2 * 1024 * 1024
     rate_limit: float | None = 1000.0
     rate_burst: int | None = None
+    rate_limit_shared: bool = False
     key_cache_seconds: float = 2.0
     idempotency_ttl: float = 86400.0
     max_wait: float = 30.0
@@ -368,7 +372,7 @@ class ServiceMiddleware:
             span.set_attribute("stateline.tenant", principal.tenant)
             span.set_attribute("stateline.key_id", principal.key_id)
             if ctx.limiter is not None:
-                wait = ctx.limiter.hit(principal.tenant)
+                wait = await self._rate_limit(principal.tenant)
                 if wait is not None:
                     ctx.metrics.rate_limited.inc()
                     raise RateLimited(
@@ -420,6 +424,18 @@ class ServiceMiddleware:
                         "trace_id": trace_id,
                     },
                 )
+
+    async def _rate_limit(self, tenant: str) -> float | None:
+        """Seconds to wait if ``tenant`` is over its request rate, else ``None``."""
+        ctx = self.ctx
+        if not ctx.settings.rate_limit_shared:
+            assert ctx.limiter is not None
+            return ctx.limiter.hit(tenant)
+        rate = ctx.settings.rate_limit or 1.0
+        burst = ctx.settings.rate_burst or max(1, math.ceil(rate))
+        limiter = ctx.db.tenant(tenant).limits("api_requests", burst, burst / rate, "token_bucket")
+        result = await ctx.run(limiter.hit, "requests")
+        return None if result.allowed else max(result.retry_after, 0.001)
 
     async def _authenticate(self, hdrs: dict[bytes, bytes]) -> Principal:
         raw = hdrs.get(b"authorization")
