@@ -170,6 +170,13 @@ def _peer_apps(sample: dict[str, Any]) -> tuple[Any, Any]:
     return bare, fast
 
 
+def _maybe_without_audit(app: Any) -> None:
+    """``--no-audit`` (a measurement aid, not a product setting): skip the audit entry of each write,
+    to show what the synchronous, hash-chained audit costs."""
+    if os.environ.get("STATELINE_BENCH_NO_AUDIT"):
+        app.state.stateline.auditor.record = lambda *args: None
+
+
 def serve(kind: str, port: int, url: str, sample_path: str) -> None:
     """Run one contender (in a child process)."""
     import uvicorn  # noqa: PLC0415
@@ -180,6 +187,7 @@ def serve(kind: str, port: int, url: str, sample_path: str) -> None:
 
         db = stateline.open(url)
         app = create_app(db, settings=ApiSettings(rate_limit=None))
+        _maybe_without_audit(app)
     else:
         sample = orjson.loads(Path(sample_path).read_bytes())
         bare, fast = _peer_apps(sample)
@@ -404,6 +412,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs per contender (median reported)")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--backends", default="memory,sqlite")
+    parser.add_argument("--no-audit", action="store_true", help="measurement aid: skip the audit entry of writes")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
@@ -419,8 +428,11 @@ def main() -> None:
         raise SystemExit("wrk is needed: apt-get install wrk")
     if args.quick:
         args.seconds, args.runs = 2.0, 1
+    if args.no_audit:
+        os.environ["STATELINE_BENCH_NO_AUDIT"] = "1"
     backends = [b for b in args.backends.split(",") if b in ("memory", "sqlite")]
-    print(f"wrk -t1 -c{args.connections}, {args.seconds:g} s runs, median of {args.runs}; rate limit off")
+    audit = "audit OFF (measurement aid)" if args.no_audit else "every write audited"
+    print(f"wrk -t1 -c{args.connections}, {args.seconds:g} s runs, median of {args.runs}; rate limit off; {audit}")
     for backend in backends:
         with tempfile.TemporaryDirectory() as tmpdir:
             tmp = Path(tmpdir)
@@ -515,6 +527,7 @@ def _serve_memory(port: int, sample_path: str) -> None:
     token, _ = KeyStore(db.store).create("bench", ["admin"])
     Path(os.environ["STATELINE_BENCH_TOKEN"]).write_text(token)
     app = create_app(db, settings=ApiSettings(rate_limit=None))
+    _maybe_without_audit(app)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
