@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -112,6 +113,24 @@ def make_backend(kind: str, tmp_path: Path, clock: FakeClock) -> Backend:
             kind, f"postgresql://postgres@127.0.0.1:5432/test?schema={schema}", clock, cleanup=drop_pg_schema
         )
     raise AssertionError(f"unknown backend kind {kind!r}")
+
+
+def settle(store: Store, tenant: str, quiet: float = 0.2, timeout: float = 15.0) -> int:
+    """After a writer was killed, wait until ``tenant``'s revision stops moving and return it.
+
+    A server may still finish a killed client's last COMMIT a moment after the kill (PostgreSQL
+    does), so reads that must agree with each other wait for that first.
+    """
+    deadline = time.monotonic() + timeout
+    last, since = store.revision(tenant), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        now = store.revision(tenant)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return now
+    return last
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import pytest
 
 from stateline import cases as cases_module
 from stateline.cases import Case, CaseConflict, Cases
-from tests.conftest import Backend
+from tests.conftest import Backend, settle
 
 T = "acme"
 STAGES_BEFORE = ["before_validate", "after_apply", "before_store_commit"]
@@ -148,6 +148,7 @@ def setup_case(backend: Backend, commits: int = 2) -> Cases:
 
 def outcome(cases: Cases, before: dict[str, Any]) -> str:
     """``old`` or ``new`` after one interrupted commit starting from snapshot ``before``; fails on anything else."""
+    settle(cases.store, T)
     case = cases.open("c1")
     v = cases.verify("c1")
     assert v.ok, v
@@ -267,6 +268,7 @@ def test_processes_killed_at_random_moments_never_leave_a_mix(process_backend: B
             if proc.stdout is not None:
                 proc.stdout.close()
         cases = fresh(backend)
+        settle(cases.store, T)
         case = cases.open("c1")
         assert case.version >= before
         assert cases.verify("c1").ok

@@ -148,7 +148,7 @@ def test_unknown_stream_and_out_of_range(tenant: Tenant) -> None:
         ([{"data": 1}], {}, "events[0]"),
         ([{"type": "a", "extra": 1}], {}, "events[0]"),
         ([42], {}, "events[0]"),
-        ([{"type": ""}], {}, "event type"),
+        ([{"type": ""}], {}, "ops[0].events[0].type"),
         ([{"type": "a", "data": float("nan")}], {}, "ops[0].events[0].data"),
         ([{"type": "a"}], {"expected_seq": -1}, "expected_seq"),
         ([{"type": "a"}], {"expected_seq": True}, "expected_seq"),

@@ -400,9 +400,13 @@ class Store(ABC):
                     raise InvalidArgument(f"{field}.events[{j}]", f"must be a NewEvent, got {type(e).__name__}")
                 if e.meta is not None and type(e.meta) is not dict:
                     raise InvalidArgument(f"{field}.events[{j}].meta", "must be an object or None")
+                try:
+                    event_type = check_event_type(e.type)
+                except InvalidArgument as exc:
+                    raise InvalidArgument(f"{field}.events[{j}].type", exc.problem) from None
                 events.append(
                     PreparedEvent(
-                        check_event_type(e.type),
+                        event_type,
                         codec.encode(e.data, f"{field}.events[{j}].data", self.max_value_bytes),
                         b"{}" if not e.meta else codec.encode(e.meta, f"{field}.events[{j}].meta", MAX_META_BYTES),
                     )
