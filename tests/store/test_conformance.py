@@ -721,3 +721,39 @@ def orjson_roundtrip(value: Any) -> Any:
     import orjson  # noqa: PLC0415 - only this helper needs it
 
     return orjson.loads(orjson.dumps(value))
+
+
+def test_object_key_order_is_kept(store: Store) -> None:
+    value = {"z": 1, "a": {"y": 2, "b": 3}, "m": [{"k2": 1, "k1": 2}]}
+    store.commit(T, ops=[Put("ns", "k", value), Append("s", [NewEvent("e", value, {"z": 1, "a": 2})])])
+    item = store.get(T, "ns", "k")
+    assert item is not None
+    assert list(item.value) == ["z", "a", "m"]
+    assert list(item.value["a"]) == ["y", "b"]
+    (event,) = store.read_stream(T, "s")
+    assert list(event.data) == ["z", "a", "m"]
+    assert list(event.meta) == ["z", "a"]
+    (change,) = store.changes(T)
+    assert list(change.ops[0].value) == ["z", "a", "m"]
+
+
+def test_a_tenant_whose_commits_all_failed_is_not_listed(store: Store) -> None:
+    with pytest.raises(Conflict):
+        store.commit(U, checks=[Exists("ns", "k")], ops=[Put("ns", "k", 1)])
+    with pytest.raises(InvalidArgument):
+        store.commit(U, ops=[Put("ns", "k", "text"), Incr("ns", "k")])
+    assert store.tenants() == []
+    assert store.revision(U) == 0
+    store.commit(T, ops=[Put("ns", "k", 1)])
+    assert store.tenants() == [T]
+
+
+def test_trim_then_append_in_one_commit_applies_in_order(store: Store) -> None:
+    store.commit(T, ops=[Append("s", [NewEvent("e", i) for i in range(5)])])
+    c = store.commit(T, ops=[Trim("s", 6), Append("s", [NewEvent("new")])])
+    assert c.seqs == {"s": 6}
+    assert [(e.seq, e.type) for e in store.read_stream(T, "s")] == [(6, "new")]
+    c = store.commit(T, ops=[Append("s", [NewEvent("x"), NewEvent("y")]), Trim("s", 8)])
+    assert [(e.seq, e.type) for e in store.read_stream(T, "s")] == [(8, "y")]
+    info = store.stream_info(T, "s")
+    assert (info.first_seq, info.last_seq) == (8, 8)
