@@ -60,6 +60,9 @@ def _seed_a(api: Api, h: dict[str, str]) -> dict[str, str]:
     )
     assert c.post("/v1/limits/secret-lock/hit", json={"key": "k", "rate": 1, "per": 3600}, headers=h).json()["allowed"]
     api.ctx.source.tenant("acme").idempotency.run("secret-doc", lambda: MARK)
+    assert (
+        c.put("/v1/projects/secret-project", json={"name": MARK, "config": {"m": MARK}}, headers=h).status_code == 201
+    )
     r = c.post("/v1/policies/secret-policy/versions", json={"type": "t", "definition": MARK}, headers=h)
     assert r.status_code == 201, r.text
     r = c.post(
@@ -103,6 +106,7 @@ def _bodies(ids: dict[str, str]) -> dict[tuple[str, str], Any]:
         ("PUT", "/v1/sessions/{session_id}"): {"provider": "b"},
         ("POST", "/v1/limits/{name}/hit"): {"key": "k", "rate": 1, "per": 3600},
         ("POST", "/v1/policies/{name}/activate"): {"version": 1},
+        ("PUT", "/v1/projects/{project_id}"): {"name": "b", "config": {}},
         ("POST", "/v1/policies/{name}/versions"): {"type": "t", "definition": "b"},
     }
 
@@ -124,6 +128,7 @@ def _params(ids: dict[str, str]) -> dict[str, str]:
         "seq": "1",
         "feature": "secret-feature",
         "version": "1",
+        "project_id": "secret-project",
     }
 
 

@@ -248,3 +248,23 @@ def test_policy_versions_activate_and_rollback(api: Api) -> None:
     assert c.get("/v1/policies/routing/versions/3", headers=h).status_code == 404
     assert [p["name"] for p in c.get("/v1/policies", headers=h).json()["policies"]] == ["routing"]
     assert c.get("/v1/policies/nope", headers=h).status_code == 404
+
+
+def test_projects_with_config(api: Api) -> None:
+    c, h = api.client, api.key("acme")
+    r = c.put(
+        "/v1/projects/shop", json={"name": "Shop", "config": {"region": "eu"}}, headers={**h, "If-None-Match": "*"}
+    )
+    assert (r.status_code, r.headers["etag"], r.json()["config"]) == (201, '"1"', {"region": "eu"})
+    assert c.put("/v1/projects/shop", json={}, headers={**h, "If-None-Match": "*"}).status_code == 412
+    assert (
+        c.put("/v1/projects/shop", json={"config": {"region": "us"}}, headers={**h, "If-Match": '"1"'}).json()[
+            "version"
+        ]
+        == 2
+    )
+    assert c.put("/v1/projects/shop", json={}, headers={**h, "If-Match": '"1"'}).status_code == 412
+    assert c.get("/v1/projects/shop", headers=h).json()["config"] == {"region": "us"}
+    assert [p["project_id"] for p in c.get("/v1/projects", headers=h).json()["projects"]] == ["shop"]
+    assert c.get("/v1/projects/nope", headers=h).status_code == 404
+    assert c.put("/v1/projects/shop", json={"config": []}, headers=h).status_code == 400

@@ -186,6 +186,7 @@ def create_app(
         routes_locks,
         routes_ops,
         routes_policies,
+        routes_projects,
         routes_runs,
         routes_runtime,
         routes_store,
@@ -227,6 +228,7 @@ def create_app(
         routes_audit,
         routes_gates,
         routes_policies,
+        routes_projects,
     ):
         app.router.routes.extend(module.router.routes)  # flat: the fast lane below needs the routes in order
     _fast_lane(app, {**routes_docs.FAST, **routes_store.FAST, **routes_cases.FAST})
