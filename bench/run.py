@@ -370,9 +370,11 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]], runs: list[dic
         lines += [f"| {r['name']} | {_num(r['value'])} {r['unit']} | {_lat(r['p50_ms'], r['p99_ms'])} |" for r in floor]
         lines += [
             "",
-            "Measured at the start of the latest run. On a shared machine the disk's flush rate can change several "
-            "fold from one minute to the next, so read × floor as an order of magnitude; scripts that depend on it "
-            "(bench_store) also measure it in their own rounds and print it in their output below.",
+            (
+                "Measured at the start of the latest run. On a shared machine the disk's flush rate can change several "
+                "fold from one minute to the next, so read × floor as an order of magnitude; scripts that depend on it "
+                "(bench_store) also measure it in their own rounds and print it in their output below."
+            ),
             "",
         ]
     fl = floors(results)
