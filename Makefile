@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
+BENCH_STAMP := $(VENV)/.installed-bench
+
 .PHONY: run test lint typecheck unit bench soak clean
 
 $(STAMP): pyproject.toml
@@ -31,7 +33,12 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -x -q
 
-bench: $(STAMP)
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+# Every benchmark beside its peer; `make bench ARGS=--quick` for a short pass.
+bench: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py $(ARGS)
 
 # The long reliability pass (at most about 30 minutes); figures go to bench/results/reliability.json.
