@@ -160,6 +160,64 @@ def keys_revoke(key_id: str, url: str = URL_OPTION) -> None:
     console.print(f"revoked {key.id} (tenant {key.tenant!r})")
 
 
+@app.command()
+def relay(
+    url: str = URL_OPTION,
+    nats_url: str = typer.Option("nats://127.0.0.1:4222", "--nats", envvar="STATELINE_NATS", help="NATS server."),
+    stream: str = typer.Option("STATELINE", "--stream", help="JetStream stream (created if missing)."),
+    prefix: str = typer.Option("stateline", "--prefix", help="Subject prefix: <prefix>.<tenant>.<layer>.<event>."),
+    retention: str = typer.Option("limits", "--retention", help="limits, interest or workqueue."),
+    max_age: float = typer.Option(0.0, "--max-age", help="Seconds JetStream keeps a message (0: forever)."),
+) -> None:
+    """Publish every committed change to NATS JetStream, exactly once, in order per tenant."""
+    import signal  # noqa: PLC0415 - only this command needs them
+    import threading  # noqa: PLC0415
+
+    from stateline.bus import Relay  # noqa: PLC0415
+
+    db = stateline.open(url)
+    bus = Relay(db.store, nats_url, stream=stream, prefix=prefix, retention=retention, max_age=max_age or None)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    bus.start()
+    print(f"relaying {url} to {nats_url} (stream {stream}, subjects {prefix}.<tenant>.<layer>.<event>)", flush=True)
+    try:
+        while not done.wait(5):
+            behind = sum(bus.lag().values())
+            if behind:
+                console.print(f"lag: {behind} revisions behind")
+    finally:
+        bus.stop()
+        db.close()
+
+
+ONLY_OPTION = typer.Option(None, "--only", help="Run only these benchmarks (repeatable).")
+BACKEND_OPTION = typer.Option(None, "--backend", help="Only these backends (repeatable).")
+
+
+@app.command()
+def bench(
+    quick: bool = typer.Option(False, "--quick", help="A short pass."),
+    only: list[str] | None = ONLY_OPTION,
+    backend: list[str] | None = BACKEND_OPTION,
+) -> None:
+    """Run the benchmarks beside their peers (from a source checkout: ``bench/run.py``)."""
+    import subprocess  # noqa: PLC0415 - only this command needs them
+    import sys  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    runner = next(
+        (p / "bench" / "run.py" for p in (Path.cwd(), *Path.cwd().parents) if (p / "bench" / "run.py").exists()), None
+    )
+    if runner is None:
+        raise typer.BadParameter("run it from a stateline source checkout (bench/ is not installed with the package)")
+    args = [sys.executable, str(runner)] + (["--quick"] if quick else [])
+    args += [a for name in only or () for a in ("--only", name)]
+    args += [a for name in backend or () for a in ("--backend", name)]
+    raise typer.Exit(subprocess.call(args, cwd=runner.parent.parent))  # noqa: S603 - our own script, fixed arguments
+
+
 def main() -> None:
     """Entry point of the ``stateline`` script."""
     try:

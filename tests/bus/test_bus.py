@@ -352,3 +352,34 @@ def test_run_events_reach_the_seed_subjects(jetstream: JetStreamTarget) -> None:
     assert assigned["data"]["worker_id"] == "worker-1"
     assert result["data"]["status"] == "success"
     assert metered["data"]["tokens_used"] == 10
+
+
+def test_relay_command_relays_and_stops_on_sigterm(jetstream: JetStreamTarget, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    store = stateline.open_store(url)
+    for i in range(25):
+        store.commit("acme", ops=[Put("docs", "k", i)])
+    exe = Path(sys.executable).with_name("stateline")
+    args = [
+        str(exe),
+        "relay",
+        "--url",
+        url,
+        "--nats",
+        NATS_URL,
+        "--stream",
+        jetstream.stream,
+        "--prefix",
+        jetstream.prefix,
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        relay = Relay(store, NATS_URL, stream=jetstream.stream, prefix=jetstream.prefix)
+        _wait_for(lambda: relay.cursor("acme") == 25)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        store.close()
+    assert proc.returncode == 0, err
+    assert "relaying" in out
+    _assert_exactly_once_in_order(_read_stream(jetstream, 25), {"acme": 25})
