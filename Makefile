@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/stateline demo
+	$(BIN)/stateline serve $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench

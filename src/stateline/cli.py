@@ -72,6 +72,8 @@ def serve(
     bootstrap_tenant: str = typer.Option(
         "default", "--bootstrap-tenant", help="Tenant of the admin key created when the store has no key."
     ),
+    relay: bool = typer.Option(False, "--relay", help="Also relay every change to NATS JetStream."),
+    nats_url: str = typer.Option("nats://127.0.0.1:4222", "--nats", envvar="STATELINE_NATS", help="NATS for --relay."),
 ) -> None:
     """Run the HTTP service and its dashboard (FastAPI on uvicorn)."""
     import os  # noqa: PLC0415  # the server's imports stay off the other commands' start-up path
@@ -99,7 +101,16 @@ def serve(
         banner.append(
             f"  API keys exist; make one with: stateline keys create --url {url} --tenant NAME --scopes read,write"
         )
+    if relay:
+        banner.append(f"  relay:     every change to {nats_url} (stream STATELINE, subjects stateline.>)")
     print("\n".join(banner), flush=True)  # plain: never wrapped, shown even when stdout is a pipe
+    bus = None
+    if relay:
+        from stateline.bus import Relay  # noqa: PLC0415
+
+        bus_db = db if workers == 1 else stateline.open(url)
+        bus = Relay(bus_db.store, nats_url)
+        bus.start()
     configure_logging(log_level.upper())
     common = {"host": host, "port": port, "log_config": None, "timeout_graceful_shutdown": 10, "access_log": False}
     if workers == 1:
@@ -107,13 +118,20 @@ def serve(
         try:
             uvicorn.run(app_obj, **common)  # type: ignore[arg-type]
         finally:
+            if bus is not None:
+                bus.stop()
             db.close()
         return
     db.close()
     os.environ["STATELINE_URL"] = url
     os.environ["STATELINE_RATE_LIMIT"] = str(rate_limit)
     os.environ["STATELINE_LOG_LEVEL"] = log_level
-    uvicorn.run("stateline.api.server:app_from_env", factory=True, workers=workers, **common)  # type: ignore[arg-type]
+    try:
+        uvicorn.run("stateline.api.server:app_from_env", factory=True, workers=workers, **common)  # type: ignore[arg-type]
+    finally:
+        if bus is not None:
+            bus.stop()
+            bus.store.close()
 
 
 @keys_app.command("create")
