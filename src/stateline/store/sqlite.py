@@ -246,6 +246,23 @@ def _int_option(name: str, value: object, minimum: int, maximum: int) -> int:
     return value
 
 
+def _key_range(column: str, prefix: str, after: str | None) -> tuple[str, list[Any]]:
+    """SQL conditions, with their parameters, for values of ``column`` that start with ``prefix``
+    and come after ``after``."""
+    sql, params = "", []
+    if after is not None and after >= prefix:
+        sql += f" AND {column} > ?"
+        params.append(after)
+    elif prefix:
+        sql += f" AND {column} >= ?"
+        params.append(prefix)
+    end = prefix_end(prefix) if prefix else None
+    if end is not None:
+        sql += f" AND {column} < ?"
+        params.append(end)
+    return sql, params
+
+
 class SQLiteStore(Store):
     """A Store kept in one SQLite file (WAL mode); thread-safe, and shared safely by processes.
 
@@ -819,21 +836,9 @@ class SQLiteStore(Store):
         return [None if row is None else self._item(row) for row in rows]
 
     def _scan(self, tenant: str, namespace: str, prefix: str, after: str | None, limit: int) -> list[Item]:
-        sql = _SQL_SCAN
-        params: list[Any] = [tenant, namespace, self.clock.now_us()]
-        if after is not None and after >= prefix:
-            sql += " AND key > ?"
-            params.append(after)
-        elif prefix:
-            sql += " AND key >= ?"
-            params.append(prefix)
-        end = prefix_end(prefix) if prefix else None
-        if end is not None:
-            sql += " AND key < ?"
-            params.append(end)
-        sql += " ORDER BY key LIMIT ?"
-        params.append(limit)
-        rows = self._read_all(sql, params)
+        bounds, bound_params = _key_range("key", prefix, after)
+        sql = f"{_SQL_SCAN}{bounds} ORDER BY key LIMIT ?"
+        rows = self._read_all(sql, [tenant, namespace, self.clock.now_us(), *bound_params, limit])
         return [self._item(row) for row in rows]
 
     def _read_all(self, sql: str, params: Sequence[Any]) -> list[Any]:
@@ -872,19 +877,9 @@ class SQLiteStore(Store):
             "(SELECT MIN(e.seq) FROM sl_events e WHERE e.tenant = s.tenant AND e.stream = s.stream) "
             "FROM sl_streams s WHERE s.tenant = ?"
         )
-        params: list[Any] = [tenant]
-        if after is not None and after >= prefix:
-            sql += " AND s.stream > ?"
-            params.append(after)
-        elif prefix:
-            sql += " AND s.stream >= ?"
-            params.append(prefix)
-        end = prefix_end(prefix) if prefix else None
-        if end is not None:
-            sql += " AND s.stream < ?"
-            params.append(end)
-        sql += " ORDER BY s.stream LIMIT ?"
-        params.append(limit)
+        bounds, bound_params = _key_range("s.stream", prefix, after)
+        sql += f"{bounds} ORDER BY s.stream LIMIT ?"
+        params = [tenant, *bound_params, limit]
         return [
             StreamInfo(name, last + 1 if first is None else first, last)
             for name, last, first in self._read_all(sql, params)
