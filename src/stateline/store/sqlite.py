@@ -297,16 +297,8 @@ class SQLiteStore(Store):
         self.batches = 0
         self.batched_commits = 0
 
-        self._queue: list[_Request] = []
-        self._queue_lock = threading.Lock()
-        self._leading = False
-        self._woken = 0
-        self._gather_want = 0
-        self._gathered = threading.Lock()
-        self._write_lock = threading.Lock()
-        self._cond = threading.Condition(threading.Lock())
+        self._new_coordination()
         self._commits_seen = 0
-        self._watchers = 0
         self._idle: list[sqlite3.Connection] = []
 
         writer = self._connect()
@@ -319,6 +311,19 @@ class SQLiteStore(Store):
         self._writer: sqlite3.Connection | None = writer
         self._wcur: sqlite3.Cursor | None = writer.cursor()
         _LIVE.add(self)
+
+    def _new_coordination(self) -> None:
+        """Fresh group-commit queue, locks and watcher count (on open, and in a forked child, whose
+        copies of the parent's locks may be held by threads that do not exist there)."""
+        self._queue: list[_Request] = []
+        self._queue_lock = threading.Lock()
+        self._leading = False
+        self._woken = 0
+        self._gather_want = 0
+        self._gathered = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._watchers = 0
 
     def _reopen_writer(self) -> sqlite3.Cursor:
         """A new writer connection (after a fork: a connection must not cross into a child process)."""
@@ -338,15 +343,7 @@ class SQLiteStore(Store):
         self._idle = []
         self._writer = None
         self._wcur = None
-        self._queue = []
-        self._queue_lock = threading.Lock()
-        self._leading = False
-        self._woken = 0
-        self._gather_want = 0
-        self._gathered = threading.Lock()
-        self._write_lock = threading.Lock()
-        self._cond = threading.Condition(threading.Lock())
-        self._watchers = 0
+        self._new_coordination()
 
     # ------------------------------------------------------------ opening
 
