@@ -16,6 +16,7 @@ from stateline.store.protocol import (
     PreparedAppend,
     PreparedCommit,
     PreparedDelete,
+    PreparedEvent,
     PreparedIncr,
     PreparedPut,
     PreparedTrim,
@@ -76,7 +77,36 @@ class _Tenant:
     def __init__(self) -> None:
         self.spaces: dict[str, _Space] = {}
         self.streams: dict[str, _Stream] = {}
-        self.changes: list[bytes] = []
+        self.changes: list[tuple[int, bytes, list[tuple[Any, ...]]]] = []
+
+
+_PUT, _DELETE, _INCR, _APPEND, _TRIM = range(5)
+_EMPTY = b"{}"
+
+
+def _fit(data: bytes) -> bytes:
+    # orjson returns its output buffer without shrinking it (4 KB for a small value); what is kept
+    # for the life of the store is copied to its own size, or memory grows about 4 KB per value.
+    return _EMPTY if data == _EMPTY else memoryview(data).tobytes()
+
+
+def _record(at: int, meta: bytes, done: list[tuple[Any, ...]]) -> bytes:
+    """The change record of a commit, built when it is read rather than on the commit path."""
+    rec = ChangeRecorder()
+    for d in done:
+        kind = d[0]
+        if kind == _PUT:
+            rec.put(d[1], d[2], d[3], d[4], d[5])
+        elif kind == _DELETE:
+            rec.delete(d[1], d[2], d[3])
+        elif kind == _INCR:
+            rec.incr(d[1], d[2], d[3], d[4], d[5])
+        elif kind == _APPEND:
+            rows = d[2]
+            rec.append(d[1], rows[0][0], [PreparedEvent(r[1], r[2], r[3]) for r in rows])
+        else:
+            rec.trim(d[1], d[2])
+    return rec.body(at, meta)
 
 
 def _live(rec: _Rec | None, now: int) -> _Rec | None:
@@ -138,7 +168,7 @@ class MemoryStore(Store):
                 return self._put_one(c, t, c.ops[0], now)
 
             revision = (0 if t is None else len(t.changes)) + 1
-            recorder = ChangeRecorder()
+            done: list[tuple[Any, ...]] = []
             staged: dict[tuple[str, str], _Rec | None] = {}
             appended: dict[str, list[tuple[int, str, bytes, bytes, int, int]]] = {}
             last_seqs: dict[str, int] = {}
@@ -155,20 +185,19 @@ class MemoryStore(Store):
                     )
                     exp = None if op.ttl_us is None else now + op.ttl_us
                     version = 1 if old is None else old.version + 1
-                    staged[(op.namespace, op.key)] = _Rec(
-                        op.value, version, revision, now if old is None else old.created_at, now, exp
-                    )
-                    versions[(op.namespace, op.key)] = version
-                    recorder.put(op.namespace, op.key, version, op.value, exp)
+                    value = _fit(op.value)
+                    staged[k] = _Rec(value, version, revision, now if old is None else old.created_at, now, exp)
+                    versions[k] = version
+                    done.append((_PUT, op.namespace, op.key, version, value, exp))
                 elif type(op) is PreparedDelete:
                     old = (
                         staged[k]
                         if (k := (op.namespace, op.key)) in staged
                         else self._rec(t, op.namespace, op.key, now)
                     )
-                    staged[(op.namespace, op.key)] = None
-                    versions[(op.namespace, op.key)] = 0
-                    recorder.delete(op.namespace, op.key, 0 if old is None else old.version)
+                    staged[k] = None
+                    versions[k] = 0
+                    done.append((_DELETE, op.namespace, op.key, 0 if old is None else old.version))
                 elif type(op) is PreparedIncr:
                     old = (
                         staged[k]
@@ -182,27 +211,28 @@ class MemoryStore(Store):
                         if type(base) is not int:
                             raise InvalidArgument("incr", f"{op.namespace}/{op.key} holds a non-integer value")
                         version, created, exp = old.version + 1, old.created_at, old.expires_at
-                    value = base + op.by
-                    if not -MAX_INT <= value <= MAX_INT:
+                    total = base + op.by
+                    if not -MAX_INT <= total <= MAX_INT:
                         raise InvalidArgument("incr", f"{op.namespace}/{op.key} would overflow 64 bits")
-                    staged[(op.namespace, op.key)] = _Rec(orjson.dumps(value), version, revision, created, now, exp)
-                    versions[(op.namespace, op.key)] = version
-                    counters[(op.namespace, op.key)] = value
-                    recorder.incr(op.namespace, op.key, version, value, exp)
+                    staged[k] = _Rec(str(total).encode(), version, revision, created, now, exp)
+                    versions[k] = version
+                    counters[k] = total
+                    done.append((_INCR, op.namespace, op.key, version, total, exp))
                 elif type(op) is PreparedAppend:
                     if op.stream not in last_seqs:
                         s = None if t is None else t.streams.get(op.stream)
                         last_seqs[op.stream] = 0 if s is None else s.last_seq
                     first = last_seqs[op.stream] + 1
-                    appended.setdefault(op.stream, []).extend(
-                        (first + i, e.type, e.data, e.meta, revision, now) for i, e in enumerate(op.events)
-                    )
-                    last_seqs[op.stream] = first + len(op.events) - 1
-                    recorder.append(op.stream, first, op.events)
+                    rows = [
+                        (first + i, e.type, _fit(e.data), _fit(e.meta), revision, now) for i, e in enumerate(op.events)
+                    ]
+                    appended.setdefault(op.stream, []).extend(rows)
+                    last_seqs[op.stream] = first + len(rows) - 1
+                    done.append((_APPEND, op.stream, rows))
                 else:
                     assert type(op) is PreparedTrim
                     trims[op.stream] = max(trims.get(op.stream, 0), op.before_seq)
-                    recorder.trim(op.stream, op.before_seq)
+                    done.append((_TRIM, op.stream, op.before_seq))
 
             # every op validated: install the staged state
             if t is None:
@@ -230,7 +260,7 @@ class MemoryStore(Store):
                 if s is not None and s.events:
                     cut = bisect_left(s.events, before, key=lambda e: e[0])
                     del s.events[:cut]
-            t.changes.append(recorder.body(now, c.meta))
+            t.changes.append((now, _fit(c.meta), done))
             if self._watchers:
                 self._cond.notify_all()
             return Commit(revision, now, versions, counters, last_seqs)
@@ -246,10 +276,9 @@ class MemoryStore(Store):
         version = 1 if old is None else old.version + 1
         if op.key not in space.recs:
             insort(space.keys, op.key)
-        space.recs[op.key] = _Rec(op.value, version, revision, now if old is None else old.created_at, now, exp)
-        recorder = ChangeRecorder()
-        recorder.put(op.namespace, op.key, version, op.value, exp)
-        t.changes.append(recorder.body(now, c.meta))
+        value = _fit(op.value)
+        space.recs[op.key] = _Rec(value, version, revision, now if old is None else old.created_at, now, exp)
+        t.changes.append((now, _fit(c.meta), [(_PUT, op.namespace, op.key, version, value, exp)]))
         if self._watchers:
             self._cond.notify_all()
         return Commit(revision, now, {(op.namespace, op.key): version}, {}, {})
@@ -331,8 +360,8 @@ class MemoryStore(Store):
     def _changes(self, tenant: str, after_revision: int, limit: int) -> list[Change]:
         with self._cond:
             t = self._data.get(tenant)
-            bodies = [] if t is None else t.changes[after_revision : after_revision + limit]
-        return [decode_change(tenant, after_revision + 1 + i, b) for i, b in enumerate(bodies)]
+            done = [] if t is None else t.changes[after_revision : after_revision + limit]
+        return [decode_change(tenant, after_revision + 1 + i, _record(*d)) for i, d in enumerate(done)]
 
     def _watch(self, tenant: str, after_revision: int, timeout: float, limit: int) -> list[Change]:
         with self._cond:
