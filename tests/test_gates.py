@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from stateline import Database, FakeClock, InvalidArgument, Put, Store
-from stateline.gates import BASELINE, CHECKPOINTS, ENV_VAR, FEATURES, Gates
+from stateline.gates import BASELINE, CHECKPOINTS, ENV_VAR, FEATURES, MAX_WARNINGS, Gates
 from tests.conftest import Backend
 
 EXPECTED = {
@@ -153,3 +153,14 @@ def test_a_bad_table_is_refused() -> None:
         Gates(None, refresh=-1)
     custom = Gates(None, checkpoint="CP1-LC", table={"a": None, "b": "CP1-LC", "c": "CP2-LC"})
     assert custom.features() == {"a", "b"}
+
+
+def test_warnings_about_unknown_features_are_bounded(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    g = Gates(store, checkpoint="CP3-LC")
+    with caplog.at_level(logging.WARNING, logger="stateline.gates"):
+        for i in range(MAX_WARNINGS + 50):
+            assert not g.available(f"made-up-{i}")
+    records = [r.getMessage() for r in caplog.records if r.name == "stateline.gates"]
+    assert len(records) == MAX_WARNINGS + 1
+    assert "further ones are not" in records[-1]
+    assert len(g._logged) == MAX_WARNINGS

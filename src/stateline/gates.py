@@ -20,6 +20,7 @@ ENV_VAR = "STATELINE_CHECKPOINT"
 SYSTEM_TENANT = "system"
 NAMESPACE = "gates"
 KEY = "checkpoint"
+MAX_WARNINGS = 256  # distinct warnings a Gates object logs before it stops naming each one
 
 #: Checkpoints in order: each one includes every feature of the ones before it.
 CHECKPOINTS: tuple[str, ...] = ("CP1-LC", "CP2-LC", "CP3-LC")
@@ -107,6 +108,7 @@ class Gates:
         self.table: Mapping[str, str | None] = MappingProxyType(tbl)
         self._lock = threading.Lock()
         self._logged: set[str] = set()
+        self._silenced = False
         self._status: GateStatus | None = None
         self._read_at = 0
 
@@ -116,7 +118,14 @@ class Gates:
         with self._lock:
             if key in self._logged:
                 return
-            self._logged.add(key)
+            if len(self._logged) >= MAX_WARNINGS:
+                # callers may ask about any number of names: remember a bounded set, then say so once
+                if self._silenced:
+                    return
+                self._silenced = True
+                message, args = "feature gates: %d distinct warnings logged; further ones are not", (MAX_WARNINGS,)
+            else:
+                self._logged.add(key)
         log.warning(message, *args)
 
     def _normalise(self, raw: object, source: str) -> GateStatus:
