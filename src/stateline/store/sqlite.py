@@ -677,12 +677,13 @@ class SQLiteStore(Store):
     ) -> Commit:
         """Apply one commit inside the open write transaction, or raise having written nothing of it."""
         tenant = c.tenant
+        heads: dict[str, int] = {}  # stream heads the checks read: an append to them needs no second read
         if c.checks:
             failures: list[CheckFailure] = []
             for check in c.checks:
                 if type(check) is StreamAt:
                     row = cur.execute(_SQL_STREAM_SEQ, (tenant, check.stream)).fetchone()
-                    seq = 0 if row is None else row[0]
+                    seq = heads[check.stream] = 0 if row is None else row[0]
                     if seq != check.seq:
                         failures.append(CheckFailure(check, seq))
                     continue
@@ -712,7 +713,7 @@ class SQLiteStore(Store):
                 revision: int = cur.execute(SQL_BUMP_REVISION, (tenant,)).fetchone()[0]
             else:
                 revision = rev[0] + 1
-            commit, body = self._write_ops(cur, c, now, revision)
+            commit, body = self._write_ops(cur, c, now, revision, heads)
         except StatelineError as exc:
             if not savepoint:
                 raise  # alone in its transaction: the whole transaction rolls back
@@ -728,8 +729,11 @@ class SQLiteStore(Store):
         changes.append((tenant, revision, body))
         return commit
 
-    def _write_ops(self, cur: sqlite3.Cursor, c: PreparedCommit, now: int, revision: int) -> tuple[Commit, bytes]:
+    def _write_ops(
+        self, cur: sqlite3.Cursor, c: PreparedCommit, now: int, revision: int, heads: dict[str, int]
+    ) -> tuple[Commit, bytes]:
         tenant = c.tenant
+        rows: list[tuple[str, str, int, str, bytes, bytes, int, int]] = []
         recorder = ChangeRecorder()
         versions: dict[tuple[str, str], int] = {}
         counters: dict[tuple[str, str], int] = {}
@@ -777,13 +781,14 @@ class SQLiteStore(Store):
                 stream = op.stream
                 last = last_seqs.get(stream)
                 if last is None:
-                    row = cur.execute(_SQL_STREAM_SEQ, (tenant, stream)).fetchone()
-                    last = 0 if row is None else row[0]
+                    last = heads.get(stream)
+                    if last is None:
+                        row = cur.execute(_SQL_STREAM_SEQ, (tenant, stream)).fetchone()
+                        last = 0 if row is None else row[0]
                 first = last + 1
                 events = op.events
-                cur.executemany(
-                    _SQL_INSERT_EVENT,
-                    [(tenant, stream, first + i, e.type, e.data, e.meta, revision, now) for i, e in enumerate(events)],
+                rows.extend(
+                    [(tenant, stream, first + i, e.type, e.data, e.meta, revision, now) for i, e in enumerate(events)]
                 )
                 last_seqs[stream] = first + len(events) - 1
                 recorder.append(stream, first, events)
@@ -794,8 +799,12 @@ class SQLiteStore(Store):
                 stream, before = op.stream, op.before_seq  # type: ignore[union-attr]
                 trims[stream] = max(trims.get(stream, 0), before)
                 recorder.trim(stream, before)
-        for stream, last in last_seqs.items():
-            cur.execute(_SQL_SET_STREAM, (tenant, stream, last))
+        if rows:
+            cur.executemany(_SQL_INSERT_EVENT, rows)
+            if len(last_seqs) == 1:
+                cur.execute(_SQL_SET_STREAM, (tenant, *next(iter(last_seqs.items()))))
+            else:
+                cur.executemany(_SQL_SET_STREAM, [(tenant, stream, last) for stream, last in last_seqs.items()])
         if trims:
             for stream, before in trims.items():
                 cur.execute(_SQL_TRIM, (tenant, stream, before))
