@@ -8,7 +8,7 @@ import time
 import pytest
 
 from stateline import Conflict, FakeClock, InvalidArgument, NotFound, Put, Tenant
-from stateline.locks import Lease, WaitFor
+from stateline.locks import Lease, Locks, WaitFor
 
 
 def test_acquire_release_extend(tenant: Tenant, clock: FakeClock) -> None:
@@ -67,6 +67,39 @@ def test_paused_holder_cannot_release_or_extend(tenant: Tenant, clock: FakeClock
     tenant.locks.check_fence("job", fresh.fencing_token)
     assert tenant.locks.state("job").owner == "fresh"
     tenant.locks.release(fresh)
+
+
+def test_another_handle_changing_a_lock_is_seen_by_this_one(tenant: Tenant, clock: FakeClock) -> None:
+    """A handle commits against the version it wrote last, without reading; when another handle (another
+    process) changed the lock since, it reads it and decides on what is stored."""
+    mine = tenant.locks
+    other = Locks(tenant.store, tenant.name)
+    first = mine.acquire("db", "alice", ttl=10)
+    mine.release(first)
+    taken = other.acquire("db", "bob", ttl=10)  # free as far as `mine` remembers, but bob holds it now
+    with pytest.raises(Conflict) as info:
+        mine.acquire("db", "alice", ttl=10)
+    assert info.value.details["holder"] == "bob"
+    longer = other.extend(taken, ttl=30)
+    clock.advance(20)  # past the expiry `other` first wrote, within the extension
+    with pytest.raises(Conflict):
+        mine.acquire("db", "carol", ttl=10)
+    mine.release("db", taken.token)  # released through a handle that never wrote this lease
+    with pytest.raises(Conflict) as info:
+        other.release(longer)  # `other` remembers it held: what is stored says released
+    assert info.value.details["reason"] == "stale_lease"
+    again = other.acquire("db", "bob", ttl=10)
+    assert again.fencing_token == taken.fencing_token + 1 == first.fencing_token + 2
+    clock.advance(11)
+    late = mine.acquire("db", "alice", ttl=10)  # bob's lease expired: alice takes over
+    assert late.fencing_token == again.fencing_token + 1
+    with pytest.raises(Conflict):
+        other.extend(again, ttl=10)
+    with pytest.raises(Conflict):
+        other.release(again)
+    assert mine.state("db").owner == "alice"
+    mine.release(late)
+    assert mine.state("db").held is False
 
 
 def test_expired_lease_is_refused_even_before_takeover(tenant: Tenant, clock: FakeClock) -> None:

@@ -9,7 +9,8 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ NS_WAITS = "locks.waits"
 MAX_TTL_SECONDS = 7 * 86400.0
 MAX_WAIT_SECONDS = 3600.0
 _MAX_DEPTH = 10_000
+_KNOWN_MAX = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,26 @@ class Locks:
     def __init__(self, store: Store, tenant: str) -> None:
         self.store = store
         self.tenant = check_tenant(tenant)
+        # lock name -> (document, version) as this handle last wrote it: the next acquire, release or
+        # extend of that lock commits against that version without reading it first (a stale entry
+        # only costs a refused commit, then the lock is read as usual)
+        self._known: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()
+        self._known_lock = threading.Lock()
+
+    def _remember(self, name: str, doc: dict[str, Any], version: int) -> None:
+        with self._known_lock:
+            self._known[name] = (doc, version)
+            self._known.move_to_end(name)
+            if len(self._known) > _KNOWN_MAX:
+                self._known.popitem(last=False)
+
+    def _recall(self, name: str) -> tuple[dict[str, Any], int] | None:
+        with self._known_lock:
+            return self._known.get(name)
+
+    def _forget(self, name: str) -> None:
+        with self._known_lock:
+            self._known.pop(name, None)
 
     # ------------------------------------------------------------ reads
 
@@ -134,13 +156,29 @@ class Locks:
         recorded: str | None = None
         checked_holder: str | None = None
         pause = 0.002
+        known = self._recall(name)
+        if known is not None:
+            doc, version = known
+            now = self.store.clock.now_us()
+            if not doc["held"] or doc["expires_at"] <= now:
+                lease = self._take(name, owner, ttl, doc, version, now, False)
+                if lease is not None:
+                    return lease
         try:
             while True:
                 now = self.store.clock.now_us()
                 item = self.store.get(self.tenant, NS_LOCKS, name)
                 holder = self._live_holder(item, now)
                 if holder is None:
-                    lease = self._take(name, owner, ttl, item, now, recorded is not None)
+                    lease = self._take(
+                        name,
+                        owner,
+                        ttl,
+                        None if item is None else item.value,
+                        None if item is None else item.version,
+                        now,
+                        recorded is not None,
+                    )
                     if lease is not None:
                         recorded = None  # the wait entry went with the acquiring commit
                         return lease
@@ -202,8 +240,18 @@ class Locks:
             if recorded is not None:
                 self._forget_wait(owner, recorded)
 
-    def _take(self, name: str, owner: str, ttl: float, item: Item | None, now: int, waited: bool) -> Lease | None:
-        fencing = (item.value["fencing_token"] if item is not None else 0) + 1
+    def _take(
+        self,
+        name: str,
+        owner: str,
+        ttl: float,
+        old: dict[str, Any] | None,
+        version: int | None,
+        now: int,
+        waited: bool,
+    ) -> Lease | None:
+        """Commit the lock to ``owner`` if it is still at ``version`` (``None``: never taken); ``None`` if not."""
+        fencing = (old["fencing_token"] if old is not None else 0) + 1
         token = secrets.token_hex(16)
         expires = now + round(ttl * 1_000_000)
         doc = {
@@ -215,14 +263,16 @@ class Locks:
             "expires_at": expires,
             "acquired_at": now,
         }
-        check = Absent(NS_LOCKS, name) if item is None else VersionIs(NS_LOCKS, name, item.version)
+        check = Absent(NS_LOCKS, name) if version is None else VersionIs(NS_LOCKS, name, version)
         ops: list[Any] = [Put(NS_LOCKS, name, doc)]
         if waited:
             ops.append(Delete(NS_WAITS, owner))
         try:
-            self.store.commit(self.tenant, [check], ops, {"layer": "locks", "owner": owner})
+            commit = self.store.commit(self.tenant, [check], ops, {"layer": "locks", "owner": owner})
         except Conflict:
+            self._forget(name)
             return None
+        self._remember(name, doc, commit.versions[(NS_LOCKS, name)])
         return Lease(name, owner, token, fencing, expires)
 
     def _forget_wait(self, owner: str, lock: str) -> None:
@@ -259,50 +309,81 @@ class Locks:
 
     # ------------------------------------------------------------ holding
 
-    def _held(self, lease: Lease | str, token: str | None) -> tuple[str, str, Item, int]:
+    @staticmethod
+    def _lease_ref(lease: Lease | str, token: str | None) -> tuple[str, str]:
         if isinstance(lease, Lease):
-            name, token = lease.name, lease.token
-        else:
-            name = check_key(lease, "name")
-            if type(token) is not str or not token:
-                raise InvalidArgument("token", "the lease token is required")
-        item = self.store.get(self.tenant, NS_LOCKS, name)
+            return lease.name, lease.token
+        name = check_key(lease, "name")
+        if type(token) is not str or not token:
+            raise InvalidArgument("token", "the lease token is required")
+        return name, token
+
+    def _held(self, name: str, token: str, cached: bool) -> tuple[dict[str, Any], int, int]:
+        """The lock's document and version if ``token`` holds it now (from this handle's memory when
+        ``cached``, else read), and the time; raises ``Conflict`` if it does not."""
         now = self.store.clock.now_us()
-        if item is None or not item.value["held"] or not secrets.compare_digest(item.value["token"] or "", token):
+        known = self._recall(name) if cached else None
+        if known is not None:
+            doc, version = known
+        else:
+            item = self.store.get(self.tenant, NS_LOCKS, name)
+            doc, version = ({}, 0) if item is None else (item.value, item.version)
+        if not doc.get("held") or not secrets.compare_digest(doc["token"] or "", token):
             raise Conflict(
                 f"lock {name}: the lease token is not current (released, or taken over after expiry)",
                 details={"reason": "stale_lease", "lock": name},
             )
-        if item.value["expires_at"] <= now:
+        if doc["expires_at"] <= now:
             raise Conflict(f"lock {name}: the lease expired", details={"reason": "lease_expired", "lock": name})
-        return name, token, item, now
+        return dict(doc), version, now
+
+    def _rewrite(self, name: str, token: str, change: Callable[[dict[str, Any], int], None]) -> dict[str, Any]:
+        """Apply ``change(doc, now)`` to the lock ``token`` holds, in one commit guarded by its version.
+
+        The version this handle wrote last is tried first, without a read; if the lock changed since
+        (or this handle never wrote it), it is read and the token checked against what is stored.
+        """
+        for cached in (True, False):
+            try:
+                doc, version, now = self._held(name, token, cached)
+            except Conflict:
+                if cached:
+                    continue
+                raise
+            change(doc, now)
+            try:
+                commit = self.store.commit(
+                    self.tenant, [VersionIs(NS_LOCKS, name, version)], [Put(NS_LOCKS, name, doc)], {"layer": "locks"}
+                )
+            except Conflict as exc:
+                self._forget(name)
+                if cached:
+                    continue
+                raise Conflict(f"lock {name}: changed concurrently", details={"reason": "stale_lease"}) from exc
+            self._remember(name, doc, commit.versions[(NS_LOCKS, name)])
+            return doc
+        raise AssertionError("unreachable")
 
     def release(self, lease: Lease | str, token: str | None = None) -> None:
         """Release a lease (a ``Lease``, or the lock name and its token). A token that is no longer
         current (released, expired, or the lock was taken over) raises ``Conflict``."""
-        name, _token, item, now = self._held(lease, token)
-        doc = dict(item.value)
-        doc.update(held=False, token=None, expires_at=now, released_at=now)
-        try:
-            self.store.commit(
-                self.tenant, [VersionIs(NS_LOCKS, name, item.version)], [Put(NS_LOCKS, name, doc)], {"layer": "locks"}
-            )
-        except Conflict as exc:
-            raise Conflict(f"lock {name}: changed concurrently", details={"reason": "stale_lease"}) from exc
+        name, tok = self._lease_ref(lease, token)
+
+        def change(doc: dict[str, Any], now: int) -> None:
+            doc.update(held=False, token=None, expires_at=now, released_at=now)
+
+        self._rewrite(name, tok, change)
 
     def extend(self, lease: Lease | str, ttl: float, token: str | None = None) -> Lease:
         """Extend a current lease to ``ttl`` seconds from now; returns it with the new expiry (same
         token and fencing token). A stale or expired lease raises ``Conflict``."""
         ttl = _seconds(ttl, "ttl", MAX_TTL_SECONDS, positive=True)
-        name, tok, item, now = self._held(lease, token)
-        doc = dict(item.value)
-        doc["expires_at"] = now + round(ttl * 1_000_000)
-        try:
-            self.store.commit(
-                self.tenant, [VersionIs(NS_LOCKS, name, item.version)], [Put(NS_LOCKS, name, doc)], {"layer": "locks"}
-            )
-        except Conflict as exc:
-            raise Conflict(f"lock {name}: changed concurrently", details={"reason": "stale_lease"}) from exc
+        name, tok = self._lease_ref(lease, token)
+
+        def change(doc: dict[str, Any], now: int) -> None:
+            doc["expires_at"] = now + round(ttl * 1_000_000)
+
+        doc = self._rewrite(name, tok, change)
         return Lease(name, doc["owner"], tok, doc["fencing_token"], doc["expires_at"])
 
     @contextmanager
