@@ -236,6 +236,70 @@ def test_group_commit_evaluates_each_commit_on_its_own(schema: str, opened: list
     assert (k.value, k.version, k.revision) == (3, 2, 3)
 
 
+class _Meddler(FakeClock):
+    """A clock that, read once by the store between its read and its write, lets another store commit first."""
+
+    __slots__ = ("meddle",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.meddle: list[Any] = []
+
+    def now_us(self) -> int:
+        while self.meddle:
+            self.meddle.pop()()
+        return super().now_us()
+
+
+@pytest.mark.parametrize("tenant_exists", [True, False])
+def test_a_commit_that_loses_a_race_after_its_read_is_evaluated_again(
+    schema: str, opened: list[PostgresStore], tenant_exists: bool
+) -> None:
+    """Another process commits between this commit's read and its write: nothing stale is written, the
+    checks are evaluated on the new state, and the feed stays gap-free."""
+    clock = _Meddler()
+    store = _open(opened, f"{ADMIN}?schema={schema}", clock=clock)
+    other = _open(opened, f"{ADMIN}?schema={schema}")
+    if tenant_exists:
+        store.commit(T, ops=[Put("ns", "k", "first")])
+        clock.meddle.append(lambda: other.commit(T, ops=[Put("ns", "k", "other")]))
+        with pytest.raises(Conflict) as exc:
+            store.commit(T, checks=[VersionIs("ns", "k", 1)], ops=[Put("ns", "k", "stale")])
+        assert exc.value.failures[0].found == 2
+        assert T in store._contended  # for a moment this tenant's commits take the lock first ...
+        store._contended.clear()  # ... (the meddling commit would wait for this thread's lock: end that now)
+        clock.meddle.append(lambda: other.commit(T, ops=[Put("ns", "j", "other")]))
+        done = store.commit(T, checks=[VersionIs("ns", "k", 2)], ops=[Incr("ns", "n")])
+        assert done.revision == 4
+        assert [c.revision for c in store.changes(T)] == [1, 2, 3, 4]
+    else:
+        clock.meddle.append(lambda: other.commit(T, ops=[Put("ns", "k", "other")]))
+        with pytest.raises(Conflict):
+            store.commit(T, checks=[Absent("ns", "k")], ops=[Put("ns", "k", "mine")])
+        assert [c.revision for c in store.changes(T)] == [1]
+    item = store.get(T, "ns", "k")
+    assert item is not None
+    assert item.value == "other"
+
+
+@pytest.mark.parametrize("locking", [False, True])
+def test_a_commit_of_a_new_tenant_and_of_a_known_one_on_either_path(
+    schema: str, opened: list[PostgresStore], locking: bool
+) -> None:
+    store = _open(opened, f"{ADMIN}?schema={schema}", clock=FakeClock())
+    if locking:
+        store._contended[T] = float("inf")  # as after a lost race: every commit takes the lock first
+    assert store.commit(T, ops=[Put("ns", "k", 1), Append("s", [NewEvent("a")])]).revision == 1
+    assert store.commit(T, checks=[VersionIs("ns", "k", 1), StreamAt("s", 1)], ops=[Incr("ns", "k")]).revision == 2
+    with pytest.raises(Conflict):
+        store.commit(T, checks=[VersionIs("ns", "k", 1)], ops=[Delete("ns", "k")])
+    assert store.commit(T, ops=[Delete("ns", "k"), Trim("s", 2)]).revision == 3
+    assert [c.revision for c in store.changes(T)] == [1, 2, 3]
+    assert store.get(T, "ns", "k") is None
+    assert store.read_stream(T, "s") == []
+    assert store.tenants() == [T]
+
+
 def test_a_group_with_only_failures_writes_nothing(schema: str, opened: list[PostgresStore]) -> None:
     store = _open(opened, f"{ADMIN}?schema={schema}", clock=FakeClock())
     results = _group(store, [([VersionIs("ns", "k", 1)], [Put("ns", "k", 1)]), ([], [Put("ns", "j", 1)])][:1])

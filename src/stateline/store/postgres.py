@@ -13,7 +13,15 @@ Why it is built this way:
   same code path as the other adapters, and no serialization failure can occur. Deadlocks and
   serialization failures (only possible with unusual server settings) roll back with nothing
   written and are retried a few times before ``Unavailable`` is raised.
-* Round trips. A commit is two pipelined round trips: (lock + read the touched rows), then
+* Round trips. A commit of one tenant first runs without holding the lock across round trips: one
+  statement reads the touched rows and the tenant's revision in one snapshot, the checks are
+  evaluated, and one more statement (a transaction of its own) takes the tenant's row lock by setting
+  revision N+1 only where the revision is still N, and writes the items, events and change record
+  only if it did. If another process committed in between, that statement writes nothing and the
+  commit is run again the locking way below (and so is every commit of that tenant for a moment, so
+  that contention does not waste a read per commit). The feed stays gap-free: N+1 is still only
+  assigned by a transaction that found N committed, and it holds the row lock until it commits.
+  The locking way is two pipelined round trips: (lock + read the touched rows), then
   (one statement with every write, the change record and the revision + COMMIT). Commits of one
   tenant that arrive together in one process are grouped into one transaction (group commit):
   each still gets its own revision, change record and check evaluation, a failing one does not
@@ -21,9 +29,10 @@ Why it is built this way:
   ``group_commit=all`` also groups different tenants (their rows are locked in sorted order, so
   groups cannot deadlock): fewer transactions on one server, but a transaction then spans tenants,
   so do not use it where tenants are sharded across servers.
-* Watch. Each commit sends ``pg_notify(<channel of the schema>, tenant)`` right after its COMMIT, in
-  the same pipeline but outside the transaction: NOTIFY inside a transaction takes a database-wide
-  lock held until the commit is flushed, which would serialise every tenant's commits. A listener
+* Watch. Each commit sends ``pg_notify(<channel of the schema>, tenant)`` right after its COMMIT (in
+  the same pipeline, or as the next statement), outside the transaction: NOTIFY inside a transaction
+  takes a database-wide lock held until the commit is flushed, which would serialise every tenant's
+  commits. A listener
   connection per store wakes the waiters; while it is down (and every few seconds anyway, in case
   a notification was lost with a connection) watchers poll.
 * Time comes only from the injected clock (passed as parameters, never ``now()`` in SQL). Values
@@ -101,6 +110,7 @@ _RETRIES = 3  # retries of a transaction rolled back by a deadlock / serializati
 _POLL_DOWN = 0.25  # watch poll interval while the listener is down
 _POLL_SAFETY = 2.0  # ... and while it is up, in case a notification was lost
 _LISTEN_PING = 5.0  # the listener proves its connection alive this often
+_CONTENDED_SECONDS = 1.0  # after an unlocked commit lost a race, the tenant's commits lock first this long
 
 # Migrations: MIGRATIONS[v] takes a schema from version v to v + 1. ``{s}`` is the quoted schema.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -259,6 +269,7 @@ class PostgresStore(Store):
         self._q = _Queries(s)
         self._queues: dict[str, _Queue] = {}
         self._queues_lock = threading.Lock()
+        self._contended: dict[str, float] = {}  # tenant -> until when its commits take the lock first
         self._cond = threading.Condition(threading.Lock())
         self._gens: dict[str, int] = {}
         self._listening = False
@@ -505,39 +516,58 @@ class PostgresStore(Store):
                     k = (tenant, op.namespace, op.key)
                     keys[k] = keys.get(k, False) or t is PreparedIncr
         tenants = sorted({slot.commit.tenant for slot in group})  # one lock order everywhere: no deadlock
+        if len(tenants) == 1 and self._contended.get(tenants[0], 0.0) <= time.monotonic():
+            done = self._try_unlocked(group, tenants[0], keys, streams)
+            if done is not None:
+                return done
 
         with self._connection() as conn:
             # Round trip 1: lock the tenants' revision rows, then read what the group touches.
+            rows: dict[str, dict[tuple[str, str], _Row]] = {t: {} for t in tenants}
+            seqs: dict[str, dict[str, int]] = {t: {} for t in tenants}
             try:
-                with conn.pipeline():
-                    conn.execute("BEGIN")
-                    if len(tenants) == 1:
-                        cur_rev = conn.execute(q.lock_tenant, (tenants[0],), binary=True)
-                    else:
+                if len(tenants) == 1:
+                    # one tenant (always so unless group_commit=all): the tenant is a scalar, and items
+                    # and streams are read by one statement
+                    tenant = tenants[0]
+                    cur_items = None
+                    with conn.pipeline():
+                        conn.execute("BEGIN")
+                        cur_rev = conn.execute(q.lock_tenant, (tenant,), binary=True)
+                        if keys or streams:
+                            cur_items = conn.execute(
+                                q.read_one,
+                                _read_one_params(tenant, keys, streams),
+                                binary=True,
+                            )
+                    bases = {t: int(r) for t, r in cur_rev.fetchall()}
+                    if cur_items is not None:
+                        _read_one_rows(cur_items.fetchall(), rows[tenant], seqs[tenant])
+                else:
+                    with conn.pipeline():
+                        conn.execute("BEGIN")
                         cur_rev = conn.execute(q.lock_tenants, (tenants,), binary=True)
-                    cur_items = cur_streams = None
-                    if keys:
-                        ks = list(keys)
-                        cur_items = conn.execute(
-                            q.read_items,
-                            ([k[0] for k in ks], [k[1] for k in ks], [k[2] for k in ks], list(keys.values())),
-                            binary=True,
-                        )
-                    if streams:
-                        ss = list(streams)
-                        cur_streams = conn.execute(
-                            q.read_streams, ([x[0] for x in ss], [x[1] for x in ss]), binary=True
-                        )
-                bases = {t: int(r) for t, r in cur_rev.fetchall()}
+                        cur_items = cur_streams = None
+                        if keys:
+                            ks = list(keys)
+                            cur_items = conn.execute(
+                                q.read_items,
+                                ([k[0] for k in ks], [k[1] for k in ks], [k[2] for k in ks], list(keys.values())),
+                                binary=True,
+                            )
+                        if streams:
+                            ss = list(streams)
+                            cur_streams = conn.execute(
+                                q.read_streams, ([x[0] for x in ss], [x[1] for x in ss]), binary=True
+                            )
+                    bases = {t: int(r) for t, r in cur_rev.fetchall()}
+                    if cur_items is not None:
+                        for tenant, ns, key, value, version, created, expires in cur_items.fetchall():
+                            rows[tenant][(ns, key)] = _Row(value, version, created, expires)
+                    if cur_streams is not None:
+                        for tenant, name, last in cur_streams.fetchall():
+                            seqs[tenant][name] = last
                 assert len(bases) == len(tenants)
-                rows: dict[str, dict[tuple[str, str], _Row]] = {t: {} for t in tenants}
-                if cur_items is not None:
-                    for tenant, ns, key, value, version, created, expires in cur_items.fetchall():
-                        rows[tenant][(ns, key)] = _Row(value, version, created, expires)
-                seqs: dict[str, dict[str, int]] = {t: {} for t in tenants}
-                if cur_streams is not None:
-                    for tenant, name, last in cur_streams.fetchall():
-                        seqs[tenant][name] = last
             except psycopg.Error as exc:
                 self._abort(conn)
                 if isinstance(exc, psycopg.errors.TransactionRollback) or _is_connection_error(exc, conn):
@@ -561,7 +591,11 @@ class PostgresStore(Store):
             committing = False
             try:
                 with conn.pipeline():
-                    conn.execute(q.write, _write_params(active, idle))
+                    if len(tenants) == 1:
+                        statement, params = _write_one(q, active[0])
+                        conn.execute(statement, params)
+                    else:
+                        conn.execute(q.write, _write_params(active, idle))
                     committing = True
                     conn.execute("COMMIT")
                     if len(active) == 1:
@@ -580,6 +614,52 @@ class PostgresStore(Store):
                         f"postgresql: connection lost while committing; the commit may or may not have applied ({exc})"
                     ) from None
                 raise _translate(exc) from None
+        return results
+
+    def _try_unlocked(
+        self, group: list[_Slot], tenant: str, keys: dict[tuple[str, str, str], bool], streams: set[tuple[str, str]]
+    ) -> list[Commit | StatelineError] | None:
+        """Run a one-tenant group as two single statements, without holding a lock in between.
+
+        The first reads the touched rows and the tenant's revision in one snapshot; the second (its own
+        transaction) sets the next revision only if the revision is still the one read, and writes
+        nothing otherwise: then another process committed meanwhile, and ``None`` sends the group to
+        the locking path (which this tenant then takes for a moment, so that contention does not cost
+        every commit a wasted read).
+        """
+        q = self._q
+        with self._connection() as conn:
+            try:
+                found = conn.execute(q.read_one, _read_one_params(tenant, keys, streams), binary=True).fetchall()
+            except psycopg.Error as exc:
+                if isinstance(exc, psycopg.errors.TransactionRollback) or _is_connection_error(exc, conn):
+                    raise _Retry(exc) from None
+                raise _translate(exc) from None
+            rows: dict[tuple[str, str], _Row] = {}
+            seqs: dict[str, int] = {}
+            base = _read_one_rows(found, rows, seqs)
+            plan = _Plan(tenant, base, self.clock.now_us())
+            results = [self._apply(slot.commit, plan, rows, seqs) for slot in group]
+            if not plan.changes:
+                return results
+            statement, params = _write_one(q, plan, guarded=True)
+            try:
+                row = conn.execute(statement, params).fetchone()
+            except psycopg.Error as exc:
+                if isinstance(exc, psycopg.errors.TransactionRollback):
+                    raise _Retry(exc) from None
+                if _is_connection_error(exc, conn):
+                    raise Unavailable(
+                        f"postgresql: connection lost while committing; the commit may or may not have applied ({exc})"
+                    ) from None
+                raise _translate(exc) from None
+            if row is None or not row[0]:
+                if len(self._contended) > 1000:
+                    self._contended.clear()
+                self._contended[tenant] = time.monotonic() + _CONTENDED_SECONDS
+                return None
+            with contextlib.suppress(psycopg.Error):  # the commit stands; if this fails, watchers poll
+                conn.execute("SELECT pg_notify(%s, %s)", (self._channel, tenant))
         return results
 
     @staticmethod
@@ -897,6 +977,76 @@ def _write_params(plans: list[_Plan], idle: list[str]) -> dict[str, Any]:
     return params
 
 
+def _read_one_params(
+    tenant: str, keys: dict[tuple[str, str, str], bool], streams: set[tuple[str, str]]
+) -> tuple[Any, ...]:
+    ks = list(keys)
+    return (
+        [k[1] for k in ks],
+        [k[2] for k in ks],
+        list(keys.values()),
+        tenant,
+        [x[1] for x in streams],
+        tenant,
+        tenant,
+    )
+
+
+def _read_one_rows(found: list[tuple[Any, ...]], rows: dict[tuple[str, str], _Row], seqs: dict[str, int]) -> int:
+    """Sort the rows of ``_Queries.read_one`` into ``rows`` and ``seqs``; returns the tenant's revision."""
+    revision = 0
+    for ns, key, value, version, created, expires in found:
+        if key is not None:
+            rows[(ns, key)] = _Row(value, version, created, expires)
+        elif ns is not None:
+            seqs[ns] = version
+        else:
+            revision = version
+    return revision
+
+
+def _write_one(q: _Queries, plan: _Plan, *, guarded: bool = False) -> tuple[str, dict[str, Any]]:
+    """The statement and parameters that write one tenant's plan: only the parts it needs, the tenant a scalar.
+
+    ``guarded``: the statement is a transaction of its own that writes only if the tenant's revision is
+    still ``plan.base_revision``, and returns whether it wrote.
+    """
+    p: dict[str, Any] = {"t": plan.tenant, "now": plan.now, "rv": plan.base_revision + len(plan.changes)}
+    if guarded:
+        p["base"] = plan.base_revision
+    dels = [k for k, v in plan.items.items() if v is None]
+    puts = [(k, v) for k, v in plan.items.items() if v is not None]
+    if dels:
+        p["del_ns"] = [k[0] for k in dels]
+        p["del_key"] = [k[1] for k in dels]
+    if puts:
+        p["ns"] = [k[0] for k, _ in puts]
+        p["key"] = [k[1] for k, _ in puts]
+        p["value"] = [v[0] for _, v in puts]
+        p["version"] = [v[1] for _, v in puts]
+        p["rev"] = [v[2] for _, v in puts]
+        p["created"] = [v[3] for _, v in puts]
+        p["expires"] = [v[4] for _, v in puts]
+    events = plan.events
+    if events:
+        p["ev_stream"] = [e[0] for e in events]
+        p["ev_seq"] = [e[1] for e in events]
+        p["ev_type"] = [e[2] for e in events]
+        p["ev_data"] = [e[3] for e in events]
+        p["ev_meta"] = [e[4] for e in events]
+        p["ev_rev"] = [e[5] for e in events]
+    if plan.last_seqs:
+        p["st_stream"] = list(plan.last_seqs)
+        p["st_last"] = list(plan.last_seqs.values())
+    if plan.trims:
+        p["tr_stream"] = list(plan.trims)
+        p["tr_cut"] = list(plan.trims.values())
+    p["ch_rev"] = [c[0] for c in plan.changes]
+    p["ch_body"] = [c[1] for c in plan.changes]
+    guard = ("new" if plan.base_revision == 0 else "next") if guarded else ""
+    return q.write_one(guard, bool(dels), bool(puts), bool(events), bool(plan.last_seqs), bool(plan.trims)), p
+
+
 _WRITE_ARRAYS = (
     "del_t", "del_ns", "del_key",
     "t", "ns", "key", "value", "version", "rev", "created", "expires",
@@ -1035,6 +1185,7 @@ class _Queries:
     """Every statement, with the schema filled in once."""
 
     def __init__(self, s: str) -> None:
+        self.s = s
         live = "(i.expires_at IS NULL OR i.expires_at > %s)"
         cols = "i.ns, i.key, i.value, i.version, i.revision, i.created_at, i.updated_at, i.expires_at"
         self.lock_tenant = (
@@ -1054,6 +1205,17 @@ class _Queries:
         self.read_streams = (
             f"SELECT st.tenant, st.stream, st.last_seq FROM unnest(%s::text[], %s::text[]) AS k(tenant, stream) "
             f'JOIN {s}.streams st ON st.tenant = k.tenant COLLATE "C" AND st.stream = k.stream COLLATE "C"'
+        )
+        # one tenant's items (key not null), streams (key null; ns: the stream, version: its last seq) and
+        # revision (ns and key null; version: the revision), all in one snapshot
+        self.read_one = (
+            "SELECT i.ns, i.key, CASE WHEN k.want THEN i.value END, i.version, i.created_at, i.expires_at "
+            f"FROM {s}.items i JOIN unnest(%s::text[], %s::text[], %s::bool[]) AS k(ns, key, want) "
+            'ON i.tenant = %s AND i.ns = k.ns COLLATE "C" AND i.key = k.key COLLATE "C" '
+            "UNION ALL SELECT st.stream, NULL, NULL, st.last_seq, NULL, NULL "
+            f"FROM {s}.streams st JOIN unnest(%s::text[]) AS k(stream) "
+            'ON st.tenant = %s AND st.stream = k.stream COLLATE "C" '
+            f"UNION ALL SELECT NULL, NULL, NULL, t.revision, NULL, NULL FROM {s}.tenants t WHERE t.tenant = %s"
         )
         self.notify_many = "SELECT pg_notify(%s, u) FROM unnest(%s::text[]) AS u"
         # every write of a group in one statement: data-modifying CTEs all run, on disjoint rows (the
@@ -1092,6 +1254,7 @@ class _Queries:
             "FROM unnest(%(rv_t)s::text[], %(rv)s::bigint[]) AS v(tenant, rev) "
             'WHERE t.tenant = v.tenant COLLATE "C"'
         )
+        self._write_one: dict[tuple[str | bool, ...], str] = {}
         self.get = f"SELECT {cols} FROM {s}.items i WHERE i.tenant = %s AND i.ns = %s AND i.key = %s AND {live}"
         self.get_many = (
             f"SELECT {cols} FROM unnest(%s::text[], %s::text[]) AS k(ns, key) "
@@ -1133,3 +1296,79 @@ class _Queries:
             "WHERE expires_at <= %s LIMIT %s FOR UPDATE SKIP LOCKED) d "
             "WHERE i.tenant = d.tenant AND i.ns = d.ns AND i.key = d.key AND i.expires_at <= %s RETURNING 1"
         )
+
+    def write_one(self, guard: str, dels: bool, puts: bool, events: bool, streams: bool, trims: bool) -> str:
+        """The write of one tenant's plan with the parts it needs (like ``write``, the tenant a scalar).
+
+        ``guard``: empty (the caller holds the tenant's lock), ``next`` or ``new``: the statement takes the
+        lock itself and writes only if the revision is still ``%(base)s`` (``new``: 0, perhaps no row yet);
+        it then returns one row, true if it wrote. Every write waits for the guard (it reads its result).
+        """
+        shape = (guard, dels, puts, events, streams, trims)
+        statement = self._write_one.get(shape)
+        if statement is not None:
+            return statement
+        s = self.s
+        parts = []
+        if guard == "next":
+            parts.append(
+                f"rv AS (UPDATE {s}.tenants SET revision = %(rv)s::bigint "
+                "WHERE tenant = %(t)s::text AND revision = %(base)s::bigint RETURNING 1)"
+            )
+        elif guard == "new":
+            parts.append(
+                f"rv AS (INSERT INTO {s}.tenants AS x (tenant, revision) VALUES (%(t)s::text, %(rv)s::bigint) "
+                "ON CONFLICT (tenant) DO UPDATE SET revision = excluded.revision WHERE x.revision = 0 RETURNING 1)"
+            )
+        only = " AND EXISTS (SELECT FROM rv)" if guard else ""
+        where = " WHERE EXISTS (SELECT FROM rv)" if guard else ""
+        if dels:
+            parts.append(
+                f"del AS (DELETE FROM {s}.items i USING unnest(%(del_ns)s::text[], %(del_key)s::text[]) AS k(ns, key) "
+                f'WHERE i.tenant = %(t)s::text AND i.ns = k.ns COLLATE "C" AND i.key = k.key COLLATE "C"{only})'
+            )
+        if puts:
+            parts.append(
+                f"put AS (INSERT INTO {s}.items "
+                "(tenant, ns, key, value, version, revision, created_at, updated_at, expires_at) "
+                "SELECT %(t)s::text, k.ns, k.key, k.value, k.version, k.revision, k.created_at, %(now)s::bigint, "
+                "k.expires_at FROM unnest(%(ns)s::text[], %(key)s::text[], %(value)s::bytea[], "
+                "%(version)s::bigint[], %(rev)s::bigint[], %(created)s::bigint[], %(expires)s::bigint[]) "
+                f"AS k(ns, key, value, version, revision, created_at, expires_at){where} "
+                "ON CONFLICT (tenant, ns, key) DO UPDATE SET value = excluded.value, version = excluded.version, "
+                "revision = excluded.revision, created_at = excluded.created_at, updated_at = excluded.updated_at, "
+                "expires_at = excluded.expires_at)"
+            )
+        if events:
+            parts.append(
+                f"ev AS (INSERT INTO {s}.events (tenant, stream, seq, type, data, meta, revision, recorded_at) "
+                "SELECT %(t)s::text, e.stream, e.seq, e.type, e.data, e.meta, e.revision, %(now)s::bigint "
+                "FROM unnest(%(ev_stream)s::text[], %(ev_seq)s::bigint[], %(ev_type)s::text[], "
+                "%(ev_data)s::bytea[], %(ev_meta)s::bytea[], %(ev_rev)s::bigint[]) "
+                f"AS e(stream, seq, type, data, meta, revision){where})"
+            )
+        if streams:
+            parts.append(
+                f"st AS (INSERT INTO {s}.streams (tenant, stream, last_seq) "
+                "SELECT %(t)s::text, k.stream, k.last_seq "
+                f"FROM unnest(%(st_stream)s::text[], %(st_last)s::bigint[]) AS k(stream, last_seq){where} "
+                "ON CONFLICT (tenant, stream) DO UPDATE SET last_seq = excluded.last_seq)"
+            )
+        if trims:
+            parts.append(
+                f"tr AS (DELETE FROM {s}.events e USING unnest(%(tr_stream)s::text[], %(tr_cut)s::bigint[]) "
+                'AS k(stream, cut) WHERE e.tenant = %(t)s::text AND e.stream = k.stream COLLATE "C" '
+                f"AND e.seq < k.cut{only})"
+            )
+        parts.append(
+            f"ch AS (INSERT INTO {s}.changes (tenant, revision, body) SELECT %(t)s::text, c.revision, c.body "
+            f"FROM unnest(%(ch_rev)s::bigint[], %(ch_body)s::bytea[]) AS c(revision, body){where})"
+        )
+        if guard:
+            statement = f"WITH {', '.join(parts)} SELECT count(*) > 0 FROM rv"
+        else:
+            statement = (
+                f"WITH {', '.join(parts)} UPDATE {s}.tenants SET revision = %(rv)s::bigint WHERE tenant = %(t)s::text"
+            )
+        self._write_one[shape] = statement
+        return statement
