@@ -235,6 +235,21 @@ def test_ttl_expiry_is_immediate_for_every_read(store: Store, clock: FakeClock) 
     assert (again.version, again.expires_at) == (1, None)
 
 
+def test_several_checks_in_one_commit_see_expiry_and_repeats(store: Store, clock: FakeClock) -> None:
+    store.commit(T, ops=[Put("ns", "a", 1, ttl=1), Put("ns", "b", 1), Put("other", "a", 1)])
+    clock.advance(1)  # ns/a has expired: it counts as absent for every check
+    store.commit(T, checks=[Absent("ns", "a"), VersionIs("ns", "b", 1), Exists("other", "a")], ops=[Put("ns", "c", 1)])
+    with pytest.raises(Conflict) as exc:
+        store.commit(
+            T,
+            checks=[Exists("ns", "a"), VersionIs("ns", "b", 1), VersionIs("ns", "a", 1), Absent("other", "a")],
+            ops=[Put("ns", "c", 2)],
+        )
+    found = [(type(f.check).__name__, f.check.namespace, f.found) for f in exc.value.failures]  # type: ignore[union-attr]
+    assert found == [("Exists", "ns", None), ("VersionIs", "ns", None), ("Absent", "other", 1)]
+    assert store.get(T, "ns", "c").version == 1  # type: ignore[union-attr]
+
+
 def test_sweep_removes_expired_items(store: Store, clock: FakeClock) -> None:
     store.commit(T, ops=[Put("ns", f"k{i}", i, ttl=1) for i in range(5)] + [Put("ns", "stay", 1)])
     assert store.sweep() == 0
@@ -620,26 +635,28 @@ def test_model_based_random_commits(backend: Backend) -> None:
                           st.sampled_from([None, 1, 5])),
                 min_size=1, max_size=4,
             ),
-            check=st.sampled_from(["none", "version", "absent", "exists", "stream"]),
-            check_key=KEYS,
+            wanted=st.lists(
+                st.tuples(st.sampled_from(["version", "absent", "exists", "stream"]), KEYS), max_size=3
+            ),
         )  # fmt: skip
-        def commit(self, tenant: str, writes: list[Any], check: str, check_key: str) -> None:
+        def commit(self, tenant: str, writes: list[Any], wanted: list[tuple[str, str]]) -> None:
             tn = self.tenants[tenant]
             checks: list[Any] = []
             ok = True
-            rec = self._live(tn, "n1", check_key)
-            if check == "version":
-                version = rec[1] if rec is not None else 1
-                checks.append(VersionIs("n1", check_key, version))
-                ok = rec is not None
-            elif check == "absent":
-                checks.append(Absent("n1", check_key))
-                ok = rec is None
-            elif check == "exists":
-                checks.append(Exists("n1", check_key))
-                ok = rec is not None
-            elif check == "stream":
-                checks.append(StreamAt("s", len(self.streams.get((tn, "s"), []))))
+            for check, check_key in wanted:  # several checks, which the adapters may read together
+                rec = self._live(tn, "n1", check_key)
+                if check == "version":
+                    version = rec[1] if rec is not None else 1
+                    checks.append(VersionIs("n1", check_key, version))
+                    ok = ok and rec is not None
+                elif check == "absent":
+                    checks.append(Absent("n1", check_key))
+                    ok = ok and rec is None
+                elif check == "exists":
+                    checks.append(Exists("n1", check_key))
+                    ok = ok and rec is not None
+                else:
+                    checks.append(StreamAt("s", len(self.streams.get((tn, "s"), []))))
             ops: list[Any] = []
             staged = dict(self.items)
             new_events: list[str] = []

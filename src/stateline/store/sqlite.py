@@ -23,6 +23,7 @@ A process forked after opening a store gets fresh connections of its own on firs
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 import threading
@@ -51,6 +52,7 @@ from stateline.store.protocol import (
 from stateline.types import (
     Absent,
     Change,
+    Check,
     CheckFailure,
     Commit,
     Event,
@@ -215,6 +217,22 @@ def _translate(exc: sqlite3.Error) -> StatelineError:
     if isinstance(exc, sqlite3.ProgrammingError) and "closed" in msg:
         return Unavailable("the store is closed")
     return Unavailable(f"sqlite: {msg}" + (f" ({name})" if name else ""))
+
+
+@functools.lru_cache(maxsize=64)
+def _sql_live_versions(n: int) -> str:
+    # one primary-key lookup per pair (SQLite plans the ORs as a multi-index OR)
+    pairs = " OR ".join(f"(ns = ?{3 + 2 * i} AND key = ?{4 + 2 * i})" for i in range(n))
+    live = "(expires_at IS NULL OR expires_at > ?2)"
+    return f"SELECT ns, key, version FROM sl_items WHERE tenant = ?1 AND ({pairs}) AND {live}"
+
+
+def _live_versions(cur: sqlite3.Cursor, tenant: str, checks: Sequence[Check], now: int) -> dict[tuple[str, str], int]:
+    """The live versions of the keys several item checks name, read by one statement."""
+    params: list[Any] = [tenant, now]
+    for ch in checks:
+        params += (ch.namespace, ch.key)  # type: ignore[union-attr]
+    return {(ns, key): v for ns, key, v in cur.execute(_sql_live_versions(len(checks)), params)}
 
 
 class _RolledBack(Exception):
@@ -680,6 +698,8 @@ class SQLiteStore(Store):
         heads: dict[str, int] = {}  # stream heads the checks read: an append to them needs no second read
         if c.checks:
             failures: list[CheckFailure] = []
+            item_checks = [ch for ch in c.checks if type(ch) is not StreamAt]
+            found_versions = _live_versions(cur, tenant, item_checks, now) if len(item_checks) > 1 else None
             for check in c.checks:
                 if type(check) is StreamAt:
                     row = cur.execute(_SQL_STREAM_SEQ, (tenant, check.stream)).fetchone()
@@ -688,8 +708,11 @@ class SQLiteStore(Store):
                         failures.append(CheckFailure(check, seq))
                     continue
                 assert isinstance(check, VersionIs | Absent | Exists)
-                row = cur.execute(_SQL_LIVE_VERSION, (tenant, check.namespace, check.key, now)).fetchone()
-                found = None if row is None else row[0]
+                if found_versions is not None:
+                    found = found_versions.get((check.namespace, check.key))
+                else:
+                    row = cur.execute(_SQL_LIVE_VERSION, (tenant, check.namespace, check.key, now)).fetchone()
+                    found = None if row is None else row[0]
                 t = type(check)
                 if (
                     (t is VersionIs and found != check.version)  # type: ignore[union-attr]
