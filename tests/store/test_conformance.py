@@ -250,6 +250,24 @@ def test_several_checks_in_one_commit_see_expiry_and_repeats(store: Store, clock
     assert store.get(T, "ns", "c").version == 1  # type: ignore[union-attr]
 
 
+def test_several_puts_in_one_commit_version_each_key(store: Store, clock: FakeClock) -> None:
+    first = store.commit(T, ops=[Put("ns", "a", 1, ttl=1), Put("ns", "b", 1), Put("ns", "d", 1)])
+    clock.advance(1)  # ns/a has expired: writing it again starts it over
+    c = store.commit(T, ops=[Put("ns", "a", 2), Put("ns", "b", 2, ttl=5), Delete("ns", "d"), Put("ns", "c", 2)])
+    assert c.versions == {("ns", "a"): 1, ("ns", "b"): 2, ("ns", "c"): 1, ("ns", "d"): 0}
+    a, b, cc = store.get_many(T, [("ns", "a"), ("ns", "b"), ("ns", "c")])
+    assert a is not None
+    assert b is not None
+    assert cc is not None
+    assert (a.version, a.created_at, a.expires_at) == (1, c.committed_at, None)
+    assert (b.version, b.created_at, b.expires_at) == (2, first.committed_at, c.committed_at + 5_000_000)
+    assert (cc.value, cc.revision, b.revision, b.updated_at) == (2, c.revision, c.revision, c.committed_at)
+    assert store.get(T, "ns", "d") is None
+    ops = store.changes(T, after_revision=first.revision)[0].ops
+    expected = [("put", "a", 1), ("put", "b", 2), ("delete", "d", 1), ("put", "c", 1)]
+    assert [(o.op, o.key, o.version) for o in ops] == expected
+
+
 def test_sweep_removes_expired_items(store: Store, clock: FakeClock) -> None:
     store.commit(T, ops=[Put("ns", f"k{i}", i, ttl=1) for i in range(5)] + [Put("ns", "stay", 1)])
     assert store.sweep() == 0

@@ -235,6 +235,42 @@ def _live_versions(cur: sqlite3.Cursor, tenant: str, checks: Sequence[Check], no
     return {(ns, key): v for ns, key, v in cur.execute(_sql_live_versions(len(checks)), params)}
 
 
+_PUTS_TOGETHER = 256  # 4 parameters a row: far below any SQLite build's limit on parameters
+
+
+@functools.lru_cache(maxsize=64)
+def _sql_put_many(n: int) -> str:
+    # SQL_PUT for n rows: ?1 tenant ?2 revision ?3 now, then ns, key, value, expires_at per row
+    rows = ", ".join(f"(?1, ?{4 + 4 * i}, ?{5 + 4 * i}, ?{6 + 4 * i}, 1, ?2, ?3, ?3, ?{7 + 4 * i})" for i in range(n))
+    expired = "sl_items.expires_at IS NOT NULL AND sl_items.expires_at <= ?3"
+    return (
+        "INSERT INTO sl_items (tenant, ns, key, value, version, revision, created_at, updated_at, expires_at) "
+        f"VALUES {rows} ON CONFLICT (tenant, ns, key) DO UPDATE SET "
+        f"version = CASE WHEN {expired} THEN 1 ELSE sl_items.version + 1 END, "
+        f"created_at = CASE WHEN {expired} THEN ?3 ELSE sl_items.created_at END, "
+        "value = excluded.value, revision = ?2, updated_at = ?3, expires_at = excluded.expires_at "
+        "RETURNING ns, key, version"
+    )
+
+
+def _put_together(
+    cur: sqlite3.Cursor, c: PreparedCommit, tenant: str, now: int, revision: int
+) -> dict[tuple[str, str], int] | None:
+    """Write every put of ``c`` with one statement when it has several and no key is written twice
+    (then the order of its writes cannot matter); return their versions, or None to write op by op."""
+    puts = [op for op in c.ops if type(op) is PreparedPut]
+    if not 2 <= len(puts) <= _PUTS_TOGETHER:
+        return None
+    written = [(op.namespace, op.key) for op in c.ops if type(op) in (PreparedPut, PreparedDelete, PreparedIncr)]  # type: ignore[union-attr]
+    if len(set(written)) != len(written):
+        return None
+    params: list[Any] = [tenant, revision, now]
+    for op in puts:
+        assert isinstance(op, PreparedPut)
+        params += (op.namespace, op.key, op.value, None if op.ttl_us is None else now + op.ttl_us)
+    return {(ns, key): v for ns, key, v in cur.execute(_sql_put_many(len(puts)), params)}
+
+
 class _RolledBack(Exception):
     """A commit of a batch failed inside its savepoint and was rolled back alone."""
 
@@ -762,14 +798,18 @@ class SQLiteStore(Store):
         counters: dict[tuple[str, str], int] = {}
         last_seqs: dict[str, int] = {}
         trims: dict[str, int] | None = None
+        put_versions = _put_together(cur, c, tenant, now, revision)
         for op in c.ops:
             t = type(op)
             if t is PreparedPut:
                 assert isinstance(op, PreparedPut)
                 exp = None if op.ttl_us is None else now + op.ttl_us
-                version: int = cur.execute(
-                    SQL_PUT, (tenant, op.namespace, op.key, op.value, revision, now, exp)
-                ).fetchone()[0]
+                if put_versions is not None:
+                    version: int = put_versions[(op.namespace, op.key)]
+                else:
+                    version = cur.execute(
+                        SQL_PUT, (tenant, op.namespace, op.key, op.value, revision, now, exp)
+                    ).fetchone()[0]
                 versions[(op.namespace, op.key)] = version
                 recorder.put(op.namespace, op.key, version, op.value, exp)
             elif t is PreparedDelete:
