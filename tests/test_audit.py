@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -13,8 +14,10 @@ import psycopg
 import pytest
 import redis
 
+import stateline
 from stateline import Append, FakeClock, InvalidArgument, NewEvent, Store, Tenant, Trim
-from stateline.audit import _FIELDS, GENESIS, STREAM, AuditLog, _hash
+from stateline.audit import _FIELDS, GENESIS, MAX_MANY, STREAM, AuditLog, _hash
+from stateline.errors import PayloadTooLarge, Unavailable
 from tests.conftest import Backend
 
 DAY = 86400.0
@@ -178,6 +181,103 @@ def test_concurrent_writers_keep_one_linear_chain(backend: Backend, tenant: Tena
     v = tenant.audit.verify()
     assert v.ok, v
     assert v.checked == tenant.audit.count() == 6 * per_thread
+
+
+class _WithCommit:
+    """A store whose commits (``commit_prepared``, what the audit log uses) are replaced."""
+
+    def __init__(self, store: Store, commit: Callable[..., Any]) -> None:
+        self._inner = store
+        self.commit_prepared = commit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def test_log_many_appends_in_order_in_one_commit(tenant: Tenant, clock: FakeClock) -> None:
+    first = tenant.audit.log("ann", "doc.put", "doc", "a")
+    before = tenant.revision()
+    entries = tenant.audit.log_many(
+        [
+            {"user": "bob", "action": "doc.put", "resource_type": "doc", "resource_id": "b", "ip": "10.0.0.1"},
+            {"user": "cid", "action": "doc.delete", "resource_type": "doc", "details": {"n": 1}, "trace_id": "t"},
+        ]
+    )
+    assert tenant.revision() == before + 1  # one commit for both
+    assert [(e.seq, e.user, e.resource_id) for e in entries] == [(2, "bob", "b"), (3, "cid", None)]
+    assert (entries[0].prev, entries[1].prev) == (first.hash, entries[0].hash)
+    assert [tenant.audit.get(e.seq) for e in entries] == entries
+    assert tenant.audit.log_many([]) == []
+    assert tenant.audit.verify().ok
+
+
+def test_log_many_refuses_any_bad_entry_and_writes_nothing(tenant: Tenant) -> None:
+    a = tenant.audit
+    before = tenant.revision()
+    good = {"user": "u", "action": "x", "resource_type": "doc"}
+    for entries, field in [
+        ([good, {**good, "ip": "nope"}], "entries[1].ip"),
+        ([{**good, "user": ""}], "entries[0].user"),
+        ([good, {**good, "colour": "red"}], "entries[1]"),
+        ([good, ["u", "x"]], "entries[1]"),
+        ("entries", "entries"),
+        ([good] * (MAX_MANY + 1), "entries"),
+    ]:
+        with pytest.raises(InvalidArgument) as e:
+            a.log_many(entries)  # type: ignore[arg-type]
+        assert e.value.field == field
+    assert tenant.revision() == before
+
+
+def test_concurrent_logs_share_commits_and_keep_the_chain(tenant: Tenant) -> None:
+    # One AuditLog used by many threads (as the HTTP service does): while one commit is under way the
+    # others queue, and the next leader appends them all in one commit (group commit).
+    audit = AuditLog(tenant.store, "acme")
+    store = tenant.store
+    commits = []
+    real_commit = store.commit_prepared
+
+    def slow_commit(*args: Any, **kwargs: Any) -> Any:
+        commits.append(1)
+        time.sleep(0.005)
+        return real_commit(*args, **kwargs)
+
+    audit._store = _WithCommit(store, slow_commit)  # type: ignore[assignment]
+    barrier = threading.Barrier(8)
+    results: list[int] = []
+
+    def write(i: int) -> None:
+        barrier.wait()
+        results.extend(audit.log(f"w{i}", "op", "thing", str(j)).seq for j in range(10))
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == list(range(1, 81))  # every call got its own entry back
+    assert len(commits) < 80  # several entries went in one commit
+    v = tenant.audit.verify()
+    assert v.ok, v
+    assert v.checked == 80
+
+
+def test_a_failed_group_commit_fails_every_caller_in_it_and_writes_nothing(tenant: Tenant) -> None:
+    audit = AuditLog(tenant.store, "acme")
+    audit.log("u", "first", "doc")
+    store = tenant.store
+
+    def broken_commit(*args: Any, **kwargs: Any) -> Any:
+        raise Unavailable("the store is down")
+
+    audit._store = _WithCommit(store, broken_commit)  # type: ignore[assignment]
+    with pytest.raises(Unavailable):
+        audit.log_many([{"user": "u", "action": "a", "resource_type": "doc"}] * 3)
+    with pytest.raises(Unavailable):
+        audit.log("u", "b", "doc")
+    audit._store = store
+    assert audit.log("u", "after", "doc").seq == 2  # nothing of the failed calls was written
+    assert tenant.audit.verify().ok
 
 
 # ---------------------------------------------------------------- queries
@@ -358,3 +458,14 @@ def test_verify_finds_a_forged_append(tenant: Tenant, clock: FakeClock) -> None:
     v = a.verify()
     assert not v.ok
     assert v.first_bad_seq == 5
+
+
+def test_an_entry_too_large_to_store_is_refused_alone() -> None:
+    with stateline.open("memory://", max_value_bytes=1000) as db:
+        audit = db.tenant("acme").audit
+        with pytest.raises(PayloadTooLarge) as e:
+            audit.log("u", "x", "doc", "r" * 900, {"n": "y" * 300})
+        assert e.value.details["field"] == "entry"
+        assert db.tenant("acme").revision() == 0
+        assert audit.log("u", "x", "doc", "r").seq == 1
+        assert audit.verify().ok

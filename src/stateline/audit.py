@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import math
 import threading
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import orjson
 
 from stateline import codec
-from stateline.errors import Conflict, InvalidArgument, Unavailable
-from stateline.store.protocol import Store
-from stateline.types import Absent, Append, Event, NewEvent, Put, StreamAt, Trim, VersionIs, check_tenant
+from stateline.errors import Conflict, InvalidArgument, PayloadTooLarge, Unavailable
+from stateline.store.protocol import PreparedAppend, PreparedCommit, PreparedEvent, PreparedPut, Store
+from stateline.types import Absent, Event, Put, StreamAt, Trim, VersionIs, check_tenant
 
-__all__ = ["GENESIS", "AuditEntry", "AuditLog", "AuditPage", "AuditVerification"]
+__all__ = ["GENESIS", "MAX_BATCH", "MAX_MANY", "AuditEntry", "AuditLog", "AuditPage", "AuditVerification"]
 
 STREAM = "audit:log"
 NAMESPACE = "audit"
@@ -24,6 +26,12 @@ EVENT_TYPE = "audit.entry"
 GENESIS = "0" * 64
 _PAGE = 500
 _MAX_LIMIT = 1000
+#: group commit merges the entries of waiting callers into one commit up to this many entries (a
+#: single ``log_many`` call is never split)
+MAX_BATCH = 256
+#: the most entries one ``log_many`` call takes
+MAX_MANY = 1000
+_ARGS = frozenset({"user", "action", "resource_type", "resource_id", "details", "ip", "trace_id"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +95,47 @@ def _text(value: object, field: str, max_len: int = 256) -> str:
     return value
 
 
+@functools.lru_cache(maxsize=4096)
+def _ip_text(value: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
+
+
+def _ip(value: str) -> str:
+    """``value`` as a normalised IP address; ``InvalidArgument`` if it is not one."""
+    out = _ip_text(value)
+    if out is None:
+        raise InvalidArgument("ip", f"not an IP address: {value!r}")
+    return out
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Entries of one caller waiting for a group commit: ``result`` or ``error`` once the leader is done."""
+
+    bodies: Sequence[dict[str, Any]]
+    result: list[AuditEntry] | None = None
+    error: BaseException | None = None
+
+
+_NO_META = b"{}"
+#: what the chain adds to an entry's fields when it is stored: ts, prev, hash and their keys
+_CHAIN_BYTES = 200
+#: the most the fields other than details can take once encoded (6 bytes a character at worst), plus the chain
+_MAX_FIELDS_BYTES = 6 * (3 * 256 + 1024 + 64 + 256) + 256 + _CHAIN_BYTES
+
+
+def _sized(store: Store, data: bytes) -> bytes:
+    if len(data) > store.max_value_bytes:
+        raise PayloadTooLarge(
+            f"entry: {len(data)} bytes is over the limit of {store.max_value_bytes}",
+            details={"field": "entry", "size": len(data), "limit": store.max_value_bytes},
+        )
+    return data
+
+
 def _opt_ts(value: object, field: str) -> int | None:
     if value is None:
         return None
@@ -105,13 +154,23 @@ class AuditLog:
     is detected too. ``cleanup`` trims old entries and, in the same commit, records the hash of the
     last removed entry (``audit/checkpoint``), so the chain stays verifiable from the oldest kept
     entry. Timestamps never go backwards along the chain. Thread- and process-safe.
+
+    Appends from several threads through one ``AuditLog`` are group-committed: while one commit is
+    under way the others queue, and the next caller to find no commit under way (the leader) appends
+    everything queued in one commit, running the hash chain through the batch in queue order. Every
+    caller returns only once its own entries are committed (or raises what failed the commit, in which
+    case none of its entries was written). Appends from other processes, or other ``AuditLog``
+    objects, are linearised by the ``StreamAt`` check: a loser re-reads the head and rehashes.
     """
 
     def __init__(self, store: Store, tenant: str) -> None:
         self._store = store
         self.tenant = check_tenant(tenant)
-        self._lock = threading.Lock()
         self._head: tuple[int, str, int] | None = None  # (seq, hash, ts) of the last entry we know
+        # group commit: entries wait in _queue; one caller at a time (the leader) appends a batch
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[_Pending] = []
+        self._leading = False
 
     # ------------------------------------------------------------ writing
 
@@ -125,47 +184,194 @@ class AuditLog:
         ip: str | None = None,
         trace_id: str | None = None,
     ) -> AuditEntry:
-        """Append one entry and return it (with its seq, µs timestamp and hash)."""
+        """Append one entry and return it (with its seq, µs timestamp and hash).
+
+        Entries logged at the same time by several threads are appended together, in one commit
+        (group commit): each call returns once its own entry is committed."""
+        body = self.entry_body(user, action, resource_type, resource_id, details, ip, trace_id)
+        return self.append_bodies([body])[0]
+
+    def log_many(self, entries: Iterable[Mapping[str, Any]]) -> list[AuditEntry]:
+        """Append several entries (at most ``MAX_MANY``), in order, all in one commit; each is a mapping
+        with the arguments of ``log`` (``user``, ``action``, ``resource_type`` and optionally
+        ``resource_id``, ``details``, ``ip``, ``trace_id``). Nothing is written if any is invalid."""
+        if isinstance(entries, str | bytes | Mapping):
+            raise InvalidArgument("entries", "must be a list of entries")
+        entries = list(entries)
+        if len(entries) > MAX_MANY:
+            raise InvalidArgument("entries", f"at most {MAX_MANY} entries a call")
+        bodies = []
+        for i, e in enumerate(entries):
+            if not isinstance(e, Mapping):
+                raise InvalidArgument(f"entries[{i}]", f"must be a mapping, got {type(e).__name__}")
+            unknown = set(e) - _ARGS
+            if unknown:
+                raise InvalidArgument(f"entries[{i}]", f"unknown fields {sorted(unknown)}")
+            try:
+                bodies.append(
+                    self.entry_body(
+                        e.get("user"),  # type: ignore[arg-type]
+                        e.get("action"),  # type: ignore[arg-type]
+                        e.get("resource_type"),  # type: ignore[arg-type]
+                        e.get("resource_id"),
+                        e.get("details"),
+                        e.get("ip"),
+                        e.get("trace_id"),
+                    )
+                )
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"entries[{i}].{exc.field}", exc.problem, details=exc.details) from None
+        return self.append_bodies(bodies) if bodies else []
+
+    def entry_body(
+        self,
+        user: str,
+        action: str,
+        resource_type: str,
+        resource_id: str | None = None,
+        details: dict[str, Any] | None = None,
+        ip: str | None = None,
+        trace_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Validate the fields of one entry; the result is what ``append_bodies`` takes.
+
+        Raises ``InvalidArgument`` (or ``PayloadTooLarge``) naming the bad field; writes nothing."""
+        size = [0]
         body: dict[str, Any] = {
             "user": _text(user, "user"),
             "action": _text(action, "action"),
             "resource_type": _text(resource_type, "resource_type"),
             "resource_id": _opt_text(resource_id, "resource_id", 1024),
-            "details": {} if details is None else details,
-            "ip": None,
+            "details": self._details(details, size),
+            "ip": None if ip is None else _ip(_text(ip, "ip", 64)),
             "trace_id": _opt_text(trace_id, "trace_id", 256),
         }
-        if type(body["details"]) is not dict:
+        limit = self._store.max_value_bytes
+        if size[0] + _MAX_FIELDS_BYTES > limit:
+            # the stored entry may not fit: measure it now, so that it fails alone, not in a batch
+            size[0] = len(orjson.dumps(body)) + _CHAIN_BYTES
+            if size[0] > limit:
+                raise PayloadTooLarge(
+                    f"entry: about {size[0]} bytes is over the limit of {limit}",
+                    details={"field": "entry", "size": size[0], "limit": limit},
+                )
+        return body
+
+    def _details(self, details: object, size: list[int]) -> dict[str, Any]:
+        if details is None:
+            return {}
+        if type(details) is not dict:
             raise InvalidArgument("details", f"must be an object, got {type(details).__name__}")
-        codec.encode(body["details"], "details", self._store.max_value_bytes // 2)
-        if ip is not None:
+        if details:
+            size[0] = len(codec.encode(details, "details", self._store.max_value_bytes // 2))
+        return details
+
+    def append_bodies(self, bodies: Sequence[dict[str, Any]]) -> list[AuditEntry]:
+        """Append entries made by ``entry_body``, in order, and return them once committed.
+
+        Group commit: the caller whose entries find no append under way becomes the leader and
+        appends everything queued by then in one commit (the hash chain runs through the batch in
+        queue order); callers arriving meanwhile wait and are appended by the next leader. If that
+        commit fails, every caller whose entries were in it gets the error (nothing of theirs was
+        written)."""
+        pending = _Pending(bodies)
+        with self._cond:
+            self._queue.append(pending)
+            while self._leading and pending.result is None and pending.error is None:
+                self._cond.wait()
+            if pending.result is None and pending.error is None:
+                self._leading = True
+                batch, self._queue = self._queue, []
+            else:
+                batch = []
+        if batch:
             try:
-                body["ip"] = str(ipaddress.ip_address(_text(ip, "ip", 64)))
-            except ValueError:
-                raise InvalidArgument("ip", f"not an IP address: {ip!r}") from None
-        with self._lock:
-            for _ in range(10_000):
-                head = self._head if self._head is not None else self._read_head()
-                seq, prev, last_ts = head
-                ts = max(self._store.clock.now_us(), last_ts)
+                self._append_batch(batch)
+            finally:
+                with self._cond:
+                    self._leading = False
+                    self._cond.notify_all()
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return pending.result
+
+    def _append_batch(self, batch: list[_Pending]) -> None:
+        """Commit ``batch`` (the leader only): callers' entries are merged into one commit up to
+        ``MAX_BATCH`` entries, one caller's are never split; sets each pending's result or error."""
+        try:
+            group: list[_Pending] = []
+            size = 0
+            for p in batch:
+                if group and size + len(p.bodies) > MAX_BATCH:
+                    self._commit_group(group)
+                    group, size = [], 0
+                group.append(p)
+                size += len(p.bodies)
+            if group:
+                self._commit_group(group)
+        except BaseException:
+            # interrupted (KeyboardInterrupt, ...): no caller may wait for an append that will not come
+            for p in batch:
+                if p.result is None and p.error is None:
+                    p.error = Unavailable("the audit append was interrupted")
+            raise
+
+    def _commit_group(self, group: list[_Pending]) -> None:
+        bodies = [b for p in group for b in p.bodies]
+        try:
+            entries = self._commit_bodies(bodies)
+        except Exception as exc:  # noqa: BLE001  # every caller in the group gets it
+            for p in group:
+                p.error = exc
+            return
+        i = 0
+        for p in group:
+            p.result = entries[i : i + len(p.bodies)]
+            i += len(p.bodies)
+
+    def _commit_bodies(self, bodies: list[dict[str, Any]]) -> list[AuditEntry]:
+        # Every body was validated by ``entry_body`` (its details by the codec), so the entries are
+        # encoded once, here, and handed to ``Store.commit_prepared`` (as the cases layer does).
+        tenant = self.tenant
+        store = self._store
+        first = bodies[0]
+        if len(bodies) == 1:
+            meta = orjson.dumps({"actor": first["user"], "reason": first["action"]})
+        else:
+            meta = orjson.dumps({"actor": "audit", "reason": f"{len(bodies)} audit entries"})
+        for _ in range(10_000):
+            head = self._head if self._head is not None else self._read_head()
+            seq0, prev, last_ts = head
+            ts = max(store.clock.now_us(), last_ts)
+            events: list[PreparedEvent] = []
+            entries: list[AuditEntry] = []
+            seq, h = seq0, prev
+            for body in bodies:
+                seq += 1
                 entry_body = {"ts": ts, **body}
-                h = _hash(self.tenant, seq + 1, entry_body, prev)
-                data = {**entry_body, "prev": prev, "hash": h}
-                try:
-                    self._store.commit(
-                        self.tenant,
-                        [StreamAt(STREAM, seq)],
-                        [
-                            Append(STREAM, [NewEvent(EVENT_TYPE, data)]),
-                            Put(NAMESPACE, "head", {"seq": seq + 1, "hash": h, "ts": ts}),
-                        ],
-                        meta={"actor": body["user"], "reason": body["action"]},
-                    )
-                except Conflict:
-                    self._head = None  # another writer appended: learn the new head
-                    continue
-                self._head = (seq + 1, h, ts)
-                return AuditEntry(seq + 1, ts, self.tenant, prev=prev, hash=h, **body)
+                link = h
+                h = _hash(tenant, seq, entry_body, link)
+                entry_body["prev"] = link
+                entry_body["hash"] = h
+                events.append(PreparedEvent(EVENT_TYPE, _sized(store, orjson.dumps(entry_body)), _NO_META))
+                entries.append(AuditEntry(seq, ts, tenant, prev=link, hash=h, **body))
+            prepared = PreparedCommit(
+                tenant,
+                (StreamAt(STREAM, seq0),),
+                (
+                    PreparedAppend(STREAM, tuple(events)),
+                    PreparedPut(NAMESPACE, "head", orjson.dumps({"seq": seq, "hash": h, "ts": ts}), None),
+                ),
+                meta,
+            )
+            try:
+                store.commit_prepared(prepared)
+            except Conflict:
+                self._head = None  # another writer appended: learn the new head
+                continue
+            self._head = (seq, h, ts)
+            return entries
         raise Unavailable("audit log append kept conflicting")
 
     def _read_head(self) -> tuple[int, str, int]:
