@@ -30,7 +30,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from stateline import codec
-from stateline.errors import Conflict, InvalidArgument, NotFound, StatelineError
+from stateline.errors import Conflict, InvalidArgument, NotFound, PayloadTooLarge, StatelineError
 from stateline.store.protocol import Store
 from stateline.types import (
     Absent,
@@ -206,6 +206,25 @@ def _meta(actor: str | None, reason: str | None, trace_id: str | None) -> dict[s
     return out
 
 
+_ENVELOPED = "ops[0].value"  # how the store names the put's value (the envelope) in an error
+
+
+def _value_error(exc: InvalidArgument) -> InvalidArgument:
+    """An error of the store's prepare about the put's envelope, named as the caller's ``value``."""
+    if exc.field.startswith(_ENVELOPED):
+        details = {k: v for k, v in exc.details.items() if k != "field"}
+        return InvalidArgument("value", exc.problem, details=details)
+    return exc
+
+
+def _value_too_large(exc: PayloadTooLarge) -> PayloadTooLarge:
+    """The store's size error about the put's envelope, named as the caller's ``value``."""
+    if str(exc.details.get("field", "")).startswith(_ENVELOPED):
+        problem = exc.message.split(": ", 1)[-1]
+        return PayloadTooLarge(f"value: {problem}", details={**exc.details, "field": "value"})
+    return exc
+
+
 def _envelope(value: Any, actor: str | None, reason: str | None, trace_id: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {"value": value}
     if actor is not None:
@@ -333,13 +352,13 @@ class Documents:
             _opt_text(reason, "reason"),
             _opt_text(trace_id, "trace_id"),
         )
-        codec.encode(value, "value", self.store.max_value_bytes)
         checks: list[Check] = []
         if expected is not None:
             checks.append(VersionIs(ns, key, expected))
         elif must_not_exist:
             checks.append(Absent(ns, key))
         try:
+            # the value is checked (and encoded) once, inside the envelope, by the store's prepare
             c = self.store.commit(
                 self.tenant,
                 checks,
@@ -348,6 +367,10 @@ class Documents:
             )
         except Conflict as exc:
             raise _conflict(exc) from None
+        except InvalidArgument as exc:
+            raise _value_error(exc) from None
+        except PayloadTooLarge as exc:
+            raise _value_too_large(exc) from None
         return Written(key, c.versions[(ns, key)], c.revision, c.committed_at, collection)
 
     def delete(

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import orjson
 import pytest
@@ -19,7 +22,7 @@ import stateline
 from stateline import FakeClock
 from stateline.api import ApiSettings, create_app
 from stateline.api.idempotency import HttpIdempotency
-from stateline.errors import Conflict
+from stateline.errors import Conflict, Unavailable
 from tests.conftest import Backend
 
 from .conftest import Api, make_api
@@ -325,3 +328,132 @@ def test_shared_rate_limit_is_counted_in_the_store(backend: Backend, clock: Fake
     finally:
         for gen in nodes:
             gen.close()
+
+
+# ---------------------------------------------------------------- audit of concurrent writes
+
+
+async def _asgi(app: FastAPI, method: str, path: str, body: bytes, token: str, on_body: Any = None) -> int:
+    """One request straight into the ASGI app; ``on_body()`` runs when the response body is sent."""
+    headers = [(b"authorization", f"Bearer {token}".encode()), (b"content-length", str(len(body)).encode())]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8080),
+    }
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    status = [0]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            status[0] = message["status"]
+        elif not message.get("more_body") and on_body is not None:
+            on_body()
+
+    await app(scope, receive, send)
+    return status[0]
+
+
+def test_concurrent_writes_share_audit_commits_and_each_is_audited_before_its_response(
+    db: stateline.Database, clock: FakeClock
+) -> None:
+    app = create_app(db, settings=ApiSettings(rate_limit=None))
+    ctx = app.state.stateline
+    token, _ = ctx.keys.create("acme", ["read", "write"])
+    flushes: list[int] = []
+    append = ctx.auditor.append
+
+    def counting(log: Any, bodies: list[Any]) -> object:
+        flushes.append(len(bodies))
+        return append(log, bodies)
+
+    ctx.auditor.append = counting
+    audit = db.tenant("acme").audit
+    seen_at_response: dict[str, bool] = {}
+
+    def checker(key: str) -> Any:
+        def check() -> None:  # the entry is committed when the response completes
+            seen_at_response[key] = bool(audit.query(resource_id=key, limit=1).entries)
+
+        return check
+
+    async def run() -> list[int]:
+        return await asyncio.gather(
+            *(_asgi(app, "PUT", f"/v1/docs/k{i}", b'{"i": 1}', token, checker(f"k{i}")) for i in range(20)),
+            *(_asgi(app, "POST", f"/v1/cases/k{i}/commit", b"{}", token) for i in range(3)),  # 4xx: not audited
+        )
+
+    statuses = asyncio.run(run())
+    ctx.close()
+    assert statuses == [201] * 20 + [400] * 3
+    assert seen_at_response == {f"k{i}": True for i in range(20)}
+    assert sum(flushes) == 20
+    assert len(flushes) < 20  # entries of concurrent requests went in together
+    v = audit.verify()
+    assert v.ok, v
+    assert v.checked == 20
+    assert sorted(e.resource_id or "" for e in audit.query(limit=100).entries) == sorted(f"k{i}" for i in range(20))
+
+
+def test_a_failed_audit_append_is_counted_and_logged_and_the_write_still_answers(
+    mem_api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = mem_api.key("acme")
+
+    def broken(log: Any, bodies: list[Any]) -> object:
+        raise Unavailable("the audit log is down")
+
+    mem_api.ctx.auditor.append = broken
+    with caplog.at_level(logging.ERROR, logger="stateline.api"):
+        r = mem_api.client.put("/v1/docs/a", json=1, headers=h)  # the front door
+        r2 = mem_api.client.post("/v1/locks/l/acquire", json={}, headers=h)  # a FastAPI route
+    assert (r.status_code, r2.status_code) == (201, 200)
+    assert [rec.getMessage() for rec in caplog.records].count("audit write failed") == 2
+    text = mem_api.client.get("/metrics").text
+    assert 'stateline_store_errors_total{call="audit",code="audit_failed"} 2.0' in text
+    assert mem_api.client.get("/v1/docs/a", headers=h).json()["value"] == 1  # the write itself is there
+
+
+def test_the_front_door_answers_as_the_documented_routes_do(clock: FakeClock) -> None:
+    # Document PUT, case commit, the raw transaction and item GET/PUT skip FastAPI's stack: same errors,
+    # metrics and audit as every other route.
+    with stateline.open("memory://", clock=clock, max_value_bytes=1000) as db:
+        for api in make_api(db, clock):
+            c, h = api.client, api.key("acme")
+            big = c.put("/v1/docs/big", json="x" * 1200, headers=h)
+            assert big.status_code == 413
+            assert big.json()["error"]["details"]["field"] == "value"
+            bad = c.put("/v1/docs/bad", content=b"{", headers={**h, "Content-Type": "application/json"})
+            assert (bad.status_code, bad.json()["error"]["code"]) == (400, "invalid_argument")
+            assert c.put("/v1/docs/a", json=1, headers=h).status_code == 201
+            stale = c.put("/v1/docs/a", json=2, headers={**h, "If-Match": '"7"'})
+            assert (stale.status_code, stale.json()["error"]["code"]) == (412, "precondition_failed")
+            assert (
+                c.post(
+                    "/v1/cases/nope/commit", json={"mutations": [{"type": "increment_step_count"}]}, headers=h
+                ).status_code
+                == 404
+            )
+            assert c.put("/v1/docs/a", json=1).status_code == 401
+            assert c.put("/v1/docs/a", json=1, headers=api.key("acme", ["read"])).status_code == 403
+            text = c.get("/metrics").text
+            assert 'stateline_http_requests_total{method="PUT",route="/v1/docs/{key:path}",status="412"} 1.0' in text
+            entries = c.get("/v1/audit", params={"order": "oldest"}, headers=h).json()["entries"]
+            assert [(e["action"], e["resource_id"], e["details"]["status"]) for e in entries] == [
+                ("docs.put", "a", 201)
+            ]

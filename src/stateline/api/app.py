@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Match, Route
+from starlette.routing import Match, Route
 from starlette.staticfiles import StaticFiles
 
 from stateline.api.auditing import ApiAuditor, AuditEntry
@@ -139,8 +139,10 @@ class ApiContext:
         self.keys = KeyStore(self.store, cache_seconds=settings.key_cache_seconds)
         self.hub = ChangeHub(self.store)
         self.idempotency = HttpIdempotency(self.store, ttl=settings.idempotency_ttl)
-        self.auditor = ApiAuditor(self.db)
         self.inline = settings.inline_store if settings.inline_store is not None else db.store.scheme == "memory"
+        self.auditor = ApiAuditor(self.db, inline=self.inline)
+        self._requests: dict[tuple[str, str, int], Any] = {}
+        self._latency: dict[tuple[str, str], Any] = {}
         self.limiter = (
             TenantRateLimiter(
                 settings.rate_limit,
@@ -156,6 +158,21 @@ class ApiContext:
         if self.inline:
             return fn(*args)
         return await run_in_threadpool(fn, *args)
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one request in the metrics (the labelled series are looked up once, then kept)."""
+        counter = self._requests.get((route, method, status))
+        if counter is None:
+            if len(self._requests) > 10_000:  # routes and methods are bounded; this is only a backstop
+                self._requests.clear()
+            counter = self._requests[(route, method, status)] = self.metrics.requests.labels(route, method, str(status))
+        counter.inc()
+        histogram = self._latency.get((route, method))
+        if histogram is None:
+            if len(self._latency) > 10_000:
+                self._latency.clear()
+            histogram = self._latency[(route, method)] = self.metrics.latency.labels(route, method)
+        histogram.observe(seconds)
 
     def close(self) -> None:
         """Stop background threads (the database stays open: its owner closes it)."""
@@ -202,7 +219,7 @@ def create_app(
         finally:
             await run_in_threadpool(ctx.close)
 
-    app = FastAPI(
+    app = StatelineApp(
         title="stateline",
         version=_version(),
         summary="Durable, multi-tenant state over HTTP.",
@@ -231,10 +248,12 @@ def create_app(
         routes_projects,
     ):
         app.router.routes.extend(module.router.routes)  # flat: the fast lane below needs the routes in order
-    _fast_lane(app, {**routes_docs.FAST, **routes_store.FAST, **routes_cases.FAST})
+    front = _fast_lane(app, {**routes_docs.FAST, **routes_store.FAST, **routes_cases.FAST})
     if ctx.settings.ui and UI_DIR.is_dir():
         app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
     app.add_middleware(ServiceMiddleware, ctx=ctx)
+    app.front_routes = front
+    app.front_door = ServiceMiddleware(_call_endpoint, ctx)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
@@ -244,13 +263,14 @@ def create_app(
 _FRONT = frozenset({"docs.put", "items.get", "items.put", "store.transaction", "cases.commit"})
 
 
-def _fast_lane(app: FastAPI, endpoints: dict[str, Callable[[Request], Awaitable[Response]]]) -> None:
+def _fast_lane(app: FastAPI, endpoints: dict[str, Callable[[Request], Awaitable[Response]]]) -> list[_FastRoute]:
     """Serve the hottest routes as plain Starlette routes beside their documented FastAPI twins. The twin
     stays for OpenAPI and calls the same function; the plain route skips FastAPI's per-request parameter
-    and dependency machinery. Routes in ``_FRONT`` go first (fewer patterns tried per request); the
-    others go right before their twin, so that matching order is unchanged."""
+    and dependency machinery. Routes in ``_FRONT`` go first (fewer patterns tried per request) and are
+    returned: ``StatelineApp`` serves them through its front door; the others go right before their
+    twin, so that matching order is unchanged."""
     routes = app.router.routes
-    front: list[BaseRoute] = []
+    front: list[_FastRoute] = []
     for i in range(len(routes) - 1, -1, -1):
         route = routes[i]
         if isinstance(route, APIRoute) and route.name in endpoints:
@@ -259,7 +279,13 @@ def _fast_lane(app: FastAPI, endpoints: dict[str, Callable[[Request], Awaitable[
                 front.append(fast)
             else:
                 routes.insert(i, fast)
+    front.sort(key=lambda r: _FRONT_ORDER.index(r.name))
     routes[:0] = front
+    return front
+
+
+#: the order in which the front door tries its routes (the commonest first)
+_FRONT_ORDER = ("docs.put", "cases.commit", "store.transaction", "items.put", "items.get")
 
 
 class _FastRoute(Route):
@@ -270,6 +296,39 @@ class _FastRoute(Route):
         if match is not Match.NONE:
             child["route"] = self
         return match, child
+
+
+async def _call_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+    """Call the endpoint of the fast route the front door matched (no FastAPI machinery around it). A
+    stateline error becomes its response here, as the app's exception handlers would make it, so that
+    ``Idempotency-Key`` stores it like any other answer."""
+    try:
+        response = await scope["endpoint"](Request(scope, receive, send))
+    except StatelineError as exc:
+        response = error_response(exc)
+    await response(scope, receive, send)
+
+
+class StatelineApp(FastAPI):
+    """The FastAPI app with a front door: requests for the hottest routes (``_FRONT``: document PUT, case
+    commit, the raw transaction, item GET/PUT) skip FastAPI's middleware stack and router, and go
+    straight through the one ``ServiceMiddleware`` pass (auth, limits, idempotency, audit, metrics,
+    span, errors) to their endpoint. Everything else takes the usual path, with the same middleware."""
+
+    front_routes: list[_FastRoute]
+    front_door: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        door = self.front_door
+        if door is not None and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            for route in self.front_routes:
+                match, child = route.matches(scope)
+                if match is Match.FULL:
+                    scope.update(child)
+                    scope["app"] = self
+                    await door(scope, receive, send)
+                    return
+        await super().__call__(scope, receive, send)
 
 
 def _version() -> str:
@@ -349,16 +408,17 @@ class ServiceMiddleware:
             parent = _PROPAGATOR.extract(
                 {k.decode(): v.decode("latin-1") for k, v in hdrs.items() if k.startswith(b"trace")}
             )
-        span = _server_span(ctx.tracer, f"{method} {path}", parent)
-        token = otel_context.attach(trace.set_span_in_context(span))
-        status = [500]
-        started_response = [False]
+        span = _server_span(ctx.tracer, method, path, parent)
+        recording = span.is_recording()
+        attached = otel_context.attach(trace.set_span_in_context(span))
+        # [status, response started]
+        state: list[Any] = [500, False]
         principal: Principal | None = None
 
         async def send_plain(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
-                started_response[0] = True
+                state[0] = message["status"]
+                state[1] = True
             await send(message)
 
         try:
@@ -369,10 +429,23 @@ class ServiceMiddleware:
             length = hdrs.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > limit):
                 raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes", details={"limit": limit})
-            principal = await self._authenticate(hdrs)
-            scope.setdefault("state", {})["principal"] = principal
-            span.set_attribute("stateline.tenant", principal.tenant)
-            span.set_attribute("stateline.key_id", principal.key_id)
+            token = _token(hdrs)
+            keys = ctx.keys
+            if ctx.inline or keys.is_cached(token):
+                principal = keys.authenticate(token)
+            else:
+                principal = await run_in_threadpool(keys.authenticate, token)
+            span_ctx = span.get_span_context()
+            trace_id = format(span_ctx.trace_id, "032x") if span_ctx.is_valid else None
+            scope_state = scope.get("state")
+            if scope_state is None:
+                scope["state"] = {"principal": principal, "trace_id": trace_id}
+            else:
+                scope_state["principal"] = principal
+                scope_state["trace_id"] = trace_id
+            if recording:
+                span.set_attribute("stateline.tenant", principal.tenant)
+                span.set_attribute("stateline.key_id", principal.key_id)
             if ctx.limiter is not None:
                 wait = await self._rate_limit(principal.tenant)
                 if wait is not None:
@@ -386,32 +459,32 @@ class ServiceMiddleware:
             if method == "POST" and idem is not None:
                 await self._idempotent(scope, receive, send_plain, principal, idem.decode("latin-1"))
             elif method in _WRITE_METHODS:
-                await self.app(scope, receive, self._audited(scope, send_plain, principal, status))
+                await self.app(scope, receive, self._audited(scope, send_plain, principal))
             else:
                 await self.app(scope, receive, send_plain)
         except StatelineError as exc:
-            if started_response[0]:
+            if state[1]:
                 raise
             await error_response(exc)(scope, receive, send_plain)
         except Exception as exc:  # noqa: BLE001  # the one place that turns any failure into a bare 500
             _log.error("unhandled error", exc_info=exc, extra={"path": path, "method": method})
             span.record_exception(exc)
-            if not started_response[0]:
+            if not state[1]:
                 body = {"error": {"code": "internal", "message": "internal error", "details": {}}}
                 await Response(orjson.dumps(body), 500, media_type="application/json")(scope, receive, send_plain)
         finally:
             elapsed = time.perf_counter() - started
+            status: int = state[0]
             route = scope.get("route")
             template = getattr(route, "path", None) or ("/ui" if path.startswith("/ui") else "unmatched")
-            span.update_name(f"{method} {template}")
-            span.set_attribute("http.request.method", method)
-            span.set_attribute("http.route", template)
-            span.set_attribute("http.response.status_code", status[0])
-            trace_id = format(span.get_span_context().trace_id, "032x")
+            if recording:
+                span.update_name(f"{method} {template}")
+                span.set_attribute("http.request.method", method)
+                span.set_attribute("http.route", template)
+                span.set_attribute("http.response.status_code", status)
             span.end()
-            otel_context.detach(token)
-            ctx.metrics.requests.labels(template, method, str(status[0])).inc()
-            ctx.metrics.latency.labels(template, method).observe(elapsed)
+            otel_context.detach(attached)
+            ctx.observe_request(template, method, status, elapsed)
             if _access.isEnabledFor(logging.INFO):
                 _access.info(
                     "request",
@@ -419,11 +492,11 @@ class ServiceMiddleware:
                         "method": method,
                         "path": path,
                         "route": template,
-                        "status": status[0],
+                        "status": status,
                         "duration_ms": round(elapsed * 1000, 3),
                         "tenant": principal.tenant if principal else None,
                         "key_id": principal.key_id if principal else None,
-                        "trace_id": trace_id,
+                        "trace_id": format(span.get_span_context().trace_id, "032x"),
                     },
                 )
 
@@ -439,33 +512,33 @@ class ServiceMiddleware:
         result = await ctx.run(limiter.hit, "requests")
         return None if result.allowed else max(result.retry_after, 0.001)
 
-    async def _authenticate(self, hdrs: dict[bytes, bytes]) -> Principal:
-        raw = hdrs.get(b"authorization")
-        token: str | None = None
-        if raw is not None:
-            text = raw.decode("latin-1").strip()
-            scheme, _, value = text.partition(" ")
-            token = value.strip() if scheme.lower() == "bearer" else None
-        elif b"x-api-key" in hdrs:
-            token = hdrs[b"x-api-key"].decode("latin-1").strip()
-        keys = self.ctx.keys
-        if self.ctx.inline or keys.is_cached(token):
-            return keys.authenticate(token)
-        principal: Principal = await run_in_threadpool(keys.authenticate, token)
-        return principal
+    def _audited(self, scope: Scope, send: Send, principal: Principal) -> Send:
+        """A ``send`` that writes the audit entry of a successful write before the response completes.
 
-    def _audited(self, scope: Scope, send: Send, principal: Principal, status: list[int]) -> Send:
-        """A ``send`` that writes the audit entry of a successful write before the response completes."""
+        The start of a successful response is held until the entry is committed and then sent together
+        with the body (one burst of writes, as an unaudited response goes out); a streamed body sends
+        the start with its first chunk and is audited before its last."""
         ctx = self.ctx
+        held: list[Message] = []
+        status = [500]
 
         async def audited_send(message: Message) -> None:
-            if message["type"] == "http.response.body" and not message.get("more_body") and status[0] < 400:
-                entry = _audit_entry(scope, principal, status[0])
-                try:
-                    await ctx.run(ctx.auditor.record, principal.tenant, entry)
-                except Exception as exc:  # noqa: BLE001  # the write is committed: report, don't hide it
-                    ctx.metrics.store_errors.labels("audit", "audit_failed").inc()
-                    _log.error("audit write failed", exc_info=exc, extra={"audit_action": entry.action})
+            kind = message["type"]
+            if kind == "http.response.start":
+                status[0] = message["status"]
+                if status[0] < 400:
+                    held.append(message)
+                    return
+            elif kind == "http.response.body":
+                if not message.get("more_body") and status[0] < 400:
+                    entry = _audit_entry(scope, principal, status[0])
+                    try:
+                        await ctx.auditor.submit(principal.tenant, entry)
+                    except Exception as exc:  # noqa: BLE001  # the write is committed: report, don't hide it
+                        ctx.metrics.store_errors.labels("audit", "audit_failed").inc()
+                        _log.error("audit write failed", exc_info=exc, extra={"audit_action": entry.action})
+                if held:
+                    await send(held.pop())
             await send(message)
 
         return audited_send
@@ -487,12 +560,11 @@ class ServiceMiddleware:
         captured_status = [500]
         captured_headers: list[tuple[str, str]] = []
         chunks: list[bytes] = []
-        status_box = [500]
-        inner_send = self._audited(scope, send, principal, status_box)
+        inner_send = self._audited(scope, send, principal)
 
         async def capture(message: Message) -> None:
             if message["type"] == "http.response.start":
-                captured_status[0] = status_box[0] = message["status"]
+                captured_status[0] = message["status"]
                 captured_headers.extend((k.decode().lower(), v.decode("latin-1")) for k, v in message["headers"])
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
@@ -521,11 +593,11 @@ class ServiceMiddleware:
             raise
 
 
-def _server_span(tracer: Tracer | None, name: str, parent: otel_context.Context | None) -> trace.Span:
+def _server_span(tracer: Tracer | None, method: str, path: str, parent: otel_context.Context | None) -> trace.Span:
     """The request's span: a recorded one when spans are exported, else a non-recording span that
     still carries a trace id (the caller's from ``traceparent``, or a new one) for logs and audit."""
     if tracer is not None:
-        return tracer.start_span(name, context=parent, kind=trace.SpanKind.SERVER)
+        return tracer.start_span(f"{method} {path}", context=parent, kind=trace.SpanKind.SERVER)
     incoming = trace.get_current_span(parent).get_span_context() if parent is not None else None
     trace_id = incoming.trace_id if incoming is not None and incoming.is_valid else random.getrandbits(128) or 1
     return trace.NonRecordingSpan(
@@ -533,27 +605,44 @@ def _server_span(tracer: Tracer | None, name: str, parent: otel_context.Context 
     )
 
 
+_ROUTE_INFO: dict[tuple[str, str, str], tuple[str, str]] = {}
+
+
 def _audit_entry(scope: Scope, principal: Principal, status: int) -> AuditEntry:
     route = scope.get("route")
+    method: str = scope["method"]
     template: str = getattr(route, "path", "") or scope["path"]
-    name: str = getattr(route, "name", "") or f"{scope['method']} {template}"
-    parts = [p for p in template.split("/") if p and p != "v1"]
-    resource_type = parts[0] if parts else "api"
-    params = scope.get("path_params") or {}
-    resource_id = "/".join(str(v) for v in params.values())
+    route_name: str = getattr(route, "name", "")
+    info = _ROUTE_INFO.get((template, route_name, method))
+    if info is None:
+        parts = [p for p in template.split("/") if p and p != "v1"]
+        info = (route_name or f"{method} {template}", parts[0] if parts else "api")
+        if len(_ROUTE_INFO) < 10_000:  # routes are few; unmatched paths do not fill it
+            _ROUTE_INFO[(template, route_name, method)] = info
+    params = scope.get("path_params")
+    resource_id = "/".join(map(str, params.values())) if params else ""
     client = scope.get("client")
-    span_ctx = trace.get_current_span().get_span_context()
     return AuditEntry(
         key_id=principal.key_id,
-        action=name,
-        resource_type=resource_type,
-        resource_id=resource_id,
-        method=scope["method"],
+        action=info[0],
+        resource_type=info[1],
+        resource_id=resource_id[:1024],  # the audit log's limit: a longer id is cut, not a failed entry
+        method=method,
         path=scope["path"],
         status=status,
         ip=client[0] if client else None,
-        trace_id=format(span_ctx.trace_id, "032x") if span_ctx.is_valid else None,
+        trace_id=scope["state"].get("trace_id"),
     )
+
+
+def _token(hdrs: dict[bytes, bytes]) -> str | None:
+    """The API key a request presents (``Authorization: Bearer`` or ``X-API-Key``), or ``None``."""
+    raw = hdrs.get(b"authorization")
+    if raw is not None:
+        scheme, _, value = raw.decode("latin-1").strip().partition(" ")
+        return value.strip() if scheme.lower() == "bearer" else None
+    key = hdrs.get(b"x-api-key")
+    return None if key is None else key.decode("latin-1").strip()
 
 
 def _limited(receive: Receive, limit: int) -> Receive:

@@ -153,7 +153,8 @@ class KeyStore:
     def __init__(self, store: Store, *, cache_seconds: float = 2.0) -> None:
         self.store = store
         self.cache_seconds = cache_seconds
-        self._cache: dict[str, tuple[dict[str, Any], float]] = {}
+        # key id -> (stored record, when it was read, its principal)
+        self._cache: dict[str, tuple[dict[str, Any], float, Principal]] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ management
@@ -275,17 +276,18 @@ class KeyStore:
         key_id, secret = parts[1], parts[2]
         now_mono = time.monotonic()
         cached = self._cache.get(key_id)
-        if cached is not None and now_mono - cached[1] < self.cache_seconds:
-            record = cached[0]
-        else:
+        if cached is None or now_mono - cached[1] >= self.cache_seconds:
             item = self.store.get(SYSTEM_TENANT, KEYS_NAMESPACE, key_id)
             if item is None:
                 raise Unauthenticated("invalid API key")
             record = item.value
+            principal = Principal(key_id, record["tenant"], frozenset(record["scopes"]), record.get("name", ""))
+            cached = (record, now_mono, principal)
             with self._lock:
                 if len(self._cache) > 10_000:
                     self._cache.clear()
-                self._cache[key_id] = (record, now_mono)
+                self._cache[key_id] = cached
+        record = cached[0]
         if not hmac.compare_digest(record["hash"], _hash(secret)):
             raise Unauthenticated("invalid API key")
         if record.get("revoked"):
@@ -293,7 +295,7 @@ class KeyStore:
         expires_at = record.get("expires_at")
         if expires_at is not None and self.store.clock.now_us() >= expires_at:
             raise Unauthenticated("this API key has expired", details={"key_id": key_id})
-        return Principal(key_id, record["tenant"], frozenset(record["scopes"]), record.get("name", ""))
+        return cached[2]
 
 
 def require_tenant_data(principal: Principal) -> str:

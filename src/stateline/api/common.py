@@ -12,6 +12,7 @@ import orjson
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from stateline.api.auth import Principal, require_tenant_data
@@ -26,14 +27,18 @@ if TYPE_CHECKING:
 __all__ = [
     "ApiModel",
     "Caller",
+    "JsonResponse",
     "change_dict",
     "ctx_of",
     "event_dict",
+    "header",
     "item_dict",
     "json_response",
     "parse_body",
     "parse_etag",
     "query_number",
+    "query_param",
+    "read_body",
     "read_json",
 ]
 
@@ -56,6 +61,10 @@ def ctx_of(request: Request) -> ApiContext:
     return ctx
 
 
+#: (scopes, layer, level) -> whether they grant it: a key's scopes are checked once, not per request
+_GRANTS: dict[tuple[frozenset[str], str, str], bool] = {}
+
+
 @dataclass(slots=True)
 class Caller:
     """The authenticated caller of one request, bound to its tenant (which only the key decides)."""
@@ -68,14 +77,23 @@ class Caller:
     @classmethod
     def of(cls, request: Request, layer: str, level: str) -> Caller:
         """The caller if its key grants ``level`` on ``layer``; else ``Forbidden``."""
+        scope = request.scope
         ctx = ctx_of(request)
-        principal: Principal | None = request.scope.get("state", {}).get("principal")
-        if principal is None:  # pragma: no cover - the middleware authenticates every /v1 request
+        state = scope.get("state")
+        principal: Principal | None = None if state is None else state.get("principal")
+        if state is None or principal is None:  # pragma: no cover - the middleware authenticates every /v1 request
             raise Unauthenticated("an API key is required")
-        principal.require(layer, level)
+        grant = (principal.scopes, layer, level)
+        allowed = _GRANTS.get(grant)
+        if allowed is None:
+            allowed = principal.allows(layer, level)
+            if len(_GRANTS) < 10_000:
+                _GRANTS[grant] = allowed
+        if not allowed:
+            principal.require(layer, level)  # raises Forbidden
         tenant = ctx.db.tenant(require_tenant_data(principal))
         meta = {"actor": f"key:{principal.key_id}", "via": "api"}
-        trace_id = current_trace_id()
+        trace_id = state.get("trace_id") if "trace_id" in state else current_trace_id()
         if trace_id:
             meta["trace_id"] = trace_id
         return cls(ctx, principal, tenant, meta)
@@ -93,9 +111,63 @@ class Caller:
         return {**extra, **self.meta}
 
 
+class JsonResponse(Response):
+    """A JSON response encoded with orjson, its raw headers built directly (the hot routes answer with it)."""
+
+    media_type = "application/json"
+
+    def __init__(self, data: Any, status: int = 200, headers: dict[str, str] | None = None) -> None:
+        body = orjson.dumps(data)
+        self.status_code = status
+        self.body = body
+        self.background = None
+        raw = [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]
+        if headers:
+            raw.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())
+        self.raw_headers = raw
+
+
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """A JSON response encoded with orjson."""
-    return Response(orjson.dumps(data), status, headers, media_type="application/json")
+    return JsonResponse(data, status, headers)
+
+
+def header(request: Request, name: bytes) -> str | None:
+    """The request header ``name`` (lower case), or ``None``: a scan of the raw headers, no ``Headers`` object."""
+    for k, v in request.scope["headers"]:
+        if k == name:
+            return str(v.decode("latin-1"))
+    return None
+
+
+def query_param(request: Request, name: str) -> str | None:
+    """The query parameter ``name``, or ``None`` (the query string is parsed only when there is one)."""
+    if not request.scope.get("query_string"):
+        return None
+    return request.query_params.get(name)
+
+
+async def read_body(request: Request) -> bytes:
+    """The whole request body (read once, then kept on the request as Starlette's ``body()`` keeps it)."""
+    body: bytes | None = getattr(request, "_body", None)
+    if body is not None:
+        return body
+    receive = request.receive
+    message = await receive()
+    if message["type"] == "http.request" and not message.get("more_body"):
+        body = message.get("body", b"")
+    else:
+        chunks: list[bytes] = []
+        while True:
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+            message = await receive()
+        body = b"".join(chunks)
+    request._body = body
+    return body
 
 
 _LONG_DIGITS = re.compile(rb"\d{19,}")
@@ -103,7 +175,7 @@ _LONG_DIGITS = re.compile(rb"\d{19,}")
 
 async def read_json(request: Request) -> Any:
     """The request body as JSON; ``InvalidArgument`` (400) if it is not."""
-    body = await request.body()
+    body = await read_body(request)
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -119,7 +191,7 @@ async def parse_body(request: Request, model: type[M], *, optional: bool = False
     """Validate the request body against ``model`` (pydantic, from JSON); errors are 400 with every problem.
 
     With ``optional``, an empty body means the model's defaults."""
-    body = await request.body()
+    body = await read_body(request)
     if optional and not body.strip():
         body = b"{}"
     try:
@@ -136,7 +208,7 @@ async def parse_body(request: Request, model: type[M], *, optional: bool = False
 
 def query_number(request: Request, name: str) -> float | None:
     """A positive number from the query string (``None`` if absent); ``InvalidArgument`` otherwise."""
-    raw = request.query_params.get(name)
+    raw = query_param(request, name)
     if raw is None:
         return None
     try:

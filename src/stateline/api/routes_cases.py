@@ -8,7 +8,7 @@ from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from stateline.api.common import ApiModel, Caller, json_response, parse_body, parse_etag
+from stateline.api.common import ApiModel, Caller, header, json_response, parse_body, parse_etag
 from stateline.api.errors import responses
 from stateline.cases import Case, Receipt, Verification
 from stateline.errors import Conflict, PreconditionFailed
@@ -226,7 +226,7 @@ async def _commit_case(request: Request) -> Response:
     case_id: str = request.path_params["case_id"]
     caller = Caller.of(request, LAYER, "write")
     body = await parse_body(request, CaseCommit)
-    expected = parse_etag(request.headers.get("if-match"), "If-Match")
+    expected = parse_etag(header(request, b"if-match"), "If-Match")
 
     def run() -> dict[str, Any]:
         case = caller.tenant.cases.open(case_id)

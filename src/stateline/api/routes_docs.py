@@ -8,7 +8,16 @@ from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from stateline.api.common import ApiModel, Caller, json_response, parse_body, parse_etag, read_json
+from stateline.api.common import (
+    ApiModel,
+    Caller,
+    header,
+    json_response,
+    parse_body,
+    parse_etag,
+    query_param,
+    read_json,
+)
 from stateline.api.errors import responses
 from stateline.docs import Document, TxRecord, Written
 from stateline.errors import Conflict, InvalidArgument, NotFound, PreconditionFailed
@@ -163,9 +172,9 @@ async def get_doc(
 
 async def _get_doc(request: Request) -> Response:
     key: str = request.path_params["key"]
-    collection = request.query_params.get("collection")
+    collection = query_param(request, "collection")
     caller = Caller.of(request, LAYER, "read")
-    wanted = parse_etag(request.headers.get("if-none-match"), "If-None-Match")
+    wanted = parse_etag(header(request, b"if-none-match"), "If-None-Match")
     doc = await caller.run(lambda: caller.tenant.docs.get(key, collection=collection))
     if doc is None:
         raise NotFound(f"no document {key!r}", details={"key": key})
@@ -201,13 +210,12 @@ async def put_doc(
 
 async def _put_doc(request: Request) -> Response:
     key: str = request.path_params["key"]
-    collection = request.query_params.get("collection")
-    headers = request.headers
-    x_reason = headers.get("x-reason")
+    collection = query_param(request, "collection")
+    x_reason = header(request, b"x-reason")
     caller = Caller.of(request, LAYER, "write")
     value = await read_json(request)
-    match = parse_etag(headers.get("if-match"), "If-Match")
-    none_match = parse_etag(headers.get("if-none-match"), "If-None-Match")
+    match = parse_etag(header(request, b"if-match"), "If-Match")
+    none_match = parse_etag(header(request, b"if-none-match"), "If-None-Match")
     if none_match not in (None, "*"):
         raise InvalidArgument("If-None-Match", "only * is supported on a write")
     docs = caller.tenant.docs

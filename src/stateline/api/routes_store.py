@@ -12,6 +12,7 @@ from stateline.api.common import (
     ApiModel,
     Caller,
     event_dict,
+    header,
     item_dict,
     json_response,
     parse_body,
@@ -321,7 +322,7 @@ async def _get_item(request: Request) -> Response:
     namespace: str = request.path_params["namespace"]
     key: str = request.path_params["key"]
     caller = Caller.of(request, LAYER, "read")
-    wanted = parse_etag(request.headers.get("if-none-match"), "If-None-Match")
+    wanted = parse_etag(header(request, b"if-none-match"), "If-None-Match")
     item = await caller.run(caller.tenant.get, namespace, key)
     if item is None:
         raise NotFound(f"no item {namespace}/{key}", details={"namespace": namespace, "key": key})
@@ -367,8 +368,8 @@ async def _put_item(request: Request) -> Response:
     _guard(caller, [namespace], [])
     value = await read_json(request)
     checks: list[Check] = []
-    match = parse_etag(request.headers.get("if-match"), "If-Match")
-    none_match = parse_etag(request.headers.get("if-none-match"), "If-None-Match")
+    match = parse_etag(header(request, b"if-match"), "If-Match")
+    none_match = parse_etag(header(request, b"if-none-match"), "If-None-Match")
     if match == "*":
         checks.append(Exists(namespace, key))
     elif match is not None:
