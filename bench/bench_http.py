@@ -14,14 +14,19 @@ the contenders and the median of ``--runs`` runs is reported with its ratio.
 Also the commit-to-SSE-client latency: a client follows ``/v1/watch`` while another makes doc PUTs;
 the figure is the time from sending the PUT to the event reaching the SSE client (median).
 
-Run: ``python bench/bench_http.py [--quick] [--backends memory,sqlite]``. Stateline runs with its
-per-tenant rate limit off (it would otherwise cap the figure at its default 1000 requests/s).
+Run: ``python bench/bench_http.py [--quick] [--backends memory,sqlite,postgresql,redis]`` (default: memory
+and SQLite; PostgreSQL at ``--pg`` and Redis at ``--redis``, each in a schema / key prefix of its own that
+is dropped afterwards; a backend whose server cannot be reached is skipped with a line saying so).
+Stateline runs with its per-tenant rate limit off (it would otherwise cap the figure at its default 1000
+requests/s). The peers keep no state, so their figures are the same whatever the backend: on the shared
+stores the ratios show the cost of the store's round trips on top of the service's own.
 """
 
 import argparse
 import contextlib
 import os
 import re
+import secrets
 import shutil
 import socket
 import statistics
@@ -42,6 +47,9 @@ from harness import record
 
 HERE = Path(__file__).resolve()
 CASES = 256
+BACKENDS = ("memory", "sqlite", "postgresql", "redis")
+PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+REDIS_URL = "redis://127.0.0.1:6379/0"
 DOC_BODY = {"n": 1, "name": "bench", "tags": ["a", "b"], "limits": {"rps": 100}}
 CASE_BODY = {"mutations": [{"type": "increment_step_count"}]}
 TX_BODY = {"ops": [{"op": "incr", "namespace": "bench", "key": "hits"}]}
@@ -171,10 +179,10 @@ def _peer_apps(sample: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def _maybe_without_audit(app: Any) -> None:
-    """``--no-audit`` (a measurement aid, not a product setting): skip the audit entry of each write,
-    to show what the synchronous, hash-chained audit costs."""
+    """``--no-audit`` (a measurement aid, not a product setting): build each write's audit entry but
+    commit none, to show what appending to the hash-chained audit log costs."""
     if os.environ.get("STATELINE_BENCH_NO_AUDIT"):
-        app.state.stateline.auditor.record = lambda *args: None
+        app.state.stateline.auditor.append = lambda *args: None
 
 
 def serve(kind: str, port: int, url: str, sample_path: str) -> None:
@@ -317,7 +325,7 @@ def _sample(base: str, token: str) -> dict[str, Any]:
     return {"doc": doc, "case": case, "tx": tx}
 
 
-SCENARIOS = [
+SCENARIOS: list[tuple[str, str, str, str, dict[str, Any], int]] = [
     ("doc PUT", "PUT", "/v1/docs/k#", "/docs/k#", DOC_BODY, 1000),
     ("case commit", "POST", "/v1/cases/c#/commit", "/cases/c#/commit", CASE_BODY, CASES),
     ("raw commit", "POST", "/v1/transaction", "/transaction", TX_BODY, 1),
@@ -366,13 +374,58 @@ def sse_latency(base: str, token: str, n: int) -> list[float]:
 
 
 @contextlib.contextmanager
-def servers(backend: str, tmp: Path) -> Iterator[tuple[Server, Server, Server, str]]:
-    url = "memory://" if backend == "memory" else f"sqlite:///{tmp / 'bench.db'}"
+def backend_url(backend: str, tmp: Path, pg: str, redis_url: str) -> Iterator[str]:
+    """The URL of a fresh store of ``backend``; a PostgreSQL schema or Redis key prefix of its own is
+    dropped afterwards. Raises ``OSError`` when the server cannot be reached."""
+    if backend == "memory":
+        yield "memory://"
+    elif backend == "sqlite":
+        yield f"sqlite:///{tmp / 'bench.db'}"
+    elif backend == "postgresql":
+        import psycopg  # noqa: PLC0415
+
+        schema = f"bench_http_{secrets.token_hex(4)}"
+        try:
+            psycopg.connect(pg, connect_timeout=5).close()
+        except psycopg.Error as exc:
+            raise OSError(f"PostgreSQL at {pg} is not reachable ({exc})") from None
+        sep = "&" if "?" in pg else "?"
+        try:
+            yield f"{pg}{sep}schema={schema}"
+        finally:
+            with psycopg.connect(pg, autocommit=True, connect_timeout=10) as c:
+                c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    elif backend == "redis":
+        import redis  # noqa: PLC0415
+
+        prefix = f"bench-http-{secrets.token_hex(4)}"
+        client = redis.Redis.from_url(redis_url, socket_timeout=10)
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            client.close()
+            raise OSError(f"Redis at {redis_url} is not reachable ({exc})") from None
+        sep = "&" if "?" in redis_url else "?"
+        try:
+            yield f"{redis_url}{sep}prefix={prefix}"
+        finally:
+            try:
+                batch = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+                for i in range(0, len(batch), 500):
+                    client.unlink(*batch[i : i + 500])
+            finally:
+                client.close()
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+
+
+@contextlib.contextmanager
+def servers(backend: str, url: str, tmp: Path) -> Iterator[tuple[Server, Server, Server, str]]:
     sample_path = str(tmp / "sample.json")
     token = None
-    if backend == "sqlite":
+    if backend != "memory":
         token = _key(url)
-    ours = Server("stateline", url if backend != "memory" else "memory://", sample_path)
+    ours = Server("stateline", url, sample_path)
     try:
         if token is None:
             token = _memory_token(ours)
@@ -411,8 +464,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of one wrk run")
     parser.add_argument("--runs", type=int, default=3, help="runs per contender (median reported)")
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--backends", default="memory,sqlite")
-    parser.add_argument("--no-audit", action="store_true", help="measurement aid: skip the audit entry of writes")
+    parser.add_argument("--backends", default="memory,sqlite", help="any of " + ",".join(BACKENDS))
+    parser.add_argument("--pg", default=PG_DSN, help="PostgreSQL DSN (a schema of its own is made and dropped)")
+    parser.add_argument("--redis", default=REDIS_URL, help="Redis URL (a key prefix of its own, deleted after)")
+    parser.add_argument(
+        "--no-audit", action="store_true", help="measurement aid: build each write's audit entry but commit none"
+    )
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
@@ -430,88 +487,103 @@ def main() -> None:
         args.seconds, args.runs = 2.0, 1
     if args.no_audit:
         os.environ["STATELINE_BENCH_NO_AUDIT"] = "1"
-    backends = [b for b in args.backends.split(",") if b in ("memory", "sqlite")]
-    audit = "audit OFF (measurement aid)" if args.no_audit else "every write audited"
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise SystemExit(f"unknown backends {unknown}: use any of {', '.join(BACKENDS)}")
+    audit = "audit commits OFF (measurement aid)" if args.no_audit else "every write audited (group commit)"
     print(f"wrk -t1 -c{args.connections}, {args.seconds:g} s runs, median of {args.runs}; rate limit off; {audit}")
     for backend in backends:
         with tempfile.TemporaryDirectory() as tmpdir:
             tmp = Path(tmpdir)
             os.environ["STATELINE_BENCH_TOKEN"] = str(tmp / "token")
-            with servers(backend, tmp) as (ours, bare, fast, token):
-                for name, method, path, peer_path, body, n in SCENARIOS:
-                    results: dict[str, list[tuple[float, float, float]]] = {"stateline": [], "bare": [], "fastapi": []}
-                    order = [
-                        ("stateline", ours, path, token),
-                        ("bare", bare, peer_path, None),
-                        ("fastapi", fast, peer_path, None),
-                    ]
-                    for r in range(args.runs):
-                        for label, srv, p, tok in order[r % 3 :] + order[: r % 3]:
-                            results[label].append(
-                                wrk(srv.base, method, p, body, tok, n, args.seconds, args.connections)
-                            )
-                    med = {k: statistics.median(x[0] for x in v) for k, v in results.items()}
-                    p50 = {k: statistics.median(x[1] for x in v) for k, v in results.items()}
-                    p99 = {k: statistics.median(x[2] for x in v) for k, v in results.items()}
-                    r_bare = med["stateline"] / med["bare"]
-                    r_fast = med["stateline"] / med["fastapi"]
-                    print(
-                        f"[{backend}] {name:12s} stateline {med['stateline']:8.0f} req/s"
-                        f" (p50 {p50['stateline']:.2f} ms)"
-                        f" | bare Starlette {med['bare']:8.0f} ({r_bare:.2f}x)"
-                        f" | FastAPI+pydantic {med['fastapi']:8.0f} ({r_fast:.2f}x)"
-                    )
-                    common = {
-                        "bench": "http",
-                        "backend": backend,
-                        "unit": "req/s",
-                        "runs": args.runs,
-                        "seconds": args.seconds,
-                    }
-                    record(
-                        name=f"{name} vs bare Starlette",
-                        value=med["stateline"],
-                        peer="bare Starlette + orjson",
-                        peer_value=med["bare"],
-                        target=0.75 if backend == "memory" and name != "raw commit" else None,
-                        p50_ms=p50["stateline"],
-                        p99_ms=p99["stateline"],
-                        peer_p50_ms=p50["bare"],
-                        peer_p99_ms=p99["bare"],
-                        **common,
-                    )
-                    record(
-                        name=f"{name} vs FastAPI + pydantic",
-                        value=med["stateline"],
-                        peer="FastAPI + pydantic (defaults)",
-                        peer_value=med["fastapi"],
-                        target=1.5 if backend == "memory" and name != "raw commit" else None,
-                        p50_ms=p50["stateline"],
-                        p99_ms=p99["stateline"],
-                        peer_p50_ms=p50["fastapi"],
-                        peer_p99_ms=p99["fastapi"],
-                        **common,
-                    )
-                lat = sse_latency(ours.base, token, 20 if args.quick else 60)
-                if lat:
-                    s = sorted(lat)
-                    p50_ms = statistics.median(s) * 1e3
-                    p99_ms = s[min(len(s) - 1, int(0.99 * len(s)))] * 1e3
-                    print(
-                        f"[{backend}] commit -> SSE client: median {p50_ms:.2f} ms, p99 {p99_ms:.2f} ms"
-                        f" over {len(s)} (from sending the PUT)"
-                    )
-                    record(
-                        bench="http",
-                        name="commit to SSE client latency",
-                        backend=backend,
-                        unit="ms",
-                        value=p50_ms,
-                        p50_ms=p50_ms,
-                        p99_ms=p99_ms,
-                        runs=len(s),
-                        notes="from sending a doc PUT to the event reaching a client of /v1/watch",
-                    )
+            try:
+                store = backend_url(backend, tmp, args.pg, args.redis)
+                url = store.__enter__()
+            except OSError as exc:
+                print(f"[{backend}] skipped: {exc}")
+                continue
+            try:
+                run_backend(backend, url, tmp, args)
+            finally:
+                store.__exit__(None, None, None)
+
+
+def run_backend(backend: str, url: str, tmp: Path, args: argparse.Namespace) -> None:
+    """Every scenario and the SSE latency on one backend."""
+    with servers(backend, url, tmp) as (ours, bare, fast, token):
+        for name, method, path, peer_path, body, n in SCENARIOS:
+            results: dict[str, list[tuple[float, float, float]]] = {"stateline": [], "bare": [], "fastapi": []}
+            order = [
+                ("stateline", ours, path, token),
+                ("bare", bare, peer_path, None),
+                ("fastapi", fast, peer_path, None),
+            ]
+            for r in range(args.runs):
+                for label, srv, p, tok in order[r % 3 :] + order[: r % 3]:
+                    results[label].append(wrk(srv.base, method, p, body, tok, n, args.seconds, args.connections))
+            med = {k: statistics.median(x[0] for x in v) for k, v in results.items()}
+            p50 = {k: statistics.median(x[1] for x in v) for k, v in results.items()}
+            p99 = {k: statistics.median(x[2] for x in v) for k, v in results.items()}
+            r_bare = med["stateline"] / med["bare"]
+            r_fast = med["stateline"] / med["fastapi"]
+            print(
+                f"[{backend}] {name:12s} stateline {med['stateline']:8.0f} req/s"
+                f" (p50 {p50['stateline']:.2f} ms)"
+                f" | bare Starlette {med['bare']:8.0f} ({r_bare:.2f}x)"
+                f" | FastAPI+pydantic {med['fastapi']:8.0f} ({r_fast:.2f}x)"
+            )
+            common = {
+                "bench": "http",
+                "backend": backend,
+                "unit": "req/s",
+                "runs": args.runs,
+                "seconds": args.seconds,
+            }
+            record(
+                name=f"{name} vs bare Starlette",
+                value=med["stateline"],
+                peer="bare Starlette + orjson",
+                peer_value=med["bare"],
+                target=0.75 if backend == "memory" and name != "raw commit" else None,
+                p50_ms=p50["stateline"],
+                p99_ms=p99["stateline"],
+                peer_p50_ms=p50["bare"],
+                peer_p99_ms=p99["bare"],
+                **common,
+            )
+            record(
+                name=f"{name} vs FastAPI + pydantic",
+                value=med["stateline"],
+                peer="FastAPI + pydantic (defaults)",
+                peer_value=med["fastapi"],
+                target=1.5 if backend == "memory" and name != "raw commit" else None,
+                p50_ms=p50["stateline"],
+                p99_ms=p99["stateline"],
+                peer_p50_ms=p50["fastapi"],
+                peer_p99_ms=p99["fastapi"],
+                **common,
+            )
+        lat = sse_latency(ours.base, token, 20 if args.quick else 60)
+        if lat:
+            s = sorted(lat)
+            p50_ms = statistics.median(s) * 1e3
+            p99_ms = s[min(len(s) - 1, int(0.99 * len(s)))] * 1e3
+            print(
+                f"[{backend}] commit -> SSE client: median {p50_ms:.2f} ms, p99 {p99_ms:.2f} ms"
+                f" over {len(s)} (from sending the PUT)"
+            )
+            record(
+                bench="http",
+                name="commit to SSE client latency",
+                backend=backend,
+                unit="ms",
+                value=p50_ms,
+                p50_ms=p50_ms,
+                p99_ms=p99_ms,
+                runs=len(s),
+                notes="from sending a doc PUT to the event reaching a client of /v1/watch",
+            )
 
 
 def _serve_memory(port: int, sample_path: str) -> None:

@@ -100,7 +100,13 @@ KNOWN: dict[str, Script] = {
         Script("scaling", BENCH / "bench_scaling.py", ("memory", "sqlite"), backend_flag="--backends", weight=1.5),
         Script("locks", BENCH / "bench_locks.py", ("redis",), full_args=FULL, weight=1.0),
         Script("bus", BENCH / "bench_bus.py", ("memory", "sqlite"), weight=1.0),
-        Script("http", BENCH / "bench_http.py", ("memory", "sqlite"), backend_flag="--backends", weight=1.5),
+        Script(
+            "http",
+            BENCH / "bench_http.py",
+            ("memory", "sqlite", "postgresql", "redis"),
+            backend_flag="--backends",
+            weight=1.5,
+        ),
     )
 }
 
