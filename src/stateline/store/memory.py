@@ -77,7 +77,7 @@ class _Tenant:
     def __init__(self) -> None:
         self.spaces: dict[str, _Space] = {}
         self.streams: dict[str, _Stream] = {}
-        self.changes: list[tuple[int, bytes, list[tuple[Any, ...]]]] = []
+        self.changes: list[tuple[int, bytes, tuple[tuple[Any, ...], ...]]] = []
 
 
 _PUT, _DELETE, _INCR, _APPEND, _TRIM = range(5)
@@ -90,7 +90,7 @@ def _fit(data: bytes) -> bytes:
     return _EMPTY if data == _EMPTY else memoryview(data).tobytes()
 
 
-def _record(at: int, meta: bytes, done: list[tuple[Any, ...]]) -> bytes:
+def _record(at: int, meta: bytes, done: tuple[tuple[Any, ...], ...]) -> bytes:
     """The change record of a commit, built when it is read rather than on the commit path."""
     rec = ChangeRecorder()
     for d in done:
@@ -228,7 +228,7 @@ class MemoryStore(Store):
                     ]
                     appended.setdefault(op.stream, []).extend(rows)
                     last_seqs[op.stream] = first + len(rows) - 1
-                    done.append((_APPEND, op.stream, rows))
+                    done.append((_APPEND, op.stream, tuple(rows)))
                 else:
                     assert type(op) is PreparedTrim
                     trims[op.stream] = max(trims.get(op.stream, 0), op.before_seq)
@@ -260,7 +260,9 @@ class MemoryStore(Store):
                 if s is not None and s.events:
                     cut = bisect_left(s.events, before, key=lambda e: e[0])
                     del s.events[:cut]
-            t.changes.append((now, _fit(c.meta), done))
+            # tuples of plain values only: the garbage collector stops tracking them, so a long feed
+            # kept in memory does not slow every collection down
+            t.changes.append((now, _fit(c.meta), tuple(done)))
             if self._watchers:
                 self._cond.notify_all()
             return Commit(revision, now, versions, counters, last_seqs)
@@ -278,7 +280,7 @@ class MemoryStore(Store):
             insort(space.keys, op.key)
         value = _fit(op.value)
         space.recs[op.key] = _Rec(value, version, revision, now if old is None else old.created_at, now, exp)
-        t.changes.append((now, _fit(c.meta), [(_PUT, op.namespace, op.key, version, value, exp)]))
+        t.changes.append((now, _fit(c.meta), ((_PUT, op.namespace, op.key, version, value, exp),)))
         if self._watchers:
             self._cond.notify_all()
         return Commit(revision, now, {(op.namespace, op.key): version}, {}, {})
