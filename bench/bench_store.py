@@ -145,7 +145,7 @@ class RawRunner:
             now = time.time_ns() // 1000
             cur.execute(SQL_BEGIN)
             revision = cur.execute(SQL_BUMP_REVISION, (TENANT,)).fetchone()[0]
-            version = cur.execute(SQL_PUT, (TENANT, "bench", key, value, revision, now, None)).fetchone()[0]
+            version = cur.execute(SQL_PUT, (TENANT, revision, now, "bench", key, value, None)).fetchone()[0]
             op = {"op": "put", "ns": "bench", "key": key, "version": version, "value": fragment(value), "exp": None}
             cur.execute(SQL_INSERT_CHANGE, (TENANT, revision, dumps({"at": now, "meta": {}, "ops": [op]})))
             cur.execute(SQL_COMMIT)

@@ -132,16 +132,26 @@ SQL_BUMP_REVISION = (
     "INSERT INTO sl_tenants (tenant, revision) VALUES (?, 1) "
     "ON CONFLICT (tenant) DO UPDATE SET revision = revision + 1 RETURNING revision"
 )
-# ?1 tenant ?2 ns ?3 key ?4 value ?5 revision ?6 now ?7 expires_at; an expired row counts as absent.
-SQL_PUT = (
-    "INSERT INTO sl_items (tenant, ns, key, value, version, revision, created_at, updated_at, expires_at) "
-    "VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?6, ?7) "
-    "ON CONFLICT (tenant, ns, key) DO UPDATE SET "
-    "version = CASE WHEN expires_at IS NOT NULL AND expires_at <= ?6 THEN 1 ELSE version + 1 END, "
-    "created_at = CASE WHEN expires_at IS NOT NULL AND expires_at <= ?6 THEN ?6 ELSE created_at END, "
-    "value = ?4, revision = ?5, updated_at = ?6, expires_at = ?7 "
-    "RETURNING version"
-)
+
+
+@functools.lru_cache(maxsize=64)
+def _sql_put(n: int) -> str:
+    """An upsert of ``n`` items returning ``version, ns, key`` of each. ?1 tenant ?2 revision ?3 now,
+    then ns, key, value, expires_at per row; an expired row counts as absent (its version restarts)."""
+    rows = ", ".join(f"(?1, ?{4 + 4 * i}, ?{5 + 4 * i}, ?{6 + 4 * i}, 1, ?2, ?3, ?3, ?{7 + 4 * i})" for i in range(n))
+    expired = "sl_items.expires_at IS NOT NULL AND sl_items.expires_at <= ?3"
+    return (
+        "INSERT INTO sl_items (tenant, ns, key, value, version, revision, created_at, updated_at, expires_at) "
+        f"VALUES {rows} ON CONFLICT (tenant, ns, key) DO UPDATE SET "
+        f"version = CASE WHEN {expired} THEN 1 ELSE sl_items.version + 1 END, "
+        f"created_at = CASE WHEN {expired} THEN ?3 ELSE sl_items.created_at END, "
+        "value = excluded.value, revision = ?2, updated_at = ?3, expires_at = excluded.expires_at "
+        "RETURNING version, ns, key"
+    )
+
+
+# one item: (tenant, revision, now, ns, key, value, expires_at)
+SQL_PUT = _sql_put(1)
 SQL_INSERT_CHANGE = "INSERT INTO sl_changes (tenant, revision, body) VALUES (?, ?, ?)"
 
 _SQL_SET_REVISION = "UPDATE sl_tenants SET revision = ? WHERE tenant = ?"
@@ -238,21 +248,6 @@ def _live_versions(cur: sqlite3.Cursor, tenant: str, checks: Sequence[Check], no
 _PUTS_TOGETHER = 256  # 4 parameters a row: far below any SQLite build's limit on parameters
 
 
-@functools.lru_cache(maxsize=64)
-def _sql_put_many(n: int) -> str:
-    # SQL_PUT for n rows: ?1 tenant ?2 revision ?3 now, then ns, key, value, expires_at per row
-    rows = ", ".join(f"(?1, ?{4 + 4 * i}, ?{5 + 4 * i}, ?{6 + 4 * i}, 1, ?2, ?3, ?3, ?{7 + 4 * i})" for i in range(n))
-    expired = "sl_items.expires_at IS NOT NULL AND sl_items.expires_at <= ?3"
-    return (
-        "INSERT INTO sl_items (tenant, ns, key, value, version, revision, created_at, updated_at, expires_at) "
-        f"VALUES {rows} ON CONFLICT (tenant, ns, key) DO UPDATE SET "
-        f"version = CASE WHEN {expired} THEN 1 ELSE sl_items.version + 1 END, "
-        f"created_at = CASE WHEN {expired} THEN ?3 ELSE sl_items.created_at END, "
-        "value = excluded.value, revision = ?2, updated_at = ?3, expires_at = excluded.expires_at "
-        "RETURNING ns, key, version"
-    )
-
-
 def _put_together(
     cur: sqlite3.Cursor, c: PreparedCommit, tenant: str, now: int, revision: int
 ) -> dict[tuple[str, str], int] | None:
@@ -268,7 +263,7 @@ def _put_together(
     for op in puts:
         assert isinstance(op, PreparedPut)
         params += (op.namespace, op.key, op.value, None if op.ttl_us is None else now + op.ttl_us)
-    return {(ns, key): v for ns, key, v in cur.execute(_sql_put_many(len(puts)), params)}
+    return {(ns, key): v for v, ns, key in cur.execute(_sql_put(len(puts)), params)}
 
 
 class _RolledBack(Exception):
@@ -808,7 +803,7 @@ class SQLiteStore(Store):
                     version: int = put_versions[(op.namespace, op.key)]
                 else:
                     version = cur.execute(
-                        SQL_PUT, (tenant, op.namespace, op.key, op.value, revision, now, exp)
+                        SQL_PUT, (tenant, revision, now, op.namespace, op.key, op.value, exp)
                     ).fetchone()[0]
                 versions[(op.namespace, op.key)] = version
                 recorder.put(op.namespace, op.key, version, op.value, exp)
