@@ -127,15 +127,6 @@ _CHAIN_BYTES = 200
 _MAX_FIELDS_BYTES = 6 * (3 * 256 + 1024 + 64 + 256) + 256 + _CHAIN_BYTES
 
 
-def _sized(store: Store, data: bytes) -> bytes:
-    if len(data) > store.max_value_bytes:
-        raise PayloadTooLarge(
-            f"entry: {len(data)} bytes is over the limit of {store.max_value_bytes}",
-            details={"field": "entry", "size": len(data), "limit": store.max_value_bytes},
-        )
-    return data
-
-
 def _opt_ts(value: object, field: str) -> int | None:
     if value is None:
         return None
@@ -354,7 +345,8 @@ class AuditLog:
                 h = _hash(tenant, seq, entry_body, link)
                 entry_body["prev"] = link
                 entry_body["hash"] = h
-                events.append(PreparedEvent(EVENT_TYPE, _sized(store, orjson.dumps(entry_body)), _NO_META))
+                data = codec.sized(orjson.dumps(entry_body), "entry", store.max_value_bytes)
+                events.append(PreparedEvent(EVENT_TYPE, data, _NO_META))
                 entries.append(AuditEntry(seq, ts, tenant, prev=link, hash=h, **body))
             prepared = PreparedCommit(
                 tenant,

@@ -55,7 +55,7 @@ from typing import Any, Final, TypeAlias
 import orjson
 
 from stateline import codec
-from stateline.errors import Conflict, InvalidArgument, NotFound, PayloadTooLarge, Unavailable
+from stateline.errors import Conflict, InvalidArgument, NotFound, Unavailable
 from stateline.store.protocol import PreparedAppend, PreparedCommit, PreparedEvent, PreparedPut, Store
 from stateline.types import (
     Absent,
@@ -935,15 +935,6 @@ def _streams(case_id: str) -> tuple[str, str]:
 _NO_META = b"{}"
 
 
-def _sized(store: Store, data: bytes, field: str) -> bytes:
-    if len(data) > store.max_value_bytes:
-        raise PayloadTooLarge(
-            f"{field}: {len(data)} bytes is over the limit of {store.max_value_bytes}",
-            details={"field": field, "size": len(data), "limit": store.max_value_bytes},
-        )
-    return data
-
-
 def _persist(
     store: Store,
     tenant: str,
@@ -978,16 +969,18 @@ def _persist(
     }
     body_bytes = orjson.dumps(body, option=_SORTED)
     rhash = hashlib.sha256(body_bytes).hexdigest()
+    limit = store.max_value_bytes
+    receipt_data = codec.sized(b"".join((body_bytes[:-1], b',"hash":"', rhash.encode(), b'"}')), "receipt", limit)
     value = b"".join((core[:-1], b',"receipt":{"seq":', str(seq).encode(), b',"hash":"', rhash.encode(), b'"}}'))
-    receipt_data = b"".join((body_bytes[:-1], b',"hash":"', rhash.encode(), b'"}'))
+    value = codec.sized(value, "case state", limit)
     # each event holds one summary of the receipt, so it is smaller than the receipt, whose size is checked
     events = tuple([PreparedEvent(EVENT_TYPES[s["op"]], orjson.dumps(s), _NO_META) for s in summaries])
     prepared = PreparedCommit(
         tenant,
         (guard, StreamAt(rstream, head_seq)),
         (  # the receipt first: the change feed names a change after its first op (``<tenant>.cases.receipt``)
-            PreparedAppend(rstream, (PreparedEvent("receipt", _sized(store, receipt_data, "receipt"), _NO_META),)),
-            PreparedPut(NAMESPACE, cid, _sized(store, value, "case state"), None),
+            PreparedAppend(rstream, (PreparedEvent("receipt", receipt_data, _NO_META),)),
+            PreparedPut(NAMESPACE, cid, value, None),
             PreparedAppend(estream, events),
         ),
         _NO_META,

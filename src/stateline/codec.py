@@ -9,7 +9,7 @@ import orjson
 
 from stateline.errors import InvalidArgument, PayloadTooLarge
 
-__all__ = ["decode", "dumps", "encode", "loads"]
+__all__ = ["decode", "dumps", "encode", "loads", "sized"]
 
 _OPTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
 
@@ -71,7 +71,12 @@ def encode(value: Any, field: str = "value", max_bytes: int | None = None) -> by
         data = orjson.dumps(value, default=_reject, option=_OPTS)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise InvalidArgument(field, f"not encodable as JSON ({exc})") from None
-    if max_bytes is not None and len(data) > max_bytes:
+    return data if max_bytes is None else sized(data, field, max_bytes)
+
+
+def sized(data: bytes, field: str, max_bytes: int) -> bytes:
+    """``data`` if it is at most ``max_bytes`` long, else ``PayloadTooLarge`` naming ``field``."""
+    if len(data) > max_bytes:
         raise PayloadTooLarge(
             f"{field}: {len(data)} bytes is over the limit of {max_bytes}",
             details={"field": field, "size": len(data), "limit": max_bytes},
