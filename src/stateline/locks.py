@@ -9,7 +9,6 @@ import secrets
 import socket
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Any
 
 from stateline.errors import Conflict, InvalidArgument, NotFound
 from stateline.store.protocol import Store
-from stateline.types import Absent, Delete, Item, Put, VersionIs, check_key, check_tenant
+from stateline.types import Absent, Delete, Item, LastWritten, Put, VersionIs, check_key, check_tenant
 
 __all__ = ["Lease", "LockState", "Locks", "WaitFor"]
 
@@ -97,23 +96,16 @@ class Locks:
         # lock name -> (document, version) as this handle last wrote it: the next acquire, release or
         # extend of that lock commits against that version without reading it first (a stale entry
         # only costs a refused commit, then the lock is read as usual)
-        self._known: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()
-        self._known_lock = threading.Lock()
+        self._known = LastWritten(_KNOWN_MAX)
 
     def _remember(self, name: str, doc: dict[str, Any], version: int) -> None:
-        with self._known_lock:
-            self._known[name] = (doc, version)
-            self._known.move_to_end(name)
-            if len(self._known) > _KNOWN_MAX:
-                self._known.popitem(last=False)
+        self._known.put(name, doc, version)
 
     def _recall(self, name: str) -> tuple[dict[str, Any], int] | None:
-        with self._known_lock:
-            return self._known.get(name)
+        return self._known.get(name)
 
     def _forget(self, name: str) -> None:
-        with self._known_lock:
-            self._known.pop(name, None)
+        self._known.drop(name)
 
     # ------------------------------------------------------------ reads
 

@@ -9,7 +9,6 @@ import re
 import secrets
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,6 +26,7 @@ from stateline.types import (
     Event,
     Incr,
     Item,
+    LastWritten,
     NewEvent,
     Op,
     Put,
@@ -448,25 +448,19 @@ class Runs:
         self._window = _MIN_WINDOW
         # lease token -> (step doc, version) as this handle last wrote it: the holder's next call
         # commits against that version without reading it again (a stale entry only costs a retry)
-        self._held: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()
-        self._held_lock = threading.Lock()
+        self._held = LastWritten(_HELD_MAX)
 
     def _remember(self, token: str, doc: dict[str, Any], version: int) -> None:
-        with self._held_lock:
-            self._held[token] = (doc, version)
-            if len(self._held) > _HELD_MAX:
-                self._held.popitem(last=False)
+        self._held.put(token, doc, version)
 
     def _recall(self, token: str, skey: str) -> tuple[dict[str, Any], int] | None:
-        with self._held_lock:
-            hit = self._held.get(token)
+        hit = self._held.get(token)
         if hit is None or f"{hit[0]['run_id']}/{hit[0]['step_id']}" != skey:
             return None
         return dict(hit[0]), hit[1]
 
     def _forget(self, token: str) -> None:
-        with self._held_lock:
-            self._held.pop(token, None)
+        self._held.drop(token)
 
     # ------------------------------------------------------------ events
 

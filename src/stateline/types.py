@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -341,3 +343,31 @@ class TenantStats:
     namespaces: dict[str, NamespaceStats]
     streams: int
     events: int
+
+
+class LastWritten:
+    """For layers: what a handle last wrote, ``key -> (document, version)``, so that its next write
+    of that key can commit against the version without reading it first. Thread-safe; holds at most
+    ``size`` keys, dropping the longest unwritten first. A stale entry only costs a refused commit."""
+
+    __slots__ = ("_lock", "_map", "_size")
+
+    def __init__(self, size: int) -> None:
+        self._map: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._size = size
+
+    def put(self, key: str, doc: dict[str, Any], version: int) -> None:
+        with self._lock:
+            self._map[key] = (doc, version)
+            self._map.move_to_end(key)
+            if len(self._map) > self._size:
+                self._map.popitem(last=False)
+
+    def get(self, key: str) -> tuple[dict[str, Any], int] | None:
+        with self._lock:
+            return self._map.get(key)
+
+    def drop(self, key: str) -> None:
+        with self._lock:
+            self._map.pop(key, None)
