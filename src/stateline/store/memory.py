@@ -120,7 +120,8 @@ class MemoryStore(Store):
 
     def __init__(self, *, clock: Clock | None = None, **options: Any) -> None:
         super().__init__(clock=clock, **options)
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()  # taken directly on hot paths: Condition.__enter__ is Python code
+        self._cond = threading.Condition(self._lock)
         self._data: dict[str, _Tenant] = {}
         self._watchers = 0
 
@@ -142,7 +143,7 @@ class MemoryStore(Store):
         return None if space is None else _live(space.recs.get(key), now)
 
     def _commit(self, c: PreparedCommit) -> Commit:
-        with self._cond:
+        with self._lock:
             now = self.clock.now_us()
             t = self._data.get(c.tenant)
             failures = []
@@ -153,8 +154,7 @@ class MemoryStore(Store):
                     if seq != check.seq:
                         failures.append(CheckFailure(check, seq))
                     continue
-                assert isinstance(check, VersionIs | Absent | Exists)
-                rec = self._rec(t, check.namespace, check.key, now)
+                rec = self._rec(t, check.namespace, check.key, now)  # type: ignore[union-attr]
                 found = None if rec is None else rec.version
                 if (
                     (type(check) is VersionIs and found != check.version)
@@ -224,7 +224,15 @@ class MemoryStore(Store):
                         last_seqs[op.stream] = 0 if s is None else s.last_seq
                     first = last_seqs[op.stream] + 1
                     rows = [
-                        (first + i, e.type, _fit(e.data), _fit(e.meta), revision, now) for i, e in enumerate(op.events)
+                        (
+                            first + i,
+                            e.type,
+                            memoryview(e.data).tobytes(),
+                            _EMPTY if e.meta == _EMPTY else memoryview(e.meta).tobytes(),
+                            revision,
+                            now,
+                        )
+                        for i, e in enumerate(op.events)
                     ]
                     appended.setdefault(op.stream, []).extend(rows)
                     last_seqs[op.stream] = first + len(rows) - 1
@@ -286,12 +294,12 @@ class MemoryStore(Store):
         return Commit(revision, now, {(op.namespace, op.key): version}, {}, {})
 
     def _get(self, tenant: str, namespace: str, key: str) -> Item | None:
-        with self._cond:
+        with self._lock:
             rec = self._rec(self._data.get(tenant), namespace, key, self.clock.now_us())
             return None if rec is None else self._item(namespace, key, rec)
 
     def _get_many(self, tenant: str, keys: list[tuple[str, str]]) -> list[Item | None]:
-        with self._cond:
+        with self._lock:
             t = self._data.get(tenant)
             now = self.clock.now_us()
             out: list[Item | None] = []
@@ -301,7 +309,7 @@ class MemoryStore(Store):
             return out
 
     def _scan(self, tenant: str, namespace: str, prefix: str, after: str | None, limit: int) -> list[Item]:
-        with self._cond:
+        with self._lock:
             t = self._data.get(tenant)
             space = None if t is None else t.spaces.get(namespace)
             if space is None:
@@ -321,7 +329,7 @@ class MemoryStore(Store):
             return out
 
     def _read_stream(self, tenant: str, stream: str, from_seq: int, to_seq: int, limit: int) -> list[Event]:
-        with self._cond:
+        with self._lock:
             t = self._data.get(tenant)
             s = None if t is None else t.streams.get(stream)
             if s is None:
