@@ -720,6 +720,15 @@ def test_a_stale_memory_of_the_open_steps_does_not_complete_the_run(backend: Bac
     assert [e.type for e in tenant.runs.history("r")].count("run.completed") == 1
 
 
+def test_changing_a_returned_run_changes_nothing_stored(tenant: Tenant) -> None:
+    run = tenant.runs.create("f", [StepSpec("a")], run_id="r", metadata={"owner": {"team": "x"}})
+    run.metadata["owner"]["team"] = "changed"
+    run.metadata["more"] = 1
+    (c,) = tenant.runs.claim("w")  # moves the run to running
+    tenant.runs.complete(c, c.lease_token)  # and to completed
+    assert tenant.runs.get("r").metadata == {"owner": {"team": "x"}}
+
+
 def test_a_claim_on_a_stale_memory_of_the_run_sees_it_cancelled(
     backend: Backend, tenant: Tenant, clock: FakeClock
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import random
 import re
@@ -498,7 +499,8 @@ class Runs:
         commit = self.store.commit(self.tenant, plan.checks, ops, {"layer": "runs", "trace_id": trace_id})
         for op in ops:
             if isinstance(op, Put) and op.namespace == NS_RUNS:
-                self._run_docs.put(op.key, op.value, commit.versions[(NS_RUNS, op.key)])
+                # a copy: the caller may hand parts of the document (metadata) on to its own caller
+                self._run_docs.put(op.key, copy.deepcopy(op.value), commit.versions[(NS_RUNS, op.key)])
             elif isinstance(op, Put | Incr) and op.namespace == NS_OPEN:
                 left = op.value if isinstance(op, Put) else commit.counters[(NS_OPEN, op.key)]
                 self._open_counts.put(op.key, {"left": left}, commit.versions[(NS_OPEN, op.key)])
