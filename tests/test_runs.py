@@ -674,6 +674,74 @@ def test_complete_and_claim_takes_a_ready_step_of_another_run(tenant: Tenant, cl
     assert [e.type for e in tenant.runs.history("r2")].count("step.assigned") == 3
 
 
+@pytest.mark.parametrize("eager", [False, True])
+def test_the_last_completion_completes_the_run_in_the_same_commit(tenant: Tenant, eager: bool) -> None:
+    tenant.runs.create("f", [StepSpec("a"), StepSpec("b", depends_on=["a"])], run_id="r")
+    (c,) = tenant.runs.claim("w")
+    tenant.runs.complete(c, c.lease_token, "A")
+    assert tenant.runs.get("r").status == "running"
+    (c,) = tenant.runs.claim("w")
+    before = tenant.revision()
+    if eager:
+        assert tenant.runs.complete_and_claim(c, c.lease_token, "B")[1] is None
+    else:
+        tenant.runs.complete(c, c.lease_token, "B")
+    assert tenant.revision() == before + 1
+    assert tenant.runs.get("r").status == "completed"
+    history = tenant.runs.history("r")
+    last_step = [e for e in history if e.type == "step.completed"][-1]
+    (finished,) = [e for e in history if e.type == "run.completed"]
+    assert finished.revision == last_step.revision
+    assert finished.seq == last_step.seq + 1
+    assert (finished.data["from"], finished.data["to"]) == ("running", "completed")
+
+
+def test_a_run_completes_when_another_handle_settled_its_other_steps(backend: Backend, tenant: Tenant) -> None:
+    other = Database(backend.open()).tenant("acme").runs
+    tenant.runs.create("f", [StepSpec("a"), StepSpec("b")], run_id="r")
+    got = {c.step_id: c for c in tenant.runs.claim("w", limit=2)}
+    other.complete(got["a"], got["a"].lease_token, "A")  # behind the first handle's back
+    tenant.runs.complete(got["b"], got["b"].lease_token, "B")
+    assert tenant.runs.get("r").status == "completed"
+    assert [e.type for e in tenant.runs.history("r")].count("run.completed") == 1
+
+
+def test_a_stale_memory_of_the_open_steps_does_not_complete_the_run(backend: Backend, tenant: Tenant) -> None:
+    other = Database(backend.open()).tenant("acme").runs
+    tenant.runs.create("f", [StepSpec("a", optional=True), StepSpec("b")], run_id="r")
+    got = {c.step_id: c for c in tenant.runs.claim("w", limit=2)}
+    tenant.runs.fail(got["a"], got["a"].lease_token, "no", retryable=False)  # settled: b is the last open step
+    other.retry_dead("r/a")  # a is open again, behind the first handle's back
+    tenant.runs.complete(got["b"], got["b"].lease_token, "B")
+    assert tenant.runs.get("r").status == "running"
+    (a,) = other.claim("w2")
+    other.complete(a, a.lease_token, "A")
+    assert tenant.runs.get("r").status == "completed"
+    assert [e.type for e in tenant.runs.history("r")].count("run.completed") == 1
+
+
+def test_changing_a_returned_run_changes_nothing_stored(tenant: Tenant) -> None:
+    run = tenant.runs.create("f", [StepSpec("a")], run_id="r", metadata={"owner": {"team": "x"}})
+    run.metadata["owner"]["team"] = "changed"
+    run.metadata["more"] = 1
+    (c,) = tenant.runs.claim("w")  # moves the run to running
+    tenant.runs.complete(c, c.lease_token)  # and to completed
+    assert tenant.runs.get("r").metadata == {"owner": {"team": "x"}}
+
+
+def test_a_claim_on_a_stale_memory_of_the_run_sees_it_cancelled(
+    backend: Backend, tenant: Tenant, clock: FakeClock
+) -> None:
+    other = Database(backend.open()).tenant("acme").runs
+    tenant.runs.create("f", [StepSpec("a")], run_id="r")
+    tenant.runs.claim("w", lease=10)  # this handle now knows the run as running
+    other.cancel("r")  # a is assigned: only marked
+    clock.advance(11)  # a's lease expired: the next claim of it cancels it
+    assert tenant.runs.claim("w2") == []
+    assert tenant.runs.step("r/a").status == "cancelled"
+    assert tenant.runs.claim("w2") == []
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     deps=st.lists(st.lists(st.integers(min_value=0, max_value=30), max_size=3), min_size=1, max_size=12),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import random
 import re
@@ -449,6 +450,11 @@ class Runs:
         # lease token -> (step doc, version) as this handle last wrote it: the holder's next call
         # commits against that version without reading it again (a stale entry only costs a retry)
         self._held = LastWritten(_HELD_MAX)
+        # run id -> (run doc, version) and -> ({"left": open steps}, version) as this handle last
+        # wrote or read them: a claim reads only the step, and the completion of a run's last open
+        # step completes the run in the same commit (a stale entry only costs a retry)
+        self._run_docs = LastWritten(_HELD_MAX)
+        self._open_counts = LastWritten(_HELD_MAX)
 
     def _remember(self, token: str, doc: dict[str, Any], version: int) -> None:
         self._held.put(token, doc, version)
@@ -490,7 +496,20 @@ class Runs:
         for other, events in plan.other_runs.items():
             streams.setdefault(other, []).extend(events)
         ops += [Append(f"runs:{r}", events) for r, events in streams.items() if events]
-        return self.store.commit(self.tenant, plan.checks, ops, {"layer": "runs", "trace_id": trace_id})
+        commit = self.store.commit(self.tenant, plan.checks, ops, {"layer": "runs", "trace_id": trace_id})
+        for op in ops:
+            if isinstance(op, Put) and op.namespace == NS_RUNS:
+                # a copy: the caller may hand parts of the document (metadata) on to its own caller
+                self._run_docs.put(op.key, copy.deepcopy(op.value), commit.versions[(NS_RUNS, op.key)])
+            elif isinstance(op, Put | Incr) and op.namespace == NS_OPEN:
+                left = op.value if isinstance(op, Put) else commit.counters[(NS_OPEN, op.key)]
+                self._open_counts.put(op.key, {"left": left}, commit.versions[(NS_OPEN, op.key)])
+        return commit
+
+    def _known_run(self, run_id: str) -> Item | None:
+        """The run as this handle last wrote or read it (maybe stale: commit against its version)."""
+        hit = self._run_docs.get(run_id)
+        return None if hit is None else Item(NS_RUNS, run_id, hit[0], hit[1], 0, 0, 0, None)
 
     # ------------------------------------------------------------ create
 
@@ -776,10 +795,17 @@ class Runs:
             found.sort(key=lambda it: it.key.split("/", 2)[1])
         return found[:window]
 
-    def _try_claim(self, due: Item, worker_id: str, lease: float, now: int) -> Claim | None:
+    def _try_claim(self, due: Item, worker_id: str, lease: float, now: int, fresh: bool = False) -> Claim | None:
         _kind, _due_at, run_id, step_id = due.key.split("/", 3)
         skey = f"{run_id}/{step_id}"
-        step_item, run_item = self.store.get_many(self.tenant, [(NS_STEPS, skey), (NS_RUNS, run_id)])
+        run_item = None if fresh else self._known_run(run_id)
+        if run_item is None:
+            fresh = True
+            step_item, run_item = self.store.get_many(self.tenant, [(NS_STEPS, skey), (NS_RUNS, run_id)])
+            if run_item is not None:
+                self._run_docs.put(run_id, run_item.value, run_item.version)
+        else:
+            step_item = self.store.get(self.tenant, NS_STEPS, skey)
         if step_item is None or run_item is None or step_item.value["due_key"] != due.key:
             # an index entry without its step (cannot be produced by this layer): drop it
             if step_item is None:
@@ -830,7 +856,9 @@ class Runs:
                 plan.ops.append(Put(NS_STEPS, skey, doc))
                 self._commit(plan, run_id, doc["trace_id"])
                 return None
-        except Conflict:
+        except Conflict as exc:
+            if self._stale_run(exc, run_id, fresh):
+                return self._try_claim(due, worker_id, lease, now, fresh=True)
             return None
 
         claim = self._assign(plan, doc, worker_id, lease, now)
@@ -838,10 +866,20 @@ class Runs:
             self._run_transition(plan, run_item, "running", now)
         try:
             commit = self._commit(plan, run_id, doc["trace_id"])
-        except Conflict:
+        except Conflict as exc:
+            if self._stale_run(exc, run_id, fresh):
+                return self._try_claim(due, worker_id, lease, now, fresh=True)
             return None
         self._remember(claim.lease_token, doc, commit.versions[(NS_STEPS, skey)])
         return claim
+
+    def _stale_run(self, exc: Conflict, run_id: str, fresh: bool) -> bool:
+        """Whether a refused commit planned on this handle's memory of the run failed on the run: the
+        run changed since (forget it and look again)."""
+        if fresh or not any(getattr(f.check, "namespace", None) == NS_RUNS for f in exc.failures):
+            return False
+        self._run_docs.drop(run_id)
+        return True
 
     def _assign(self, plan: _Plan, doc: dict[str, Any], worker_id: str, lease: float, now: int) -> Claim:
         """Plan ``pending|retrying -> assigned`` of ``doc`` to ``worker_id`` (the caller checks the
@@ -1103,6 +1141,7 @@ class Runs:
                     )
                 )
             released = self._terminal(plan, version, doc, "completed", now, fields)
+            finishes = attempt == 0 and self._plan_finish(plan, run_id, now)
             if metered is not None:
                 plan.events.append(
                     self._event(
@@ -1137,6 +1176,9 @@ class Runs:
             try:
                 commit = self._commit(plan, run_id, doc["trace_id"])
             except Conflict as exc:
+                if finishes:  # this handle's memory of the run or its open count was stale
+                    self._run_docs.drop(run_id)
+                    self._open_counts.drop(run_id)
                 if nxt is not None and any(
                     getattr(f.check, "key", None) in (nxt_key, nxt["run_id"]) for f in exc.failures
                 ):
@@ -1147,7 +1189,8 @@ class Runs:
             if claim is not None and nxt is not None:
                 self._window = max(_MIN_WINDOW, self._window - 1)
                 self._remember(claim.lease_token, nxt, commit.versions[(NS_STEPS, nxt_key)])
-            self._after_settle(commit, doc)
+            if not finishes:
+                self._after_settle(commit, doc)
             return self._step_from(doc, commit.versions[(NS_STEPS, skey)], False), claim
         raise Conflict(f"step {run_id}/{step_id}: too much contention, gave up", details={"reason": "contention"})
 
@@ -1396,6 +1439,18 @@ class Runs:
             plan.events.append(self._event("step.cancelled", doc, {"from": frm, "to": "cancelled", "at": now}))
         doc.update(status="cancelled", due_key=None, lease_token=None, lease_expires_at=None, updated_at=now)
         plan.ops.append(Put(NS_STEPS, skey, doc))
+
+    def _plan_finish(self, plan: _Plan, run_id: str, now: int) -> bool:
+        """Plan ``running -> completed`` of the run in ``plan``, which settles one of its steps, if this
+        handle last saw that step as the run's only open one; the plan then checks the open count's
+        version, so a stale memory only costs a refused commit."""
+        counted = self._open_counts.get(run_id)
+        run_item = self._known_run(run_id)
+        if counted is None or counted[0]["left"] != 1 or run_item is None or run_item.value["status"] != "running":
+            return False
+        plan.checks.append(VersionIs(NS_OPEN, run_id, counted[1]))
+        self._run_transition(plan, run_item, "completed", now)
+        return True
 
     def _after_settle(self, commit: Commit, doc: Mapping[str, Any]) -> None:
         left = commit.counters.get((NS_OPEN, doc["run_id"]))

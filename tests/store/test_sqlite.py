@@ -35,6 +35,7 @@ from stateline import (
     VersionIs,
     open_store,
 )
+from stateline.store import sqlite as sqlite_adapter
 from stateline.store.sqlite import SCHEMA_VERSION, SQLiteStore
 
 T = "acme"
@@ -568,3 +569,28 @@ def test_a_forked_child_opens_its_own_connections(db_path: Path, opened: Callabl
     assert item is not None
     assert item.value == 1
     assert store.commit(T, ops=[Incr("ns", "k")]).revision == 3
+
+
+@pytest.mark.parametrize("checked", [3, 250])
+def test_checks_of_several_keys_look_each_key_up(
+    db_path: Path, opened: Callable[..., SQLiteStore], checked: int
+) -> None:
+    store = opened(_url(db_path))
+    store.commit(T, ops=[Put("ns", f"k{i:03d}", i) for i in range(300)])
+    conn = sqlite3.connect(db_path)
+    try:
+        together = min(checked, sqlite_adapter._LOOKUPS_TOGETHER)
+        sql = sqlite_adapter._sql_live_versions(together)
+        plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", [T, 0] + ["ns", "k"] * together)]
+    finally:
+        conn.close()
+    searches = [step for step in plan if "sl_items" in step]
+    assert len(searches) == min(checked, sqlite_adapter._LOOKUPS_TOGETHER)
+    assert all("(tenant=? AND ns=? AND key=?)" in step for step in searches), plan
+
+    checks = [VersionIs("ns", f"k{i:03d}", 1) for i in range(checked)]
+    with pytest.raises(Conflict) as caught:  # the last key, in the last statement, is stale
+        store.commit(T, checks=[*checks[:-1], VersionIs("ns", f"k{checked - 1:03d}", 2)], ops=[Put("ns", "x", 1)])
+    assert [(getattr(f.check, "key", None), f.found) for f in caught.value.failures] == [(f"k{checked - 1:03d}", 1)]
+    assert store.get(T, "ns", "x") is None
+    assert store.commit(T, checks=[*checks, Absent("ns", "x")], ops=[Put("ns", "x", 1)]).versions[("ns", "x")] == 1

@@ -231,18 +231,26 @@ def _translate(exc: sqlite3.Error) -> StatelineError:
 
 @functools.lru_cache(maxsize=64)
 def _sql_live_versions(n: int) -> str:
-    # one primary-key lookup per pair (SQLite plans the ORs as a multi-index OR)
-    pairs = " OR ".join(f"(ns = ?{3 + 2 * i} AND key = ?{4 + 2 * i})" for i in range(n))
+    # a compound of point lookups: ORs of (ns, key) pairs are planned as a scan of the tenant's
+    # rows once there are three of them
+    one = "SELECT ns, key, version FROM sl_items WHERE tenant = ?1 AND ns = ?{} AND key = ?{} AND {}"
     live = "(expires_at IS NULL OR expires_at > ?2)"
-    return f"SELECT ns, key, version FROM sl_items WHERE tenant = ?1 AND ({pairs}) AND {live}"
+    return " UNION ALL ".join(one.format(3 + 2 * i, 4 + 2 * i, live) for i in range(n))
+
+
+_LOOKUPS_TOGETHER = 100  # below SQLite's limit on the terms of a compound select (500)
 
 
 def _live_versions(cur: sqlite3.Cursor, tenant: str, checks: Sequence[Check], now: int) -> dict[tuple[str, str], int]:
-    """The live versions of the keys several item checks name, read by one statement."""
-    params: list[Any] = [tenant, now]
-    for ch in checks:
-        params += (ch.namespace, ch.key)  # type: ignore[union-attr]
-    return {(ns, key): v for ns, key, v in cur.execute(_sql_live_versions(len(checks)), params)}
+    """The live versions of the keys several item checks name, read by one statement per 100 keys."""
+    found: dict[tuple[str, str], int] = {}
+    for start in range(0, len(checks), _LOOKUPS_TOGETHER):
+        chunk = checks[start : start + _LOOKUPS_TOGETHER]
+        params: list[Any] = [tenant, now]
+        for ch in chunk:
+            params += (ch.namespace, ch.key)  # type: ignore[union-attr]
+        found.update({(ns, key): v for ns, key, v in cur.execute(_sql_live_versions(len(chunk)), params)})
+    return found
 
 
 _PUTS_TOGETHER = 256  # 4 parameters a row: far below any SQLite build's limit on parameters
