@@ -28,7 +28,7 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 from starlette.staticfiles import StaticFiles
 
-from stateline.api.auditing import ApiAuditor, AuditEntry
+from stateline.api.auditing import ApiAuditor
 from stateline.api.auth import KeyStore, Principal
 from stateline.api.errors import error_response, install_error_handlers
 from stateline.api.hub import ChangeHub
@@ -454,12 +454,15 @@ class ServiceMiddleware:
                         f"tenant {principal.tenant!r} is over {ctx.settings.rate_limit:g} requests per second",
                         retry_after=wait,
                     )
-            receive = _limited(receive, limit)
+            if length is None:
+                # no Content-Length (a chunked upload): count the body as it comes; with one, the
+                # server's HTTP framing already stops the body at the declared length, checked above
+                receive = _limited(receive, limit)
             idem = hdrs.get(b"idempotency-key")
             if method == "POST" and idem is not None:
-                await self._idempotent(scope, receive, send_plain, principal, idem.decode("latin-1"))
+                await self._idempotent(scope, receive, send_plain, principal, idem.decode("latin-1"), state)
             elif method in _WRITE_METHODS:
-                await self.app(scope, receive, self._audited(scope, send_plain, principal))
+                await self.app(scope, receive, self._audited(scope, send, principal, state))
             else:
                 await self.app(scope, receive, send_plain)
         except StatelineError as exc:
@@ -512,12 +515,13 @@ class ServiceMiddleware:
         result = await ctx.run(limiter.hit, "requests")
         return None if result.allowed else max(result.retry_after, 0.001)
 
-    def _audited(self, scope: Scope, send: Send, principal: Principal) -> Send:
+    def _audited(self, scope: Scope, send: Send, principal: Principal, state: list[Any]) -> Send:
         """A ``send`` that writes the audit entry of a successful write before the response completes.
 
         The start of a successful response is held until the entry is committed and then sent together
         with the body (one burst of writes, as an unaudited response goes out); a streamed body sends
-        the start with its first chunk and is audited before its last."""
+        the start with its first chunk and is audited before its last. ``state`` (status, response
+        started) is kept as the service's plain ``send`` keeps it: set when the start goes out."""
         ctx = self.ctx
         held: list[Message] = []
         status = [500]
@@ -525,25 +529,44 @@ class ServiceMiddleware:
         async def audited_send(message: Message) -> None:
             kind = message["type"]
             if kind == "http.response.start":
-                status[0] = message["status"]
-                if status[0] < 400:
+                code = status[0] = message["status"]
+                if code < 400:
                     held.append(message)
                     return
+                state[0] = code
+                state[1] = True
             elif kind == "http.response.body":
-                if not message.get("more_body") and status[0] < 400:
-                    entry = _audit_entry(scope, principal, status[0])
+                if status[0] < 400 and not message.get("more_body"):
+                    action, resource_type, resource_id = _audit_target(scope)
+                    client = scope.get("client")
                     try:
-                        await ctx.auditor.submit(principal.tenant, entry)
+                        await ctx.auditor.submit_fields(
+                            principal.tenant,
+                            principal.key_id,
+                            action,
+                            resource_type,
+                            resource_id,
+                            scope["method"],
+                            scope["path"],
+                            status[0],
+                            client[0] if client else None,
+                            scope["state"].get("trace_id"),
+                        )
                     except Exception as exc:  # noqa: BLE001  # the write is committed: report, don't hide it
                         ctx.metrics.store_errors.labels("audit", "audit_failed").inc()
-                        _log.error("audit write failed", exc_info=exc, extra={"audit_action": entry.action})
+                        _log.error("audit write failed", exc_info=exc, extra={"audit_action": action})
                 if held:
-                    await send(held.pop())
+                    start = held.pop()
+                    state[0] = start["status"]
+                    state[1] = True
+                    await send(start)
             await send(message)
 
         return audited_send
 
-    async def _idempotent(self, scope: Scope, receive: Receive, send: Send, principal: Principal, key: str) -> None:
+    async def _idempotent(
+        self, scope: Scope, receive: Receive, send: Send, principal: Principal, key: str, state: list[Any]
+    ) -> None:
         ctx = self.ctx
         HttpIdempotency.check_key(key)
         body, receive = await _buffer_body(receive)
@@ -560,7 +583,7 @@ class ServiceMiddleware:
         captured_status = [500]
         captured_headers: list[tuple[str, str]] = []
         chunks: list[bytes] = []
-        inner_send = self._audited(scope, send, principal)
+        inner_send = self._audited(scope, send, principal, state)
 
         async def capture(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -608,7 +631,8 @@ def _server_span(tracer: Tracer | None, method: str, path: str, parent: otel_con
 _ROUTE_INFO: dict[tuple[str, str, str], tuple[str, str]] = {}
 
 
-def _audit_entry(scope: Scope, principal: Principal, status: int) -> AuditEntry:
+def _audit_target(scope: Scope) -> tuple[str, str, str]:
+    """The audit entry's action, resource type and resource id for the request in ``scope``."""
     route = scope.get("route")
     method: str = scope["method"]
     template: str = getattr(route, "path", "") or scope["path"]
@@ -621,18 +645,8 @@ def _audit_entry(scope: Scope, principal: Principal, status: int) -> AuditEntry:
             _ROUTE_INFO[(template, route_name, method)] = info
     params = scope.get("path_params")
     resource_id = "/".join(map(str, params.values())) if params else ""
-    client = scope.get("client")
-    return AuditEntry(
-        key_id=principal.key_id,
-        action=info[0],
-        resource_type=info[1],
-        resource_id=resource_id[:1024],  # the audit log's limit: a longer id is cut, not a failed entry
-        method=method,
-        path=scope["path"],
-        status=status,
-        ip=client[0] if client else None,
-        trace_id=scope["state"].get("trace_id"),
-    )
+    # the audit log's limit: a longer id is cut, not a failed entry
+    return info[0], info[1], resource_id[:1024]
 
 
 def _token(hdrs: dict[bytes, bytes]) -> str | None:
