@@ -297,6 +297,24 @@ class _FastRoute(Route):
             child["route"] = self
         return match, child
 
+    def enter(self, scope: Scope, method: str, path: str) -> bool:
+        """Whether ``method`` and ``path`` (the scope's, without a root path) fully match this route; if
+        so, put what ``matches`` returns in ``scope``: the endpoint, path parameters and the route."""
+        methods = self.methods
+        if methods is not None and method not in methods:
+            return False
+        found = self.path_regex.match(path)
+        if found is None:
+            return False
+        convertors = self.param_convertors
+        params = {name: convertors[name].convert(value) for name, value in found.groupdict().items()}
+        if "path_params" in scope:
+            params = {**scope["path_params"], **params}
+        scope["endpoint"] = self.endpoint
+        scope["path_params"] = params
+        scope["route"] = self
+        return True
+
 
 async def _call_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     """Call the endpoint of the fast route the front door matched (no FastAPI machinery around it). A
@@ -321,13 +339,22 @@ class StatelineApp(FastAPI):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         door = self.front_door
         if door is not None and scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            for route in self.front_routes:
-                match, child = route.matches(scope)
-                if match is Match.FULL:
-                    scope.update(child)
-                    scope["app"] = self
-                    await door(scope, receive, send)
-                    return
+            if scope.get("root_path"):  # rare: the router's own matching strips the root path
+                for route in self.front_routes:
+                    match, child = route.matches(scope)
+                    if match is Match.FULL:
+                        scope.update(child)
+                        scope["app"] = self
+                        await door(scope, receive, send)
+                        return
+            else:
+                method: str = scope["method"]
+                path: str = scope["path"]
+                for route in self.front_routes:
+                    if route.enter(scope, method, path):
+                        scope["app"] = self
+                        await door(scope, receive, send)
+                        return
         await super().__call__(scope, receive, send)
 
 

@@ -228,7 +228,7 @@ class ApiAuditor:
 
 
 def _append(log: AuditLog, bodies: list[dict[str, Any]]) -> object:
-    return log.append_bodies(bodies)
+    return log.append_bodies(bodies, entries=False)
 
 
 def _settle(futures: list[asyncio.Future[None]], exc: BaseException | None) -> None:
