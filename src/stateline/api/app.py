@@ -435,7 +435,7 @@ class ServiceMiddleware:
             parent = _PROPAGATOR.extract(
                 {k.decode(): v.decode("latin-1") for k, v in hdrs.items() if k.startswith(b"trace")}
             )
-        span = _server_span(ctx.tracer, method, path, parent)
+        span, trace_id = _server_span(ctx.tracer, method, path, parent)
         recording = span.is_recording()
         attached = otel_context.attach(trace.set_span_in_context(span))
         # [status, response started]
@@ -462,8 +462,6 @@ class ServiceMiddleware:
                 principal = keys.authenticate(token)
             else:
                 principal = await run_in_threadpool(keys.authenticate, token)
-            span_ctx = span.get_span_context()
-            trace_id = format(span_ctx.trace_id, "032x") if span_ctx.is_valid else None
             scope_state = scope.get("state")
             if scope_state is None:
                 scope["state"] = {"principal": principal, "trace_id": trace_id}
@@ -526,7 +524,7 @@ class ServiceMiddleware:
                         "duration_ms": round(elapsed * 1000, 3),
                         "tenant": principal.tenant if principal else None,
                         "key_id": principal.key_id if principal else None,
-                        "trace_id": format(span.get_span_context().trace_id, "032x"),
+                        "trace_id": trace_id,
                     },
                 )
 
@@ -643,16 +641,23 @@ class ServiceMiddleware:
             raise
 
 
-def _server_span(tracer: Tracer | None, method: str, path: str, parent: otel_context.Context | None) -> trace.Span:
-    """The request's span: a recorded one when spans are exported, else a non-recording span that
-    still carries a trace id (the caller's from ``traceparent``, or a new one) for logs and audit."""
+_SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
+
+
+def _server_span(
+    tracer: Tracer | None, method: str, path: str, parent: otel_context.Context | None
+) -> tuple[trace.Span, str | None]:
+    """The request's span and its trace id in hex: a recorded span when spans are exported, else a
+    non-recording span that still carries a trace id (the caller's from ``traceparent``, or a new one)
+    for logs and audit."""
     if tracer is not None:
-        return tracer.start_span(f"{method} {path}", context=parent, kind=trace.SpanKind.SERVER)
+        span = tracer.start_span(f"{method} {path}", context=parent, kind=trace.SpanKind.SERVER)
+        span_ctx = span.get_span_context()
+        return span, format(span_ctx.trace_id, "032x") if span_ctx.is_valid else None
     incoming = trace.get_current_span(parent).get_span_context() if parent is not None else None
     trace_id = incoming.trace_id if incoming is not None and incoming.is_valid else random.getrandbits(128) or 1
-    return trace.NonRecordingSpan(
-        trace.SpanContext(trace_id, random.getrandbits(64) or 1, False, trace.TraceFlags(trace.TraceFlags.SAMPLED))
-    )
+    span_id = random.getrandbits(64) or 1
+    return trace.NonRecordingSpan(trace.SpanContext(trace_id, span_id, False, _SAMPLED)), format(trace_id, "032x")
 
 
 _ROUTE_INFO: dict[tuple[str, str, str], tuple[str, str]] = {}
