@@ -484,3 +484,13 @@ def test_appending_audit_bodies_without_entry_objects_keeps_the_chain(db: statel
     assert oldest[2].prev == oldest[1].hash
     v = audit.verify()
     assert (v.ok, v.checked) == (True, 3)
+
+
+def test_an_error_echoing_an_integer_over_64_bits_still_answers_in_the_error_shape(mem_api: Api) -> None:
+    h = mem_api.key("acme", ["admin"])
+    huge = 458537663614667507166307418112
+    r = mem_api.client.get(f"/v1/policies/p/versions/{huge}", headers=h)
+    assert r.status_code == 404
+    error = r.json()["error"]
+    assert error["code"] == "not_found"
+    assert error["details"] == {"name": "p", "version": str(huge)}
