@@ -1,9 +1,11 @@
 """HTTP throughput of stateline's routes beside a bare Starlette endpoint and a default FastAPI + pydantic one.
 
-Every server is its own uvicorn process with the same settings (one worker, 127.0.0.1, log level warning,
-no access log); the load comes from ``wrk`` (Debian: ``apt-get install wrk``) with one thread and
-``--connections`` keep-alive connections. Figures are requests/s answered 2xx; runs alternate between
-the contenders and the median of ``--runs`` runs is reported with its ratio.
+Every server is its own uvicorn process with the same settings (``UVICORN``: one worker, 127.0.0.1, log
+level warning, no access log, the same event loop and HTTP implementation); the load comes from ``wrk``
+(Debian: ``apt-get install wrk``) with one thread and ``--connections`` keep-alive connections. Every
+contender gets byte-for-byte the same requests (same paths, the same ``Authorization`` header, which
+the peers ignore), so that no one parses less than another. Figures are requests/s answered 2xx; runs
+alternate between the contenders and the median of ``--runs`` runs is reported with its ratio.
 
 * ``doc PUT``: ``PUT /v1/docs/<key>`` (stateline: auth, scope check, docs layer commit with metadata,
   an audit entry in the tenant's hash-chained log, metrics, a span) against endpoints that parse the same
@@ -50,6 +52,8 @@ CASES = 256
 BACKENDS = ("memory", "sqlite", "postgresql", "redis")
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 REDIS_URL = "redis://127.0.0.1:6379/0"
+#: the server settings of every contender
+UVICORN: dict[str, Any] = {"host": "127.0.0.1", "log_level": "warning", "access_log": False}
 DOC_BODY = {"n": 1, "name": "bench", "tags": ["a", "b"], "limits": {"rps": 100}}
 CASE_BODY = {"mutations": [{"type": "increment_step_count"}]}
 TX_BODY = {"ops": [{"op": "incr", "namespace": "bench", "key": "hits"}]}
@@ -86,9 +90,9 @@ def _peer_apps(sample: dict[str, Any]) -> tuple[Any, Any]:
 
     bare = Starlette(
         routes=[
-            Route("/docs/{key}", bare_doc, methods=["PUT"]),
-            Route("/cases/{case_id}/commit", bare_case, methods=["POST"]),
-            Route("/transaction", bare_tx, methods=["POST"]),
+            Route("/v1/docs/{key}", bare_doc, methods=["PUT"]),
+            Route("/v1/cases/{case_id}/commit", bare_case, methods=["POST"]),
+            Route("/v1/transaction", bare_tx, methods=["POST"]),
         ]
     )
 
@@ -163,15 +167,15 @@ def _peer_apps(sample: dict[str, Any]) -> tuple[Any, Any]:
 
     fast = FastAPI()
 
-    @fast.put("/docs/{key}", response_model=Written)
+    @fast.put("/v1/docs/{key}", response_model=Written)
     def fast_doc(key: str, body: Doc) -> Any:
         return {**doc_out, "key": key}
 
-    @fast.post("/cases/{case_id}/commit", response_model=CommitOut)
+    @fast.post("/v1/cases/{case_id}/commit", response_model=CommitOut)
     def fast_case(case_id: str, body: CaseCommit) -> Any:
         return case_out
 
-    @fast.post("/transaction", response_model=TxOut)
+    @fast.post("/v1/transaction", response_model=TxOut)
     def fast_tx(body: TxIn) -> Any:
         return tx_out
 
@@ -200,7 +204,7 @@ def serve(kind: str, port: int, url: str, sample_path: str) -> None:
         sample = orjson.loads(Path(sample_path).read_bytes())
         bare, fast = _peer_apps(sample)
         app = bare if kind == "bare" else fast
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    uvicorn.run(app, port=port, **UVICORN)
 
 
 # ---------------------------------------------------------------- the load
@@ -325,10 +329,10 @@ def _sample(base: str, token: str) -> dict[str, Any]:
     return {"doc": doc, "case": case, "tx": tx}
 
 
-SCENARIOS: list[tuple[str, str, str, str, dict[str, Any], int]] = [
-    ("doc PUT", "PUT", "/v1/docs/k#", "/docs/k#", DOC_BODY, 1000),
-    ("case commit", "POST", "/v1/cases/c#/commit", "/cases/c#/commit", CASE_BODY, CASES),
-    ("raw commit", "POST", "/v1/transaction", "/transaction", TX_BODY, 1),
+SCENARIOS: list[tuple[str, str, str, dict[str, Any], int]] = [
+    ("doc PUT", "PUT", "/v1/docs/k#", DOC_BODY, 1000),
+    ("case commit", "POST", "/v1/cases/c#/commit", CASE_BODY, CASES),
+    ("raw commit", "POST", "/v1/transaction", TX_BODY, 1),
 ]
 
 
@@ -512,16 +516,12 @@ def main() -> None:
 def run_backend(backend: str, url: str, tmp: Path, args: argparse.Namespace) -> None:
     """Every scenario and the SSE latency on one backend."""
     with servers(backend, url, tmp) as (ours, bare, fast, token):
-        for name, method, path, peer_path, body, n in SCENARIOS:
+        for name, method, path, body, n in SCENARIOS:
             results: dict[str, list[tuple[float, float, float]]] = {"stateline": [], "bare": [], "fastapi": []}
-            order = [
-                ("stateline", ours, path, token),
-                ("bare", bare, peer_path, None),
-                ("fastapi", fast, peer_path, None),
-            ]
+            order = [("stateline", ours), ("bare", bare), ("fastapi", fast)]
             for r in range(args.runs):
-                for label, srv, p, tok in order[r % 3 :] + order[: r % 3]:
-                    results[label].append(wrk(srv.base, method, p, body, tok, n, args.seconds, args.connections))
+                for label, srv in order[r % 3 :] + order[: r % 3]:
+                    results[label].append(wrk(srv.base, method, path, body, token, n, args.seconds, args.connections))
             med = {k: statistics.median(x[0] for x in v) for k, v in results.items()}
             p50 = {k: statistics.median(x[1] for x in v) for k, v in results.items()}
             p99 = {k: statistics.median(x[2] for x in v) for k, v in results.items()}
@@ -600,7 +600,7 @@ def _serve_memory(port: int, sample_path: str) -> None:
     Path(os.environ["STATELINE_BENCH_TOKEN"]).write_text(token)
     app = create_app(db, settings=ApiSettings(rate_limit=None))
     _maybe_without_audit(app)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    uvicorn.run(app, port=port, **UVICORN)
 
 
 if __name__ == "__main__":

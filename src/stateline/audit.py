@@ -116,6 +116,7 @@ class _Pending:
     """Entries of one caller waiting for a group commit: ``result`` or ``error`` once the leader is done."""
 
     bodies: Sequence[dict[str, Any]]
+    want_entries: bool = True
     result: list[AuditEntry] | None = None
     error: BaseException | None = None
 
@@ -257,15 +258,16 @@ class AuditLog:
             size[0] = len(codec.encode(details, "details", self._store.max_value_bytes // 2))
         return details
 
-    def append_bodies(self, bodies: Sequence[dict[str, Any]]) -> list[AuditEntry]:
-        """Append entries made by ``entry_body``, in order, and return them once committed.
+    def append_bodies(self, bodies: Sequence[dict[str, Any]], *, entries: bool = True) -> list[AuditEntry]:
+        """Append entries made by ``entry_body``, in order, and return them once committed (with
+        ``entries=False`` the same append, returning an empty list: no entry objects are built).
 
         Group commit: the caller whose entries find no append under way becomes the leader and
         appends everything queued by then in one commit (the hash chain runs through the batch in
         queue order); callers arriving meanwhile wait and are appended by the next leader. If that
         commit fails, every caller whose entries were in it gets the error (nothing of theirs was
         written)."""
-        pending = _Pending(bodies)
+        pending = _Pending(bodies, entries)
         with self._cond:
             self._queue.append(pending)
             while self._leading and pending.result is None and pending.error is None:
@@ -311,17 +313,26 @@ class AuditLog:
     def _commit_group(self, group: list[_Pending]) -> None:
         bodies = [b for p in group for b in p.bodies]
         try:
-            entries = self._commit_bodies(bodies)
+            links = self._commit_bodies(bodies)
         except Exception as exc:  # noqa: BLE001  # every caller in the group gets it
             for p in group:
                 p.error = exc
             return
+        tenant = self.tenant
         i = 0
         for p in group:
-            p.result = entries[i : i + len(p.bodies)]
-            i += len(p.bodies)
+            n = len(p.bodies)
+            if p.want_entries:
+                p.result = [
+                    AuditEntry(seq, ts, tenant, prev=prev, hash=h, **body)
+                    for body, (seq, ts, prev, h) in zip(p.bodies, links[i : i + n], strict=True)
+                ]
+            else:
+                p.result = []
+            i += n
 
-    def _commit_bodies(self, bodies: list[dict[str, Any]]) -> list[AuditEntry]:
+    def _commit_bodies(self, bodies: list[dict[str, Any]]) -> list[tuple[int, int, str, str]]:
+        """Commit ``bodies`` at the end of the chain; returns each one's (seq, ts, prev, hash)."""
         # Every body was validated by ``entry_body`` (its details by the codec), so the entries are
         # encoded once, here, and handed to ``Store.commit_prepared`` (as the cases layer does).
         tenant = self.tenant
@@ -336,7 +347,7 @@ class AuditLog:
             seq0, prev, last_ts = head
             ts = max(store.clock.now_us(), last_ts)
             events: list[PreparedEvent] = []
-            entries: list[AuditEntry] = []
+            links: list[tuple[int, int, str, str]] = []
             seq, h = seq0, prev
             for body in bodies:
                 seq += 1
@@ -347,7 +358,7 @@ class AuditLog:
                 entry_body["hash"] = h
                 data = codec.sized(orjson.dumps(entry_body), "entry", store.max_value_bytes)
                 events.append(PreparedEvent(EVENT_TYPE, data, _NO_META))
-                entries.append(AuditEntry(seq, ts, tenant, prev=link, hash=h, **body))
+                links.append((seq, ts, link, h))
             prepared = PreparedCommit(
                 tenant,
                 (StreamAt(STREAM, seq0),),
@@ -363,7 +374,7 @@ class AuditLog:
                 self._head = None  # another writer appended: learn the new head
                 continue
             self._head = (seq, h, ts)
-            return entries
+            return links
         raise Unavailable("audit log append kept conflicting")
 
     def _read_head(self) -> tuple[int, str, int]:

@@ -457,3 +457,40 @@ def test_the_front_door_answers_as_the_documented_routes_do(clock: FakeClock) ->
             assert [(e["action"], e["resource_id"], e["details"]["status"]) for e in entries] == [
                 ("docs.put", "a", 201)
             ]
+
+
+def test_audit_bodies_from_fields_match_those_of_entries_and_keep_a_non_ip_client(db: stateline.Database) -> None:
+    from stateline.api.auditing import ApiAuditor, AuditEntry  # noqa: PLC0415
+
+    auditor = ApiAuditor(db)
+    log = db.tenant("acme").audit
+    fields = ("k1", "docs.put", "docs", "a", "PUT", "/v1/docs/a", 201)
+    for client in ("127.0.0.1", "/run/stateline.sock"):
+        made = auditor.fields_body(log, "acme", *fields, client, "ab" * 16)
+        assert made == auditor.body("acme", AuditEntry(*fields, ip=client, trace_id="ab" * 16))
+    assert made["ip"] is None
+    assert made["details"] == {"method": "PUT", "path": "/v1/docs/a", "status": 201, "client": "/run/stateline.sock"}
+    assert made["user"] == "key:k1"
+
+
+def test_appending_audit_bodies_without_entry_objects_keeps_the_chain(db: stateline.Database) -> None:
+    audit = db.tenant("acme").audit
+    bodies = [audit.entry_body("key:k1", "docs.put", "docs", f"k{i}", {"status": 200}) for i in range(3)]
+    assert audit.append_bodies(bodies[:2], entries=False) == []
+    (third,) = audit.append_bodies(bodies[2:])
+    assert (third.seq, third.resource_id, third.tenant) == (3, "k2", "acme")
+    oldest = audit.query(order="oldest").entries
+    assert [(e.seq, e.resource_id) for e in oldest] == [(1, "k0"), (2, "k1"), (3, "k2")]
+    assert oldest[2].prev == oldest[1].hash
+    v = audit.verify()
+    assert (v.ok, v.checked) == (True, 3)
+
+
+def test_an_error_echoing_an_integer_over_64_bits_still_answers_in_the_error_shape(mem_api: Api) -> None:
+    h = mem_api.key("acme", ["admin"])
+    huge = 458537663614667507166307418112
+    r = mem_api.client.get(f"/v1/policies/p/versions/{huge}", headers=h)
+    assert r.status_code == 404
+    error = r.json()["error"]
+    assert error["code"] == "not_found"
+    assert error["details"] == {"name": "p", "version": str(huge)}

@@ -28,7 +28,7 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 from starlette.staticfiles import StaticFiles
 
-from stateline.api.auditing import ApiAuditor, AuditEntry
+from stateline.api.auditing import ApiAuditor
 from stateline.api.auth import KeyStore, Principal
 from stateline.api.errors import error_response, install_error_handlers
 from stateline.api.hub import ChangeHub
@@ -297,6 +297,24 @@ class _FastRoute(Route):
             child["route"] = self
         return match, child
 
+    def enter(self, scope: Scope, method: str, path: str) -> bool:
+        """Whether ``method`` and ``path`` (the scope's, without a root path) fully match this route; if
+        so, put what ``matches`` returns in ``scope``: the endpoint, path parameters and the route."""
+        methods = self.methods
+        if methods is not None and method not in methods:
+            return False
+        found = self.path_regex.match(path)
+        if found is None:
+            return False
+        convertors = self.param_convertors
+        params = {name: convertors[name].convert(value) for name, value in found.groupdict().items()}
+        if "path_params" in scope:
+            params = {**scope["path_params"], **params}
+        scope["endpoint"] = self.endpoint
+        scope["path_params"] = params
+        scope["route"] = self
+        return True
+
 
 async def _call_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     """Call the endpoint of the fast route the front door matched (no FastAPI machinery around it). A
@@ -321,13 +339,22 @@ class StatelineApp(FastAPI):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         door = self.front_door
         if door is not None and scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            for route in self.front_routes:
-                match, child = route.matches(scope)
-                if match is Match.FULL:
-                    scope.update(child)
-                    scope["app"] = self
-                    await door(scope, receive, send)
-                    return
+            if scope.get("root_path"):  # rare: the router's own matching strips the root path
+                for route in self.front_routes:
+                    match, child = route.matches(scope)
+                    if match is Match.FULL:
+                        scope.update(child)
+                        scope["app"] = self
+                        await door(scope, receive, send)
+                        return
+            else:
+                method: str = scope["method"]
+                path: str = scope["path"]
+                for route in self.front_routes:
+                    if route.enter(scope, method, path):
+                        scope["app"] = self
+                        await door(scope, receive, send)
+                        return
         await super().__call__(scope, receive, send)
 
 
@@ -408,7 +435,7 @@ class ServiceMiddleware:
             parent = _PROPAGATOR.extract(
                 {k.decode(): v.decode("latin-1") for k, v in hdrs.items() if k.startswith(b"trace")}
             )
-        span = _server_span(ctx.tracer, method, path, parent)
+        span, trace_id = _server_span(ctx.tracer, method, path, parent)
         recording = span.is_recording()
         attached = otel_context.attach(trace.set_span_in_context(span))
         # [status, response started]
@@ -435,8 +462,6 @@ class ServiceMiddleware:
                 principal = keys.authenticate(token)
             else:
                 principal = await run_in_threadpool(keys.authenticate, token)
-            span_ctx = span.get_span_context()
-            trace_id = format(span_ctx.trace_id, "032x") if span_ctx.is_valid else None
             scope_state = scope.get("state")
             if scope_state is None:
                 scope["state"] = {"principal": principal, "trace_id": trace_id}
@@ -454,12 +479,15 @@ class ServiceMiddleware:
                         f"tenant {principal.tenant!r} is over {ctx.settings.rate_limit:g} requests per second",
                         retry_after=wait,
                     )
-            receive = _limited(receive, limit)
+            if length is None:
+                # no Content-Length (a chunked upload): count the body as it comes; with one, the
+                # server's HTTP framing already stops the body at the declared length, checked above
+                receive = _limited(receive, limit)
             idem = hdrs.get(b"idempotency-key")
             if method == "POST" and idem is not None:
-                await self._idempotent(scope, receive, send_plain, principal, idem.decode("latin-1"))
+                await self._idempotent(scope, receive, send_plain, principal, idem.decode("latin-1"), state)
             elif method in _WRITE_METHODS:
-                await self.app(scope, receive, self._audited(scope, send_plain, principal))
+                await self.app(scope, receive, self._audited(scope, send, principal, state))
             else:
                 await self.app(scope, receive, send_plain)
         except StatelineError as exc:
@@ -496,7 +524,7 @@ class ServiceMiddleware:
                         "duration_ms": round(elapsed * 1000, 3),
                         "tenant": principal.tenant if principal else None,
                         "key_id": principal.key_id if principal else None,
-                        "trace_id": format(span.get_span_context().trace_id, "032x"),
+                        "trace_id": trace_id,
                     },
                 )
 
@@ -512,12 +540,13 @@ class ServiceMiddleware:
         result = await ctx.run(limiter.hit, "requests")
         return None if result.allowed else max(result.retry_after, 0.001)
 
-    def _audited(self, scope: Scope, send: Send, principal: Principal) -> Send:
+    def _audited(self, scope: Scope, send: Send, principal: Principal, state: list[Any]) -> Send:
         """A ``send`` that writes the audit entry of a successful write before the response completes.
 
         The start of a successful response is held until the entry is committed and then sent together
         with the body (one burst of writes, as an unaudited response goes out); a streamed body sends
-        the start with its first chunk and is audited before its last."""
+        the start with its first chunk and is audited before its last. ``state`` (status, response
+        started) is kept as the service's plain ``send`` keeps it: set when the start goes out."""
         ctx = self.ctx
         held: list[Message] = []
         status = [500]
@@ -525,25 +554,44 @@ class ServiceMiddleware:
         async def audited_send(message: Message) -> None:
             kind = message["type"]
             if kind == "http.response.start":
-                status[0] = message["status"]
-                if status[0] < 400:
+                code = status[0] = message["status"]
+                if code < 400:
                     held.append(message)
                     return
+                state[0] = code
+                state[1] = True
             elif kind == "http.response.body":
-                if not message.get("more_body") and status[0] < 400:
-                    entry = _audit_entry(scope, principal, status[0])
+                if status[0] < 400 and not message.get("more_body"):
+                    action, resource_type, resource_id = _audit_target(scope)
+                    client = scope.get("client")
                     try:
-                        await ctx.auditor.submit(principal.tenant, entry)
+                        await ctx.auditor.submit_fields(
+                            principal.tenant,
+                            principal.key_id,
+                            action,
+                            resource_type,
+                            resource_id,
+                            scope["method"],
+                            scope["path"],
+                            status[0],
+                            client[0] if client else None,
+                            scope["state"].get("trace_id"),
+                        )
                     except Exception as exc:  # noqa: BLE001  # the write is committed: report, don't hide it
                         ctx.metrics.store_errors.labels("audit", "audit_failed").inc()
-                        _log.error("audit write failed", exc_info=exc, extra={"audit_action": entry.action})
+                        _log.error("audit write failed", exc_info=exc, extra={"audit_action": action})
                 if held:
-                    await send(held.pop())
+                    start = held.pop()
+                    state[0] = start["status"]
+                    state[1] = True
+                    await send(start)
             await send(message)
 
         return audited_send
 
-    async def _idempotent(self, scope: Scope, receive: Receive, send: Send, principal: Principal, key: str) -> None:
+    async def _idempotent(
+        self, scope: Scope, receive: Receive, send: Send, principal: Principal, key: str, state: list[Any]
+    ) -> None:
         ctx = self.ctx
         HttpIdempotency.check_key(key)
         body, receive = await _buffer_body(receive)
@@ -560,7 +608,7 @@ class ServiceMiddleware:
         captured_status = [500]
         captured_headers: list[tuple[str, str]] = []
         chunks: list[bytes] = []
-        inner_send = self._audited(scope, send, principal)
+        inner_send = self._audited(scope, send, principal, state)
 
         async def capture(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -593,22 +641,30 @@ class ServiceMiddleware:
             raise
 
 
-def _server_span(tracer: Tracer | None, method: str, path: str, parent: otel_context.Context | None) -> trace.Span:
-    """The request's span: a recorded one when spans are exported, else a non-recording span that
-    still carries a trace id (the caller's from ``traceparent``, or a new one) for logs and audit."""
+_SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
+
+
+def _server_span(
+    tracer: Tracer | None, method: str, path: str, parent: otel_context.Context | None
+) -> tuple[trace.Span, str | None]:
+    """The request's span and its trace id in hex: a recorded span when spans are exported, else a
+    non-recording span that still carries a trace id (the caller's from ``traceparent``, or a new one)
+    for logs and audit."""
     if tracer is not None:
-        return tracer.start_span(f"{method} {path}", context=parent, kind=trace.SpanKind.SERVER)
+        span = tracer.start_span(f"{method} {path}", context=parent, kind=trace.SpanKind.SERVER)
+        span_ctx = span.get_span_context()
+        return span, format(span_ctx.trace_id, "032x") if span_ctx.is_valid else None
     incoming = trace.get_current_span(parent).get_span_context() if parent is not None else None
     trace_id = incoming.trace_id if incoming is not None and incoming.is_valid else random.getrandbits(128) or 1
-    return trace.NonRecordingSpan(
-        trace.SpanContext(trace_id, random.getrandbits(64) or 1, False, trace.TraceFlags(trace.TraceFlags.SAMPLED))
-    )
+    span_id = random.getrandbits(64) or 1
+    return trace.NonRecordingSpan(trace.SpanContext(trace_id, span_id, False, _SAMPLED)), format(trace_id, "032x")
 
 
 _ROUTE_INFO: dict[tuple[str, str, str], tuple[str, str]] = {}
 
 
-def _audit_entry(scope: Scope, principal: Principal, status: int) -> AuditEntry:
+def _audit_target(scope: Scope) -> tuple[str, str, str]:
+    """The audit entry's action, resource type and resource id for the request in ``scope``."""
     route = scope.get("route")
     method: str = scope["method"]
     template: str = getattr(route, "path", "") or scope["path"]
@@ -621,18 +677,8 @@ def _audit_entry(scope: Scope, principal: Principal, status: int) -> AuditEntry:
             _ROUTE_INFO[(template, route_name, method)] = info
     params = scope.get("path_params")
     resource_id = "/".join(map(str, params.values())) if params else ""
-    client = scope.get("client")
-    return AuditEntry(
-        key_id=principal.key_id,
-        action=info[0],
-        resource_type=info[1],
-        resource_id=resource_id[:1024],  # the audit log's limit: a longer id is cut, not a failed entry
-        method=method,
-        path=scope["path"],
-        status=status,
-        ip=client[0] if client else None,
-        trace_id=scope["state"].get("trace_id"),
-    )
+    # the audit log's limit: a longer id is cut, not a failed entry
+    return info[0], info[1], resource_id[:1024]
 
 
 def _token(hdrs: dict[bytes, bytes]) -> str | None:

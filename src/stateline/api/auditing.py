@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import weakref
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -79,22 +79,59 @@ class ApiAuditor:
 
     def body(self, tenant: str, entry: AuditEntry) -> dict[str, Any]:
         """The validated body of ``entry`` for the tenant's audit log."""
-        if _log.isEnabledFor(logging.DEBUG):
-            _log.debug("audit", extra={"audit": asdict(entry), "tenant": tenant})
-        details = {"method": entry.method, "path": entry.path, "status": entry.status, **entry.details}
-        ip = entry.ip
-        if ip is not None and not _is_ip(ip):
-            details["client"] = ip  # e.g. a unix socket peer: kept, but not as an IP
-            ip = None
-        return self.db.tenant(tenant).audit.entry_body(
-            f"key:{entry.key_id}",
+        return self.fields_body(
+            self.db.tenant(tenant).audit,
+            tenant,
+            entry.key_id,
             entry.action,
             entry.resource_type,
-            entry.resource_id or None,
-            details,
-            ip,
+            entry.resource_id,
+            entry.method,
+            entry.path,
+            entry.status,
+            entry.ip,
             entry.trace_id,
+            entry.details,
         )
+
+    def fields_body(
+        self,
+        log: AuditLog,
+        tenant: str,
+        key_id: str,
+        action: str,
+        resource_type: str,
+        resource_id: str,
+        method: str,
+        path: str,
+        status: int,
+        ip: str | None,
+        trace_id: str | None,
+        details: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The validated body of one entry (the fields of an ``AuditEntry``) for ``log``, the audit log
+        of ``tenant``: what ``body`` makes, without building the ``AuditEntry`` first."""
+        if _log.isEnabledFor(logging.DEBUG):
+            fields = {
+                "key_id": key_id,
+                "action": action,
+                "resource_type": resource_type,
+                "resource_id": resource_id,
+                "method": method,
+                "path": path,
+                "status": status,
+                "ip": ip,
+                "trace_id": trace_id,
+                "details": details or {},
+            }
+            _log.debug("audit", extra={"audit": fields, "tenant": tenant})
+        info: dict[str, Any] = {"method": method, "path": path, "status": status}
+        if details:
+            info.update(details)
+        if ip is not None and not _is_ip(ip):
+            info["client"] = ip  # e.g. a unix socket peer: kept, but not as an IP
+            ip = None
+        return log.entry_body(f"key:{key_id}", action, resource_type, resource_id or None, info, ip, trace_id)
 
     def record(self, tenant: str, entry: AuditEntry) -> None:
         """Record ``entry`` for ``tenant`` now, from any thread; raises if the audit log cannot be written."""
@@ -103,7 +140,31 @@ class ApiAuditor:
     async def submit(self, tenant: str, entry: AuditEntry) -> None:
         """Record ``entry`` for ``tenant`` together with the entries of concurrent requests; returns once
         it is committed, raises if the audit log cannot be written (or the entry is invalid)."""
-        body = self.body(tenant, entry)
+        q = self._queue(tenant)
+        await self._enqueue(q, self.body(tenant, entry))
+
+    async def submit_fields(
+        self,
+        tenant: str,
+        key_id: str,
+        action: str,
+        resource_type: str,
+        resource_id: str,
+        method: str,
+        path: str,
+        status: int,
+        ip: str | None,
+        trace_id: str | None,
+    ) -> None:
+        """``submit`` of the entry with these fields (those of an ``AuditEntry`` without details), without
+        building the ``AuditEntry``: the service's path for every audited write."""
+        q = self._queue(tenant)
+        body = self.fields_body(
+            q.log, tenant, key_id, action, resource_type, resource_id, method, path, status, ip, trace_id
+        )
+        await self._enqueue(q, body)
+
+    def _queue(self, tenant: str) -> _Queue:
         loop = asyncio.get_running_loop()
         queues = self._queues.get(loop)
         if queues is None:
@@ -111,6 +172,10 @@ class ApiAuditor:
         q = queues.get(tenant)
         if q is None:
             q = queues[tenant] = _Queue(self.db.tenant(tenant).audit)
+        return q
+
+    async def _enqueue(self, q: _Queue, body: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         q.bodies.append(body)
         q.futures.append(fut)
@@ -163,7 +228,7 @@ class ApiAuditor:
 
 
 def _append(log: AuditLog, bodies: list[dict[str, Any]]) -> object:
-    return log.append_bodies(bodies)
+    return log.append_bodies(bodies, entries=False)
 
 
 def _settle(futures: list[asyncio.Future[None]], exc: BaseException | None) -> None:

@@ -60,7 +60,23 @@ def error_response(exc: StatelineError, headers: dict[str, str] | None = None) -
     hdrs = dict(headers or {})
     if isinstance(exc, RateLimited):
         hdrs["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-    return Response(orjson.dumps(exc.to_dict()), exc.status, hdrs, media_type="application/json")
+    body = exc.to_dict()
+    try:
+        data = orjson.dumps(body)
+    except TypeError:  # e.g. an integer from the request outside 64 bits, echoed in the details
+        data = orjson.dumps(_json_safe(body))
+    return Response(data, exc.status, hdrs, media_type="application/json")
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every integer JSON cannot carry exactly (outside 64 bits) as its decimal string."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if type(value) is int and not -(2**63) <= value < 2**64:
+        return str(value)
+    return value
 
 
 def _plain(status: int, code: str, message: str, details: dict[str, Any] | None = None) -> Response:
