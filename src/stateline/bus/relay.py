@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from stateline.bus.envelope import alias_messages, envelope_of, subject_of
 from stateline.errors import InvalidArgument, StatelineError
 from stateline.store.protocol import Store
-from stateline.types import Put, check_key
+from stateline.types import Change, Put, check_key
 
 __all__ = ["Relay"]
 
@@ -72,6 +72,8 @@ class Relay:
             raise InvalidArgument("stream", "use letters, digits, '_' and '-'")
         if not prefix or any(c in prefix for c in " *>"):
             raise InvalidArgument("prefix", "must be a NATS subject prefix without wildcards")
+        if any(c in alias_prefix for c in " *>"):
+            raise InvalidArgument("alias_prefix", "must be a NATS subject prefix without wildcards")
         if not 1 <= batch <= 10_000:
             raise InvalidArgument("batch", "must be between 1 and 10000")
         self.store = store
@@ -112,6 +114,19 @@ class Relay:
     def _save_cursor(self, tenant: str, revision: int) -> None:
         self.store.commit(SYSTEM_TENANT, ops=[Put(CURSOR_NAMESPACE, self._cursor_key(tenant), revision)])
         self._cursors[tenant] = revision
+
+    def _pending(self) -> list[tuple[str, int, list[Change]]]:
+        """Each tenant with changes after its cursor: ``(tenant, cursor, next batch)``. One call (one
+        hop to a worker thread) reads them all, so an idle relay polls cheaply."""
+        out: list[tuple[str, int, list[Change]]] = []
+        for tenant in self._tenants():
+            cursor = self._cursors.get(tenant)
+            if cursor is None:
+                cursor = self._cursors[tenant] = self.cursor(tenant)
+            changes = self.store.changes(tenant, cursor, self.batch)
+            if changes:
+                out.append((tenant, cursor, changes))
+        return out
 
     def _tenants(self) -> list[str]:
         out: list[str] = []
@@ -165,13 +180,7 @@ class Relay:
     async def pump(self, js: Any) -> int:
         """Publish what is pending for every tenant, one batch each; returns how many changes were acknowledged."""
         total = 0
-        for tenant in await asyncio.to_thread(self._tenants):
-            if tenant not in self._cursors:
-                self._cursors[tenant] = await asyncio.to_thread(self.cursor, tenant)
-            cursor = self._cursors[tenant]
-            changes = await asyncio.to_thread(self.store.changes, tenant, cursor, self.batch)
-            if not changes:
-                continue
+        for tenant, cursor, changes in await asyncio.to_thread(self._pending):
             pending: list[tuple[int, list[asyncio.Future[Any]]]] = []
             acked = cursor
             try:
