@@ -186,6 +186,12 @@ def relay(
     prefix: str = typer.Option("stateline", "--prefix", help="Subject prefix: <prefix>.<tenant>.<layer>.<event>."),
     retention: str = typer.Option("limits", "--retention", help="limits, interest or workqueue."),
     max_age: float = typer.Option(0.0, "--max-age", help="Seconds JetStream keeps a message (0: forever)."),
+    aliases: bool = typer.Option(
+        True, "--aliases/--no-aliases", help="Also publish run events to caf.exec.* and beamline.usage.*."
+    ),
+    alias_prefix: str = typer.Option(
+        "", "--alias-prefix", help="Put before those subjects, so two relays on one NATS do not claim the same ones."
+    ),
 ) -> None:
     """Publish every committed change to NATS JetStream, exactly once, in order per tenant."""
     import signal  # noqa: PLC0415 - only this command needs them
@@ -194,7 +200,16 @@ def relay(
     from stateline.bus import Relay  # noqa: PLC0415
 
     db = stateline.open(url)
-    bus = Relay(db.store, nats_url, stream=stream, prefix=prefix, retention=retention, max_age=max_age or None)
+    bus = Relay(
+        db.store,
+        nats_url,
+        stream=stream,
+        prefix=prefix,
+        aliases=aliases,
+        alias_prefix=alias_prefix,
+        retention=retention,
+        max_age=max_age or None,
+    )
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())

@@ -23,7 +23,7 @@ import orjson
 import pytest
 
 import stateline
-from stateline import Append, Change, FakeClock, NewEvent, Put, Store
+from stateline import Append, Change, FakeClock, InvalidArgument, NewEvent, Put, Store
 from stateline.bus import Relay, consume, envelope_of, subject_of
 from stateline.bus.envelope import alias_messages
 from tests.conftest import Backend, require_service
@@ -354,7 +354,42 @@ def test_run_events_reach_the_seed_subjects(jetstream: JetStreamTarget) -> None:
     assert metered["data"]["tokens_used"] == 10
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("stream", "a.b"), ("prefix", ""), ("prefix", "a.*"), ("alias_prefix", "x.>"), ("retention", "x"), ("batch", 0)],
+)
+def test_relay_refuses_bad_arguments(option: str, value: object) -> None:
+    store = stateline.open_store("memory://")
+    with pytest.raises(InvalidArgument) as err:
+        Relay(store, NATS_URL, **{option: value})
+    assert err.value.field == option
+
+
+async def _claim_default_alias_subjects(name: str) -> bool:
+    """Create a stream holding the run events' default subjects, as a default relay beside ours would;
+    False if another stream holds them already (which blocks them just the same)."""
+    nc = await nats.connect(NATS_URL)
+    try:
+        await nc.jetstream().add_stream(name=name, subjects=["caf.exec.>", "beamline.usage.>"])
+    except nats.js.errors.BadRequestError:
+        return False
+    finally:
+        await nc.close()
+    return True
+
+
+async def _delete_stream(name: str) -> None:
+    nc = await nats.connect(NATS_URL)
+    with contextlib.suppress(nats.js.errors.NotFoundError):
+        await nc.jetstream().delete_stream(name)
+    await nc.close()
+
+
 def test_relay_command_relays_and_stops_on_sigterm(jetstream: JetStreamTarget, tmp_path: Path) -> None:
+    # another stream already holds the default alias subjects: with its own --alias-prefix the
+    # relay still creates its stream (without it, NATS refuses the overlap and the relay never starts)
+    blocker = f"{jetstream.stream}_DEFAULT"
+    created = asyncio.run(_claim_default_alias_subjects(blocker))
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     store = stateline.open_store(url)
     for i in range(25):
@@ -371,6 +406,8 @@ def test_relay_command_relays_and_stops_on_sigterm(jetstream: JetStreamTarget, t
         jetstream.stream,
         "--prefix",
         jetstream.prefix,
+        "--alias-prefix",
+        jetstream.alias_prefix,
     ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -380,6 +417,8 @@ def test_relay_command_relays_and_stops_on_sigterm(jetstream: JetStreamTarget, t
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
         store.close()
+        if created:
+            asyncio.run(_delete_stream(blocker))
     assert proc.returncode == 0, err
     assert "relaying" in out
     _assert_exactly_once_in_order(_read_stream(jetstream, 25), {"acme": 25})
