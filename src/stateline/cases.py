@@ -958,36 +958,23 @@ def _persist(
     seq = head_seq + 1
     core = orjson.dumps(state, option=_SORTED)
     shash = hashlib.sha256(core).hexdigest()
-    # each summary is encoded once: that encoding is its case event's data and, joined, the receipt's
-    # ``mutations``; the body is assembled in canonical key order around it
-    encoded = [orjson.dumps(s, option=_SORTED) for s in summaries]
-    mutations = b"".join((b"[", b",".join(encoded), b"]"))
-    body_bytes = b"".join(
-        (
-            b'{"case_id":',
-            orjson.dumps(cid),
-            b',"mutations":',
-            mutations,
-            b',"prev_hash":',
-            orjson.dumps(prev_hash),
-            b',"seq":',
-            str(seq).encode(),
-            b',"state_hash":"',
-            shash.encode(),
-            b'","timestamp":',
-            str(ts).encode(),
-            b',"version":',
-            str(version).encode(),
-            b"}",
-        )
-    )
+    body = {
+        "case_id": cid,
+        "seq": seq,
+        "version": version,
+        "timestamp": ts,
+        "mutations": summaries,
+        "state_hash": shash,
+        "prev_hash": prev_hash,
+    }
+    body_bytes = orjson.dumps(body, option=_SORTED)
     rhash = hashlib.sha256(body_bytes).hexdigest()
     limit = store.max_value_bytes
     receipt_data = codec.sized(b"".join((body_bytes[:-1], b',"hash":"', rhash.encode(), b'"}')), "receipt", limit)
     value = b"".join((core[:-1], b',"receipt":{"seq":', str(seq).encode(), b',"hash":"', rhash.encode(), b'"}}'))
     value = codec.sized(value, "case state", limit)
     # each event holds one summary of the receipt, so it is smaller than the receipt, whose size is checked
-    events = tuple([PreparedEvent(EVENT_TYPES[s["op"]], e, _NO_META) for s, e in zip(summaries, encoded, strict=True)])
+    events = tuple([PreparedEvent(EVENT_TYPES[s["op"]], orjson.dumps(s), _NO_META) for s in summaries])
     prepared = PreparedCommit(
         tenant,
         (guard, StreamAt(rstream, head_seq)),
@@ -999,7 +986,8 @@ def _persist(
         _NO_META,
     )
     c = store.commit_prepared(prepared)
-    return Receipt(cid, seq, version, ts, tuple(orjson.loads(mutations)), shash, prev_hash, rhash, c.revision)
+    mutations = orjson.loads(body_bytes)["mutations"]  # the receipt's own copy
+    return Receipt(cid, seq, version, ts, tuple(mutations), shash, prev_hash, rhash, c.revision)
 
 
 class Cases:
@@ -1446,8 +1434,7 @@ class Case:
         with self._lock:
             if not self._buffer:
                 return None
-            if _fault_hook is not None:
-                _fault("before_validate")
+            _fault("before_validate")
             ts = self._store.clock.now_us()
             (w, summaries), problems = self._plan_all(ts)
             if problems:
@@ -1455,10 +1442,8 @@ class Case:
             md = w.own_metadata()
             md["updated_at"] = ts
             new_state = w.state()
-            if _fault_hook is not None:
-                _fault("after_apply")
-            if _fault_hook is not None:
-                _fault("before_store_commit")
+            _fault("after_apply")
+            _fault("before_store_commit")
             try:
                 receipt = _persist(
                     self._store,
@@ -1490,8 +1475,7 @@ class Case:
                     "may or may not have landed: refresh() to find out",
                     details={"case_id": self.case_id, **exc.details},
                 ) from exc
-            if _fault_hook is not None:
-                _fault("after_store_commit")
+            _fault("after_store_commit")
             self._state = new_state
             self._version = receipt.version
             self._head_seq = receipt.seq
