@@ -120,7 +120,9 @@ class MemoryStore(Store):
 
     def __init__(self, *, clock: Clock | None = None, **options: Any) -> None:
         super().__init__(clock=clock, **options)
-        self._lock = threading.Lock()  # taken directly on hot paths: Condition.__enter__ is Python code
+        # every method takes the lock itself (Condition.__enter__ is Python code); the condition only where
+        # a caller waits or wakes waiters
+        self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._data: dict[str, _Tenant] = {}
         self._watchers = 0
@@ -224,15 +226,7 @@ class MemoryStore(Store):
                         last_seqs[op.stream] = 0 if s is None else s.last_seq
                     first = last_seqs[op.stream] + 1
                     rows = [
-                        (
-                            first + i,
-                            e.type,
-                            memoryview(e.data).tobytes(),
-                            _EMPTY if e.meta == _EMPTY else memoryview(e.meta).tobytes(),
-                            revision,
-                            now,
-                        )
-                        for i, e in enumerate(op.events)
+                        (first + i, e.type, _fit(e.data), _fit(e.meta), revision, now) for i, e in enumerate(op.events)
                     ]
                     appended.setdefault(op.stream, []).extend(rows)
                     last_seqs[op.stream] = first + len(rows) - 1
@@ -343,7 +337,7 @@ class MemoryStore(Store):
         ]
 
     def _stream_info(self, tenant: str, stream: str) -> StreamInfo:
-        with self._cond:
+        with self._lock:
             t = self._data.get(tenant)
             s = None if t is None else t.streams.get(stream)
             if s is None:
@@ -351,7 +345,7 @@ class MemoryStore(Store):
             return StreamInfo(stream, s.events[0][0] if s.events else s.last_seq + 1, s.last_seq)
 
     def _list_streams(self, tenant: str, prefix: str, after: str | None, limit: int) -> list[StreamInfo]:
-        with self._cond:
+        with self._lock:
             t = self._data.get(tenant)
             if t is None:
                 return []
@@ -363,12 +357,12 @@ class MemoryStore(Store):
             return out
 
     def _revision(self, tenant: str) -> int:
-        with self._cond:
+        with self._lock:
             t = self._data.get(tenant)
             return 0 if t is None else len(t.changes)
 
     def _changes(self, tenant: str, after_revision: int, limit: int) -> list[Change]:
-        with self._cond:
+        with self._lock:
             t = self._data.get(tenant)
             done = [] if t is None else t.changes[after_revision : after_revision + limit]
         return [decode_change(tenant, after_revision + 1 + i, _record(*d)) for i, d in enumerate(done)]
@@ -387,11 +381,11 @@ class MemoryStore(Store):
         return 0 if t is None else len(t.changes)
 
     def _tenants(self, after: str | None, limit: int) -> list[str]:
-        with self._cond:
+        with self._lock:
             return sorted(n for n in self._data if after is None or n > after)[:limit]
 
     def _stats(self, tenant: str) -> TenantStats:
-        with self._cond:
+        with self._lock:
             t = self._data.get(tenant)
             if t is None:
                 return TenantStats(0, {}, 0, 0)
@@ -405,7 +399,7 @@ class MemoryStore(Store):
 
     def _sweep(self, limit: int) -> int:
         removed = 0
-        with self._cond:
+        with self._lock:
             now = self.clock.now_us()
             for t in self._data.values():
                 for space in t.spaces.values():
