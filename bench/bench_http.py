@@ -540,30 +540,22 @@ def run_backend(backend: str, url: str, tmp: Path, args: argparse.Namespace) -> 
                 "runs": args.runs,
                 "seconds": args.seconds,
             }
-            record(
-                name=f"{name} vs bare Starlette",
-                value=med["stateline"],
-                peer="bare Starlette + orjson",
-                peer_value=med["bare"],
-                target=0.75 if backend == "memory" and name != "raw commit" else None,
-                p50_ms=p50["stateline"],
-                p99_ms=p99["stateline"],
-                peer_p50_ms=p50["bare"],
-                peer_p99_ms=p99["bare"],
-                **common,
-            )
-            record(
-                name=f"{name} vs FastAPI + pydantic",
-                value=med["stateline"],
-                peer="FastAPI + pydantic (defaults)",
-                peer_value=med["fastapi"],
-                target=1.5 if backend == "memory" and name != "raw commit" else None,
-                p50_ms=p50["stateline"],
-                p99_ms=p99["stateline"],
-                peer_p50_ms=p50["fastapi"],
-                peer_p99_ms=p99["fastapi"],
-                **common,
-            )
+            for peer, short, peer_name, target in (
+                ("bare", "bare Starlette", "bare Starlette + orjson", 0.75),
+                ("fastapi", "FastAPI + pydantic", "FastAPI + pydantic (defaults)", 1.5),
+            ):
+                record(
+                    name=f"{name} vs {short}",
+                    value=med["stateline"],
+                    peer=peer_name,
+                    peer_value=med[peer],
+                    target=target if backend == "memory" and name != "raw commit" else None,
+                    p50_ms=p50["stateline"],
+                    p99_ms=p99["stateline"],
+                    peer_p50_ms=p50[peer],
+                    peer_p99_ms=p99[peer],
+                    **common,
+                )
         lat = sse_latency(ours.base, token, 20 if args.quick else 60)
         if lat:
             s = sorted(lat)
