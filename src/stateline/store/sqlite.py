@@ -379,6 +379,7 @@ class SQLiteStore(Store):
         self._gather_want = 0
         self._gathered = threading.Lock()
         self._write_lock = threading.Lock()
+        self._turn = threading.Lock()
         self._cond = threading.Condition(threading.Lock())
         self._watchers = 0
 
@@ -503,7 +504,27 @@ class SQLiteStore(Store):
 
     # ------------------------------------------------------------ reader connections
 
+    # Readers take turns. Python's sqlite3 module lets go of the GIL at every step of a statement
+    # (every row), so threads reading at once wake one another at each row; on 2 cores with 8
+    # worker threads that cost more than the reads themselves. Taking turns wakes a waiting reader
+    # once per read: claim+complete cycles with 8 threads rose from ~540 to ~750/s.
+
     def _take(self) -> sqlite3.Connection:
+        """A reader connection, with the read turn held until ``_give``."""
+        self._turn.acquire()
+        try:
+            return self._reader()
+        except BaseException:
+            self._turn.release()
+            raise
+
+    def _give(self, conn: sqlite3.Connection) -> None:
+        try:
+            self._put_back(conn)
+        finally:
+            self._turn.release()
+
+    def _reader(self) -> sqlite3.Connection:
         try:
             return self._idle.pop()
         except IndexError:
@@ -516,7 +537,7 @@ class SQLiteStore(Store):
             raise _translate(exc) from None
         return conn
 
-    def _give(self, conn: sqlite3.Connection) -> None:
+    def _put_back(self, conn: sqlite3.Connection) -> None:
         if conn.in_transaction:
             try:
                 conn.execute(SQL_ROLLBACK)
@@ -967,15 +988,16 @@ class SQLiteStore(Store):
 
     def _watch(self, tenant: str, after_revision: int, timeout: float, limit: int) -> list[Change]:
         deadline = time.monotonic() + timeout
-        conn = self._take()
+        conn = self._reader()  # held while waiting: it takes the read turn only to read
         try:
             with self._cond:
                 self._watchers += 1
             while True:
                 with self._cond:
                     seen = self._commits_seen
-                data_version = conn.execute("PRAGMA data_version").fetchone()[0]
-                rows = conn.execute(_SQL_CHANGES, (tenant, after_revision, limit)).fetchall()
+                with self._turn:
+                    data_version = conn.execute("PRAGMA data_version").fetchone()[0]
+                    rows = conn.execute(_SQL_CHANGES, (tenant, after_revision, limit)).fetchall()
                 if rows or self._closed:
                     return [decode_change(tenant, rev, body) for rev, body in rows]
                 # Wait for a commit in this process (instant) or by another process (polled).
@@ -988,14 +1010,16 @@ class SQLiteStore(Store):
                             self._cond.wait(min(remaining, self.watch_poll_s))
                         if self._commits_seen != seen or self._closed:
                             break
-                    if conn.execute("PRAGMA data_version").fetchone()[0] != data_version:
+                    with self._turn:
+                        changed = conn.execute("PRAGMA data_version").fetchone()[0] != data_version
+                    if changed:
                         break
         except sqlite3.Error as exc:
             raise _translate(exc) from None
         finally:
             with self._cond:
                 self._watchers -= 1
-            self._give(conn)
+            self._put_back(conn)
 
     def _tenants(self, after: str | None, limit: int) -> list[str]:
         if after is None:
