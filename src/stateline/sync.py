@@ -407,7 +407,7 @@ class RedisProvider:
         out: list[tuple[str, str, dict[str, float]]] = []
         self._redis.ping()  # pub/sub reads can stay silent on a dead link; a round trip tells
         if self._pubsub is None:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]  # untyped before redis-py 8.2
             pubsub.subscribe(self.channel)
             self._pubsub = pubsub
             for field_name, raw in self._redis.hgetall(self.hash).items():
