@@ -150,6 +150,17 @@ def _sql_put(n: int) -> str:
     )
 
 
+@functools.lru_cache(maxsize=128)
+def _sql_insert_events(n: int) -> str:
+    """An insert of ``n`` events. ?1 tenant ?2 revision ?3 now, then stream, seq, type, data, meta per row."""
+    rows = ", ".join(
+        f"(?1, ?{4 + 5 * i}, ?{5 + 5 * i}, ?{6 + 5 * i}, ?{7 + 5 * i}, ?{8 + 5 * i}, ?2, ?3)" for i in range(n)
+    )
+    return f"INSERT INTO sl_events (tenant, stream, seq, type, data, meta, revision, recorded_at) VALUES {rows}"
+
+
+_EVENTS_TOGETHER = 100  # 5 parameters a row: below the oldest limit on parameters (999)
+
 # one item: (tenant, revision, now, ns, key, value, expires_at)
 SQL_PUT = _sql_put(1)
 SQL_INSERT_CHANGE = "INSERT INTO sl_changes (tenant, revision, body) VALUES (?, ?, ?)"
@@ -168,13 +179,9 @@ _SQL_WRITE_ITEM = (
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _SQL_DELETE = "DELETE FROM sl_items WHERE tenant = ? AND ns = ? AND key = ? RETURNING version, expires_at"
-_SQL_INSERT_EVENT = (
-    "INSERT INTO sl_events (tenant, stream, seq, type, data, meta, revision, recorded_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_SQL_SET_STREAM = (
-    "INSERT INTO sl_streams (tenant, stream, last_seq) VALUES (?, ?, ?) "
-    "ON CONFLICT (tenant, stream) DO UPDATE SET last_seq = excluded.last_seq"
+_SQL_BUMP_STREAM = (
+    "INSERT INTO sl_streams (tenant, stream, last_seq) VALUES (?1, ?2, ?3) "
+    "ON CONFLICT (tenant, stream) DO UPDATE SET last_seq = last_seq + ?3 RETURNING last_seq"
 )
 _SQL_TRIM = "DELETE FROM sl_events WHERE tenant = ? AND stream = ? AND seq < ?"
 _ITEM_COLS = "ns, key, value, version, revision, created_at, updated_at, expires_at"
@@ -239,6 +246,13 @@ def _sql_live_versions(n: int) -> str:
 
 
 _LOOKUPS_TOGETHER = 100  # below SQLite's limit on the terms of a compound select (500)
+
+
+@functools.lru_cache(maxsize=64)
+def _sql_get_many(n: int) -> str:
+    one = f"SELECT {_ITEM_COLS} FROM sl_items WHERE tenant = ?1 AND ns = ?{{}} AND key = ?{{}} AND {{}}"
+    live = "(expires_at IS NULL OR expires_at > ?2)"
+    return " UNION ALL ".join(one.format(3 + 2 * i, 4 + 2 * i, live) for i in range(n))
 
 
 def _live_versions(cur: sqlite3.Cursor, tenant: str, checks: Sequence[Check], now: int) -> dict[tuple[str, str], int]:
@@ -755,7 +769,6 @@ class SQLiteStore(Store):
     ) -> Commit:
         """Apply one commit inside the open write transaction, or raise having written nothing of it."""
         tenant = c.tenant
-        heads: dict[str, int] = {}  # stream heads the checks read: an append to them needs no second read
         if c.checks:
             failures: list[CheckFailure] = []
             item_checks = [ch for ch in c.checks if type(ch) is not StreamAt]
@@ -763,7 +776,7 @@ class SQLiteStore(Store):
             for check in c.checks:
                 if type(check) is StreamAt:
                     row = cur.execute(_SQL_STREAM_SEQ, (tenant, check.stream)).fetchone()
-                    seq = heads[check.stream] = 0 if row is None else row[0]
+                    seq = 0 if row is None else row[0]
                     if seq != check.seq:
                         failures.append(CheckFailure(check, seq))
                     continue
@@ -796,7 +809,7 @@ class SQLiteStore(Store):
                 revision: int = cur.execute(SQL_BUMP_REVISION, (tenant,)).fetchone()[0]
             else:
                 revision = rev[0] + 1
-            commit, body = self._write_ops(cur, c, now, revision, heads)
+            commit, body = self._write_ops(cur, c, now, revision)
         except StatelineError as exc:
             if not savepoint:
                 raise  # alone in its transaction: the whole transaction rolls back
@@ -812,11 +825,10 @@ class SQLiteStore(Store):
         changes.append((tenant, revision, body))
         return commit
 
-    def _write_ops(
-        self, cur: sqlite3.Cursor, c: PreparedCommit, now: int, revision: int, heads: dict[str, int]
-    ) -> tuple[Commit, bytes]:
+    def _write_ops(self, cur: sqlite3.Cursor, c: PreparedCommit, now: int, revision: int) -> tuple[Commit, bytes]:
         tenant = c.tenant
-        rows: list[tuple[str, str, int, str, bytes, bytes, int, int]] = []
+        rows: list[Any] = []  # stream, seq, type, data, meta of each new event
+        totals: dict[str, int] | None = None  # stream -> events the commit appends to it
         recorder = ChangeRecorder()
         versions: dict[tuple[str, str], int] = {}
         counters: dict[tuple[str, str], int] = {}
@@ -868,15 +880,17 @@ class SQLiteStore(Store):
                 stream = op.stream
                 last = last_seqs.get(stream)
                 if last is None:
-                    last = heads.get(stream)
-                    if last is None:
-                        row = cur.execute(_SQL_STREAM_SEQ, (tenant, stream)).fetchone()
-                        last = 0 if row is None else row[0]
+                    if totals is None:
+                        totals = {}
+                        for o in c.ops:
+                            if type(o) is PreparedAppend:
+                                totals[o.stream] = totals.get(o.stream, 0) + len(o.events)
+                    total = totals[stream]
+                    last = cur.execute(_SQL_BUMP_STREAM, (tenant, stream, total)).fetchone()[0] - total
                 first = last + 1
                 events = op.events
-                rows.extend(
-                    [(tenant, stream, first + i, e.type, e.data, e.meta, revision, now) for i, e in enumerate(events)]
-                )
+                for i, e in enumerate(events):
+                    rows += (stream, first + i, e.type, e.data, e.meta)
                 last_seqs[stream] = first + len(events) - 1
                 recorder.append(stream, first, events)
             else:
@@ -887,11 +901,10 @@ class SQLiteStore(Store):
                 trims[stream] = max(trims.get(stream, 0), before)
                 recorder.trim(stream, before)
         if rows:
-            cur.executemany(_SQL_INSERT_EVENT, rows)
-            if len(last_seqs) == 1:
-                cur.execute(_SQL_SET_STREAM, (tenant, *next(iter(last_seqs.items()))))
-            else:
-                cur.executemany(_SQL_SET_STREAM, [(tenant, stream, last) for stream, last in last_seqs.items()])
+            n = len(rows) // 5
+            for start in range(0, n, _EVENTS_TOGETHER):
+                m = min(_EVENTS_TOGETHER, n - start)
+                cur.execute(_sql_insert_events(m), [tenant, revision, now, *rows[5 * start : 5 * (start + m)]])
         if trims:
             for stream, before in trims.items():
                 cur.execute(_SQL_TRIM, (tenant, stream, before))
@@ -914,18 +927,26 @@ class SQLiteStore(Store):
         return None if row is None else self._item(row)
 
     def _get_many(self, tenant: str, keys: list[tuple[str, str]]) -> list[Item | None]:
+        now = self.clock.now_us()
         conn = self._take()
         try:
-            now = self.clock.now_us()
-            rows = []
-            conn.execute("BEGIN")  # one snapshot for every key
-            for ns, key in keys:
-                rows.append(conn.execute(_SQL_GET, (tenant, ns, key, now)).fetchone())
-            conn.execute(SQL_COMMIT)
+            found: dict[tuple[str, str], Sequence[Any]] = {}
+            chunked = len(keys) > _LOOKUPS_TOGETHER
+            if chunked:
+                conn.execute("BEGIN")  # one snapshot for every key (one statement is one already)
+            for start in range(0, len(keys), _LOOKUPS_TOGETHER):
+                chunk = keys[start : start + _LOOKUPS_TOGETHER]
+                params: list[Any] = [tenant, now]
+                for ns, key in chunk:
+                    params += (ns, key)
+                found.update(((row[0], row[1]), row) for row in conn.execute(_sql_get_many(len(chunk)), params))
+            if chunked:
+                conn.execute(SQL_COMMIT)
         except sqlite3.Error as exc:
             raise _translate(exc) from None
         finally:
             self._give(conn)
+        rows = [found.get(k) for k in keys]
         return [None if row is None else self._item(row) for row in rows]
 
     def _scan(self, tenant: str, namespace: str, prefix: str, after: str | None, limit: int) -> list[Item]:
