@@ -9,7 +9,7 @@ import orjson
 
 from stateline.errors import InvalidArgument, PayloadTooLarge
 
-__all__ = ["decode", "dumps", "encode", "loads", "sized"]
+__all__ = ["decode", "dumps", "encode", "encode_checked", "loads", "sized"]
 
 _OPTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
 
@@ -67,6 +67,16 @@ def encode(value: Any, field: str = "value", max_bytes: int | None = None) -> by
     ``PayloadTooLarge`` when the encoding exceeds ``max_bytes``.
     """
     _check(value, field, 0)
+    try:
+        data = orjson.dumps(value, default=_reject, option=_OPTS)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise InvalidArgument(field, f"not encodable as JSON ({exc})") from None
+    return data if max_bytes is None else sized(data, field, max_bytes)
+
+
+def encode_checked(value: Any, field: str = "value", max_bytes: int | None = None) -> bytes:
+    """Encode a value a layer built from parts ``encode`` already accepted (so it skips the walk
+    for non-JSON values); the encoder still refuses what it cannot encode, and the size is checked."""
     try:
         data = orjson.dumps(value, default=_reject, option=_OPTS)
     except (TypeError, orjson.JSONEncodeError) as exc:

@@ -17,7 +17,17 @@ from typing import Any
 
 from stateline import codec
 from stateline.errors import Conflict, InvalidArgument, NotFound
-from stateline.store.protocol import Store
+from stateline.store.protocol import (
+    MAX_META_BYTES,
+    PreparedAppend,
+    PreparedCommit,
+    PreparedDelete,
+    PreparedEvent,
+    PreparedIncr,
+    PreparedOp,
+    PreparedPut,
+    Store,
+)
 from stateline.types import (
     Absent,
     Append,
@@ -496,7 +506,7 @@ class Runs:
         for other, events in plan.other_runs.items():
             streams.setdefault(other, []).extend(events)
         ops += [Append(f"runs:{r}", events) for r, events in streams.items() if events]
-        commit = self.store.commit(self.tenant, plan.checks, ops, {"layer": "runs", "trace_id": trace_id})
+        commit = self.store.commit_prepared(self._prepare(plan.checks, ops, trace_id))
         for op in ops:
             if isinstance(op, Put) and op.namespace == NS_RUNS:
                 # a copy: the caller may hand parts of the document (metadata) on to its own caller
@@ -505,6 +515,39 @@ class Runs:
                 left = op.value if isinstance(op, Put) else commit.counters[(NS_OPEN, op.key)]
                 self._open_counts.put(op.key, {"left": left}, commit.versions[(NS_OPEN, op.key)])
         return commit
+
+    def _prepare(self, checks: list[Check], ops: list[Op], trace_id: str) -> PreparedCommit:
+        """Encode a commit of this layer. Its values are built from input checked on entry (with
+        ``codec.encode``), so the Store's second walk of every document for non-JSON values is
+        skipped; keys and ids were checked on entry too."""
+        limit = self.store.max_value_bytes
+        out: list[PreparedOp] = []
+        for op in ops:
+            t = type(op)
+            if t is Put:
+                assert isinstance(op, Put)
+                assert op.ttl is None  # runs writes no expiring items
+                out.append(PreparedPut(op.namespace, op.key, codec.encode_checked(op.value, op.key, limit), None))
+            elif t is Delete:
+                assert isinstance(op, Delete)
+                out.append(PreparedDelete(op.namespace, op.key))
+            elif t is Incr:
+                assert isinstance(op, Incr)
+                assert op.ttl is None
+                out.append(PreparedIncr(op.namespace, op.key, op.by, None))
+            else:
+                assert isinstance(op, Append)
+                events = tuple(
+                    PreparedEvent(
+                        e.type,
+                        codec.encode_checked(e.data, e.type, limit),
+                        codec.encode_checked(e.meta, e.type, MAX_META_BYTES) if e.meta else b"{}",
+                    )
+                    for e in op.events
+                )
+                out.append(PreparedAppend(op.stream, events))
+        meta = codec.encode_checked({"layer": "runs", "trace_id": trace_id}, "trace_id", MAX_META_BYTES)
+        return PreparedCommit(self.tenant, tuple(checks), tuple(out), meta)
 
     def _known_run(self, run_id: str) -> Item | None:
         """The run as this handle last wrote or read it (maybe stale: commit against its version)."""
