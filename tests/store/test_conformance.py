@@ -79,6 +79,21 @@ def test_get_many_keeps_order_and_reports_missing(store: Store) -> None:
     assert store.get_many(T, []) == []
 
 
+def test_get_many_of_hundreds_of_keys(store: Store, clock: FakeClock) -> None:
+    # more keys than adapters read with one statement, with gaps, repeats and an expired key
+    store.commit(T, ops=[Put("ns", f"k{i:03d}", i) for i in range(0, 250, 2)])
+    store.commit(T, ops=[Put("ns", "short", "lived", ttl=1)])
+    clock.advance(2)
+    keys = [("ns", f"k{i:03d}") for i in range(250)] + [("ns", "k004"), ("ns", "short"), ("other", "k000")]
+    items = store.get_many(T, keys)
+    assert [None if i is None else i.value for i in items] == [i if i % 2 == 0 else None for i in range(250)] + [
+        4,
+        None,
+        None,
+    ]
+    assert all(i is None or (i.namespace, i.key) == k for i, k in zip(items, keys, strict=True))
+
+
 def test_delete_then_recreate_starts_at_version_one(store: Store) -> None:
     store.commit(T, ops=[Put("ns", "k", 1)])
     store.commit(T, ops=[Put("ns", "k", 2)])
@@ -349,6 +364,29 @@ def test_two_appends_to_one_stream_in_one_commit(store: Store) -> None:
     c = store.commit(T, ops=[Append("s", [NewEvent("a")]), Append("s", [NewEvent("b")])])
     assert c.seqs == {"s": 2}
     assert [(e.seq, e.type) for e in store.read_stream(T, "s")] == [(1, "a"), (2, "b")]
+
+
+def test_appends_to_several_streams_in_one_commit(store: Store) -> None:
+    store.commit(T, ops=[Append("a", [NewEvent("a1")])])
+    c = store.commit(
+        T,
+        checks=[StreamAt("a", 1)],
+        ops=[
+            Append("b", [NewEvent("b1"), NewEvent("b2")]),
+            Append("a", [NewEvent("a2")]),
+            Put("ns", "k", 1),
+            Append("b", [NewEvent("b3")]),
+            Append("a", [NewEvent("a3"), NewEvent("a4")]),
+        ],
+    )
+    assert c.seqs == {"a": 4, "b": 3}
+    assert [(e.seq, e.type) for e in store.read_stream(T, "a")] == [(1, "a1"), (2, "a2"), (3, "a3"), (4, "a4")]
+    assert [(e.seq, e.type) for e in store.read_stream(T, "b")] == [(1, "b1"), (2, "b2"), (3, "b3")]
+    with pytest.raises(Conflict):  # a refused commit reserves no sequence numbers
+        store.commit(T, checks=[StreamAt("a", 3)], ops=[Append("a", [NewEvent("x")]), Append("c", [NewEvent("x")])])
+    c = store.commit(T, ops=[Append("a", [NewEvent("a5")]), Append("c", [NewEvent("c1")])])
+    assert c.seqs == {"a": 5, "c": 1}
+    assert store.stream_info(T, "c").last_seq == 1
 
 
 def test_trim_keeps_last_seq(store: Store) -> None:

@@ -264,6 +264,65 @@ def test_watch_wakes_on_a_commit_from_another_process(db_path: Path, opened: Cal
     assert result[0].ops[0].key == "from-child"
 
 
+def test_a_waiting_watch_does_not_hold_up_reads(db_path: Path, opened: Callable[..., SQLiteStore]) -> None:
+    # readers take turns; a watch keeps its connection while it waits but must not keep the turn
+    store = opened(_url(db_path))
+    store.commit(T, ops=[Put("ns", "k", 1)])
+    woke = threading.Event()
+
+    def watch() -> None:
+        store.watch(T, 1, timeout=60)
+        woke.set()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        time.sleep(0.2)  # let the watch start waiting (it is correct either way)
+        for _ in range(50):
+            item = store.get(T, "ns", "k")
+            assert item is not None
+            assert item.value == 1
+            assert [i.key for i in store.scan(T, "ns")] == ["k"]
+            assert store.get_many(T, [("ns", "k"), ("ns", "x")])[1] is None
+        assert not woke.is_set()  # every read above finished while the watch still waited
+    finally:
+        store.commit(T, ops=[Put("ns", "k", 2)])
+        watcher.join(60)
+    assert woke.is_set()
+
+
+def test_readers_on_many_threads_see_whole_commits(db_path: Path, opened: Callable[..., SQLiteStore]) -> None:
+    store = opened(_url(db_path))
+    store.commit(T, ops=[Put("ns", "a", 0), Put("ns", "b", 0)])
+    stop = threading.Event()
+    torn: list[tuple[int, int]] = []
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            while not stop.is_set():
+                a, b = store.get_many(T, [("ns", "a"), ("ns", "b")])
+                assert a is not None
+                assert b is not None
+                if a.value != b.value:
+                    torn.append((a.value, b.value))
+        except BaseException as exc:
+            errors.append(exc)
+
+    readers = [threading.Thread(target=read) for _ in range(8)]
+    for t in readers:
+        t.start()
+    try:
+        for i in range(1, 200):
+            store.commit(T, ops=[Put("ns", "a", i), Put("ns", "b", i)])
+    finally:
+        stop.set()
+        for t in readers:
+            t.join(60)
+    assert not errors
+    assert not torn
+
+
 # ------------------------------------------------------------------ group commit
 
 
