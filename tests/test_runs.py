@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import stateline
-from stateline import Conflict, Database, FakeClock, InvalidArgument, NotFound, Tenant
+from stateline import Conflict, Database, FakeClock, InvalidArgument, NotFound, PayloadTooLarge, Tenant
 from stateline.runs import (
     ASSIGNED_EVENT_FIELDS,
     ASSIGNED_SUBJECT,
@@ -126,6 +126,10 @@ def test_bad_worker_calls_write_nothing(tenant: Tenant) -> None:
         lambda: tenant.runs.claim("w", limit=0),
         lambda: tenant.runs.claim("w", kinds="default"),
         lambda: tenant.runs.complete(c, c.lease_token, result={1: 2}),
+        lambda: tenant.runs.complete(c, c.lease_token, result={"x": float("nan")}),
+        lambda: tenant.runs.complete(c, c.lease_token, result={"text": "\ud800"}),
+        lambda: tenant.runs.complete(c, c.lease_token, result={"when": threading}),
+        lambda: tenant.runs.fail(c, c.lease_token, {"x": float("inf")}),
         lambda: tenant.runs.complete(c, c.lease_token, usage={"tokens": -1, "cost_usd": 0.0}),
         lambda: tenant.runs.complete(c, c.lease_token, usage={"tokens": 1, "cost_usd": float("nan")}),
         lambda: tenant.runs.complete(c, c.lease_token, usage={"tokens": 1, "dollars": 1}),
@@ -141,6 +145,17 @@ def test_bad_worker_calls_write_nothing(tenant: Tenant) -> None:
             call()
     assert tenant.revision() == before
     assert tenant.runs.step(c).status == "assigned"
+
+
+def test_a_result_over_the_value_limit_writes_nothing(tenant: Tenant) -> None:
+    tenant.runs.create("f", [StepSpec("a")], run_id="r")
+    (c,) = tenant.runs.claim("w")
+    before = tenant.revision()
+    with pytest.raises(PayloadTooLarge):
+        tenant.runs.complete(c, c.lease_token, result="x" * (tenant.store.max_value_bytes + 1))
+    assert tenant.revision() == before
+    assert tenant.runs.step(c).status == "assigned"
+    assert tenant.runs.complete(c, c.lease_token, result="fits").status == "completed"
 
 
 # ---------------------------------------------------------------- the happy path and event shapes

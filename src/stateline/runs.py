@@ -527,7 +527,8 @@ class Runs:
             if t is Put:
                 assert isinstance(op, Put)
                 assert op.ttl is None  # runs writes no expiring items
-                out.append(PreparedPut(op.namespace, op.key, codec.encode_checked(op.value, op.key, limit), None))
+                value = codec.encode_checked(op.value, f"{op.namespace}/{op.key}", limit)
+                out.append(PreparedPut(op.namespace, op.key, value, None))
             elif t is Delete:
                 assert isinstance(op, Delete)
                 out.append(PreparedDelete(op.namespace, op.key))
@@ -540,8 +541,8 @@ class Runs:
                 events = tuple(
                     PreparedEvent(
                         e.type,
-                        codec.encode_checked(e.data, e.type, limit),
-                        codec.encode_checked(e.meta, e.type, MAX_META_BYTES) if e.meta else b"{}",
+                        codec.encode_checked(e.data, f"{op.stream} {e.type}", limit),
+                        codec.encode_checked(e.meta, f"{op.stream} {e.type} meta", MAX_META_BYTES) if e.meta else b"{}",
                     )
                     for e in op.events
                 )
