@@ -19,6 +19,7 @@ from stateline import codec
 from stateline.errors import Conflict, InvalidArgument, NotFound
 from stateline.store.protocol import (
     MAX_META_BYTES,
+    MAX_OPS,
     PreparedAppend,
     PreparedCommit,
     PreparedDelete,
@@ -520,6 +521,8 @@ class Runs:
         """Encode a commit of this layer. Its values are built from input checked on entry (with
         ``codec.encode``), so the Store's second walk of every document for non-JSON values is
         skipped; keys and ids were checked on entry too."""
+        if len(ops) > MAX_OPS or len(checks) > MAX_OPS:
+            raise InvalidArgument("ops", f"at most {MAX_OPS} checks and {MAX_OPS} ops per commit")
         limit = self.store.max_value_bytes
         out: list[PreparedOp] = []
         for op in ops:

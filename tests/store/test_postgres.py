@@ -300,6 +300,86 @@ def test_a_commit_of_a_new_tenant_and_of_a_known_one_on_either_path(
     assert store.tenants() == [T]
 
 
+def test_a_handle_remembering_its_last_commit_still_sees_what_others_wrote(
+    schema: str, opened: list[PostgresStore]
+) -> None:
+    """A handle skips the read when it made the tenant's last commit; whatever another handle commits in
+    between, every check, version, counter and sequence number is still taken from what is stored."""
+    a = _open(opened, f"{ADMIN}?schema={schema}")
+    b = _open(opened, f"{ADMIN}?schema={schema}")
+    a.commit(T, ops=[Put("ns", "k", 1), Incr("ns", "n", 1), Append("s", [NewEvent("a")])])
+    assert a.commit(T, checks=[VersionIs("ns", "k", 1)], ops=[Put("ns", "k", 2), Incr("ns", "n", 1)]).revision == 2
+    assert a._known[T].revision == 2  # what the next commit of these rows is planned on, without a read
+    b.commit(T, ops=[Put("ns", "k", 3), Incr("ns", "n", 5), Append("s", [NewEvent("b")])])
+    # refused on what a remembers (k at 2, s at 1), so judged again on what is stored: it holds
+    c = a.commit(
+        T, checks=[VersionIs("ns", "k", 3), StreamAt("s", 2)], ops=[Incr("ns", "n"), Append("s", [NewEvent("c")])]
+    )
+    assert (c.revision, c.counters, c.seqs) == (4, {("ns", "n"): 8}, {"s": 3})
+    with pytest.raises(Conflict) as exc:
+        a.commit(T, checks=[VersionIs("ns", "k", 2)], ops=[Put("ns", "k", "stale")])
+    assert exc.value.failures[0].found == 3
+    b.commit(T, ops=[Delete("ns", "k"), Incr("ns", "n", 10)])
+    # no check to fail: a plans on what it remembers, the revision guard refuses, the lock path redoes it
+    c = a.commit(T, ops=[Put("ns", "k", "again"), Incr("ns", "n")])
+    assert (c.revision, c.versions[("ns", "k")], c.counters[("ns", "n")]) == (6, 1, 19)
+    assert [ch.revision for ch in b.changes(T)] == [1, 2, 3, 4, 5, 6]
+    item = b.get(T, "ns", "k")
+    assert item is not None
+    assert (item.value, item.version) == ("again", 1)
+    assert [e.type for e in b.read_stream(T, "s")] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("server", ["finishes it", "is stopped"])
+def test_a_write_whose_connection_is_lost_in_flight_is_applied_once(
+    schema: str, opened: list[PostgresStore], server: str
+) -> None:
+    """The connection of a commit's write is cut while the server still runs the statement (the
+    watchdog's doing, while a lock holds it up). The store waits for that server process to finish or
+    end, then either reports the commit (it applied) or runs it again (it did not): never twice."""
+    store = _open(opened, f"{ADMIN}?schema={schema}&op_timeout=2")
+    store.commit(T, ops=[Incr("ns", "n")])
+    store.commit(T, ops=[Incr("ns", "n")])  # the next commit writes at once, without a read
+    assert store._known[T].revision == 2
+    blocker = psycopg.connect(ADMIN)
+    blocker.execute(f'SELECT revision FROM "{schema}".tenants WHERE tenant = %s FOR UPDATE', (T,))
+    problems: list[str] = []
+
+    def release() -> None:
+        try:
+            pid = None
+            deadline = time.monotonic() + 30
+            while pid is None and time.monotonic() < deadline:
+                rows = _admin(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                    (f'%"{schema}".tenants%',),
+                )
+                pid = rows[0][0] if rows else None
+                time.sleep(0.02)
+            if pid is None:
+                problems.append("the write never waited on the lock")
+                return
+            time.sleep(3.0)  # the watchdog (op_timeout 2 s) has cut the client's side by now
+            if server == "is stopped":
+                _admin("SELECT pg_terminate_backend(%s)", (pid,))
+        finally:
+            blocker.rollback()
+
+    helper = threading.Thread(target=release)
+    helper.start()
+    try:
+        c = store.commit(T, ops=[Incr("ns", "n")])
+    finally:
+        helper.join(60)
+        blocker.close()
+    assert problems == []
+    assert (c.revision, c.counters[("ns", "n")]) == (3, 3)
+    item = store.get(T, "ns", "n")
+    assert item is not None
+    assert item.value == 3
+    assert [ch.revision for ch in store.changes(T)] == [1, 2, 3]
+
+
 def test_a_group_with_only_failures_writes_nothing(schema: str, opened: list[PostgresStore]) -> None:
     store = _open(opened, f"{ADMIN}?schema={schema}", clock=FakeClock())
     results = _group(store, [([VersionIs("ns", "k", 1)], [Put("ns", "k", 1)]), ([], [Put("ns", "j", 1)])][:1])

@@ -21,6 +21,10 @@ Why it is built this way:
   commit is run again the locking way below (and so is every commit of that tenant for a moment, so
   that contention does not waste a read per commit). The feed stays gap-free: N+1 is still only
   assigned by a transaction that found N committed, and it holds the row lock until it commits.
+  A handle that made a tenant's last commit remembers what it read and wrote (exact at N+1, since
+  nobody else committed in between), so its next commit of the same rows skips the read: the same
+  revision guard tells whether that is still so. A single writer per tenant then pays one round
+  trip per commit (plus the notification).
   The locking way is two pipelined round trips: (lock + read the touched rows), then
   (one statement with every write, the change record and the revision + COMMIT). Commits of one
   tenant that arrive together in one process are grouped into one transaction (group commit):
@@ -111,6 +115,8 @@ _POLL_DOWN = 0.25  # watch poll interval while the listener is down
 _POLL_SAFETY = 2.0  # ... and while it is up, in case a notification was lost
 _LISTEN_PING = 5.0  # the listener proves its connection alive this often
 _CONTENDED_SECONDS = 1.0  # after an unlocked commit lost a race, the tenant's commits lock first this long
+_KNOWN_TENANTS = 64  # tenants whose last committed view this handle remembers
+_KNOWN_ROWS = 2048  # rows and streams remembered per tenant
 
 # Migrations: MIGRATIONS[v] takes a schema from version v to v + 1. ``{s}`` is the quoted schema.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -186,6 +192,32 @@ class _Row:
     version: int
     created_at: int
     expires_at: int | None
+
+
+@dataclass(slots=True)
+class _Known:
+    """What this handle knows a tenant held at ``revision``: rows (``None``: absent) and stream heads.
+
+    Filled from the read of an unlocked commit (one snapshot) and brought forward by that commit's
+    own writes, so it is exact at ``revision`` and stays exact only while nobody else commits to the
+    tenant, which the next commit's revision guard checks.
+    """
+
+    revision: int
+    rows: dict[tuple[str, str], _Row | None]
+    seqs: dict[str, int]
+
+    def covers(self, keys: dict[tuple[str, str, str], bool], streams: set[tuple[str, str]]) -> bool:
+        rows = self.rows
+        for (_, ns, key), want in keys.items():
+            k = (ns, key)
+            if k not in rows:
+                return False
+            if want:
+                r = rows[k]
+                if r is not None and r.value is None:
+                    return False
+        return all(name in self.seqs for _, name in streams)
 
 
 @dataclass(slots=True)
@@ -270,6 +302,7 @@ class PostgresStore(Store):
         self._queues: dict[str, _Queue] = {}
         self._queues_lock = threading.Lock()
         self._contended: dict[str, float] = {}  # tenant -> until when its commits take the lock first
+        self._known: dict[str, _Known] = {}  # tenant -> its state as this handle last committed it
         self._cond = threading.Condition(threading.Lock())
         self._gens: dict[str, int] = {}
         self._listening = False
@@ -520,6 +553,8 @@ class PostgresStore(Store):
             done = self._try_unlocked(group, tenants[0], keys, streams)
             if done is not None:
                 return done
+        for tenant in tenants:  # this commit moves the revision past any view of it this handle keeps
+            self._known.pop(tenant, None)
 
         with self._connection() as conn:
             # Round trip 1: lock the tenants' revision rows, then read what the group touches.
@@ -625,42 +660,132 @@ class PostgresStore(Store):
         transaction) sets the next revision only if the revision is still the one read, and writes
         nothing otherwise: then another process committed meanwhile, and ``None`` sends the group to
         the locking path (which this tenant then takes for a moment, so that contention does not cost
-        every commit a wasted read).
+        every commit a wasted read). When this handle made the tenant's last commit and remembers
+        every row and stream head the group needs (``_Known``), the read is skipped: the same guard
+        tells whether that view is still current. A group refused on the remembered view is judged
+        again on a fresh read.
         """
         q = self._q
+        # (with group_commit=off commits of one tenant run at once, so no view is kept then)
+        remembering = self._group != "off"
+        prior = self._known.get(tenant) if remembering else None
+        known = prior if prior is not None and prior.covers(keys, streams) else None
         with self._connection() as conn:
-            try:
-                found = conn.execute(q.read_one, _read_one_params(tenant, keys, streams), binary=True).fetchall()
-            except psycopg.Error as exc:
-                if isinstance(exc, psycopg.errors.TransactionRollback) or _is_connection_error(exc, conn):
-                    raise _Retry(exc) from None
-                raise _translate(exc) from None
-            rows: dict[tuple[str, str], _Row] = {}
-            seqs: dict[str, int] = {}
-            base = _read_one_rows(found, rows, seqs)
-            plan = _Plan(tenant, base, self.clock.now_us())
-            results = [self._apply(slot.commit, plan, rows, seqs) for slot in group]
+            while True:
+                rows: dict[tuple[str, str], _Row] = {}
+                seqs: dict[str, int] = {}
+                if known is not None:
+                    # this handle wrote the tenant's last commit and remembers all it needs: no read
+                    # (the revision guard below refuses the write if anyone committed since)
+                    base = known.revision
+                    for _, ns, key in keys:
+                        r = known.rows[(ns, key)]
+                        if r is not None:
+                            rows[(ns, key)] = r
+                    for _, name in streams:
+                        seqs[name] = known.seqs[name]
+                else:
+                    try:
+                        found = conn.execute(
+                            q.read_one, _read_one_params(tenant, keys, streams), binary=True
+                        ).fetchall()
+                    except psycopg.Error as exc:
+                        if isinstance(exc, psycopg.errors.TransactionRollback) or _is_connection_error(exc, conn):
+                            raise _Retry(exc) from None
+                        raise _translate(exc) from None
+                    base = _read_one_rows(found, rows, seqs)
+                plan = _Plan(tenant, base, self.clock.now_us())
+                results = [self._apply(slot.commit, plan, rows, seqs) for slot in group]
+                if known is None or all(isinstance(r, Commit) for r in results):
+                    break
+                # a refusal is judged on what is stored now, not on what this handle remembers
+                self._known.pop(tenant, None)
+                known = None
             if not plan.changes:
                 return results
             statement, params = _write_one(q, plan, guarded=True)
+            pid = conn.info.backend_pid
             try:
                 row = conn.execute(statement, params).fetchone()
             except psycopg.Error as exc:
+                self._known.pop(tenant, None)
                 if isinstance(exc, psycopg.errors.TransactionRollback):
                     raise _Retry(exc) from None
                 if _is_connection_error(exc, conn):
-                    raise Unavailable(
-                        f"postgresql: connection lost while committing; the commit may or may not have applied ({exc})"
-                    ) from None
+                    # (a pooled connection the server dropped a moment ago can look healthy until used)
+                    applied = self._applied(plan, pid)
+                    if applied is False:
+                        raise _Retry(exc) from None
+                    if applied is None:
+                        raise Unavailable(
+                            "postgresql: connection lost while committing; "
+                            f"the commit may or may not have applied ({exc})"
+                        ) from None
+                    return results
                 raise _translate(exc) from None
             if row is None or not row[0]:
+                self._known.pop(tenant, None)
                 if len(self._contended) > 1000:
                     self._contended.clear()
                 self._contended[tenant] = time.monotonic() + _CONTENDED_SECONDS
                 return None
+            if remembering:
+                self._remember(tenant, known or prior, keys, streams, rows, seqs, plan)
             with contextlib.suppress(psycopg.Error):  # the commit stands; if this fails, watchers poll
                 conn.execute("SELECT pg_notify(%s, %s)", (self._channel, tenant))
         return results
+
+    def _applied(self, plan: _Plan, pid: int) -> bool | None:
+        """Whether the guarded write of ``plan`` took effect, asked on another connection after its own
+        (to server process ``pid``) was lost: True if its first change record is there; False if
+        another is, or none is once that process has ended (the guard makes the write all or
+        nothing, and a statement still running could yet commit); None if that cannot be told
+        within ``op_timeout``."""
+        deadline = time.monotonic() + self._watchdog.limit
+        while True:
+            try:
+                rows = self._read(self._q.outcome, (plan.tenant, plan.base_revision + 1, pid))
+            except StatelineError:
+                return None
+            body, running = rows[0]
+            if body is not None:
+                return bytes(body) == plan.changes[0][1]
+            if not running:
+                return False
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.01)
+
+    def _remember(
+        self,
+        tenant: str,
+        known: _Known | None,
+        keys: dict[tuple[str, str, str], bool],
+        streams: set[tuple[str, str]],
+        rows: dict[tuple[str, str], _Row],
+        seqs: dict[str, int],
+        plan: _Plan,
+    ) -> None:
+        """Bring this handle's view of ``tenant`` forward to the revision ``plan`` just wrote.
+
+        ``rows`` and ``seqs`` are what the plan was made on (read at ``plan.base_revision``); ``known``
+        is kept and extended only if it is exact at that same revision."""
+        if known is None or known.revision != plan.base_revision or len(known.rows) + len(known.seqs) > _KNOWN_ROWS:
+            if tenant not in self._known and len(self._known) >= _KNOWN_TENANTS:
+                self._known.clear()
+            known = _Known(plan.base_revision, {}, {})
+        for _, ns, key in keys:
+            known.rows[(ns, key)] = rows.get((ns, key))
+        for _, name in streams:
+            known.seqs[name] = seqs.get(name, 0)
+        known.revision = plan.base_revision + len(plan.changes)
+        for (ns, key), v in plan.items.items():
+            # values only where an incr will need them; versions and times for everything else
+            known.rows[(ns, key)] = (
+                None if v is None else _Row(v[0] if keys[(tenant, ns, key)] else None, v[1], v[3], v[4])
+            )
+        known.seqs.update(plan.last_seqs)
+        self._known[tenant] = known
 
     @staticmethod
     def _abort(conn: psycopg.Connection[Any]) -> None:
@@ -1279,6 +1404,10 @@ class _Queries:
         self.revision = f"SELECT revision FROM {s}.tenants WHERE tenant = %s"
         self.changes = (
             f"SELECT revision, body FROM {s}.changes WHERE tenant = %s AND revision > %s ORDER BY revision LIMIT %s"
+        )
+        self.outcome = (
+            f"SELECT (SELECT body FROM {s}.changes WHERE tenant = %s AND revision = %s), "
+            "EXISTS (SELECT FROM pg_stat_activity WHERE pid = %s)"
         )
         self.tenants = (
             f"SELECT tenant FROM {s}.tenants WHERE revision > 0 AND (%s::text IS NULL OR tenant > %s) "
