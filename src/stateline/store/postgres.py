@@ -1306,6 +1306,15 @@ _URL_OPTIONS: dict[str, Any] = {
 }
 
 
+# Array parameters go in binary: in text, every bytea element would be hex-encoded, then quoted and
+# escaped inside the array literal, in Python (a case commit's client CPU: 2.42M -> 1.49M instructions).
+_ARRAY_PARAM = re.compile(r"%(\(\w+\))?s(::\w+\[\])")
+
+
+def _binary_arrays(statement: str) -> str:
+    return _ARRAY_PARAM.sub(r"%\1b\2", statement)
+
+
 class _Queries:
     """Every statement, with the schema filled in once."""
 
@@ -1425,6 +1434,9 @@ class _Queries:
             "WHERE expires_at <= %s LIMIT %s FOR UPDATE SKIP LOCKED) d "
             "WHERE i.tenant = d.tenant AND i.ns = d.ns AND i.key = d.key AND i.expires_at <= %s RETURNING 1"
         )
+        for name, value in list(vars(self).items()):
+            if isinstance(value, str):
+                setattr(self, name, _binary_arrays(value))
 
     def write_one(self, guard: str, dels: bool, puts: bool, events: bool, streams: bool, trims: bool) -> str:
         """The write of one tenant's plan with the parts it needs (like ``write``, the tenant a scalar).
@@ -1499,5 +1511,6 @@ class _Queries:
             statement = (
                 f"WITH {', '.join(parts)} UPDATE {s}.tenants SET revision = %(rv)s::bigint WHERE tenant = %(t)s::text"
             )
+        statement = _binary_arrays(statement)
         self._write_one[shape] = statement
         return statement
