@@ -32,6 +32,7 @@ from stateline import (
     VersionIs,
     open_store,
 )
+from stateline.store import postgres as postgres_adapter
 from stateline.store.memory import MemoryStore
 from stateline.store.postgres import _MIGRATIONS, SCHEMA_VERSION, PostgresStore, _Slot
 from stateline.types import Commit
@@ -651,6 +652,37 @@ def test_connections_killed_by_the_server_are_survived(schema: str, opened: list
     assert done.wait(20)
     assert seen == [2]
     watcher.join()
+
+
+def test_commits_wake_another_handles_watchers_even_if_closed_at_once(
+    schema: str, opened: list[PostgresStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Notifications go out from a thread of their own; every commit's still reaches the watchers of
+    another handle, also when the committing handle is closed right after its commits."""
+    monkeypatch.setattr(postgres_adapter, "_POLL_SAFETY", 120.0)  # a watcher not notified would not wake
+    a = _open(opened, f"{ADMIN}?schema={schema}")
+    b = _open(opened, f"{ADMIN}?schema={schema}")
+    tenants = [T, "other"]
+    for t in tenants:
+        a.commit(t, ops=[Put("ns", "k", 0)])
+    seen: dict[str, list[int]] = {}
+
+    def watch(tenant: str) -> None:
+        seen[tenant] = [c.revision for c in b.watch(tenant, 1, timeout=30)]
+
+    watchers = [threading.Thread(target=watch, args=(t,)) for t in tenants]
+    for w in watchers:
+        w.start()
+    deadline = time.monotonic() + 10
+    while not b._listening and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # let the watchers wait (the test holds either way)
+    for t in tenants:
+        a.commit(t, ops=[Put("ns", "k", 1)])
+    a.close()
+    for w in watchers:
+        w.join(60)
+    assert seen == {T: [2], "other": [2]}
 
 
 def test_watch_survives_an_outage(schema: str, opened: list[PostgresStore]) -> None:

@@ -33,8 +33,10 @@ Why it is built this way:
   ``group_commit=all`` also groups different tenants (their rows are locked in sorted order, so
   groups cannot deadlock): fewer transactions on one server, but a transaction then spans tenants,
   so do not use it where tenants are sharded across servers.
-* Watch. Each commit sends ``pg_notify(<channel of the schema>, tenant)`` right after its COMMIT (in
-  the same pipeline, or as the next statement), outside the transaction: NOTIFY inside a transaction
+* Watch. Each commit sends ``pg_notify(<channel of the schema>, tenant)`` after its COMMIT (in
+  the same pipeline on the locking path; on the unlocked path a notifier thread with a connection of
+  its own sends it, those of several commits together, so the commit does not wait a round trip),
+  outside the transaction: NOTIFY inside a transaction
   takes a database-wide lock held until the commit is flushed, which would serialise every tenant's
   commits. A listener
   connection per store wakes the waiters; while it is down (and every few seconds anyway, in case
@@ -307,6 +309,9 @@ class PostgresStore(Store):
         self._gens: dict[str, int] = {}
         self._listening = False
         self._listener: threading.Thread | None = None
+        self._to_notify: set[str] = set()  # tenants committed on the unlocked path, not yet notified
+        self._notify_cond = threading.Condition(threading.Lock())
+        self._notifier: threading.Thread | None = None
         self._pool = ConnectionPool(
             conninfo,
             kwargs=self._connect_kwargs,
@@ -721,6 +726,7 @@ class PostgresStore(Store):
                             "postgresql: connection lost while committing; "
                             f"the commit may or may not have applied ({exc})"
                         ) from None
+                    self._notify_soon(tenant)
                     return results
                 raise _translate(exc) from None
             if row is None or not row[0]:
@@ -731,8 +737,7 @@ class PostgresStore(Store):
                 return None
             if remembering:
                 self._remember(tenant, known or prior, keys, streams, rows, seqs, plan)
-            with contextlib.suppress(psycopg.Error):  # the commit stands; if this fails, watchers poll
-                conn.execute("SELECT pg_notify(%s, %s)", (self._channel, tenant))
+        self._notify_soon(tenant)
         return results
 
     def _applied(self, plan: _Plan, pid: int) -> bool | None:
@@ -976,6 +981,49 @@ class PostgresStore(Store):
     def _woken(self, tenant: str, gen: int, listening: bool) -> bool:
         return self._gens.get(tenant, 0) != gen or self._listening != listening or self._closed
 
+    def _notify_soon(self, tenant: str) -> None:
+        """Have the notifier thread send ``tenant``'s notification (the commit does not wait for it)."""
+        with self._notify_cond:
+            self._to_notify.add(tenant)
+            if self._notifier is None:
+                self._notifier = threading.Thread(
+                    target=self._notify_loop, name=f"stateline-notify-{self.schema}", daemon=True
+                )
+                self._notifier.start()
+            else:
+                self._notify_cond.notify()
+
+    def _notify_loop(self) -> None:
+        """Send the pending notifications on a connection of its own, those that came meanwhile together.
+        A failure loses only wake-ups: watchers poll."""
+        conn: psycopg.Connection[Any] | None = None
+        try:
+            while True:
+                with self._notify_cond:
+                    while not self._to_notify and not self._closed:
+                        self._notify_cond.wait()
+                    if not self._to_notify:
+                        return  # closed, and every notification sent
+                    tenants = sorted(self._to_notify)
+                    self._to_notify.clear()
+                try:
+                    if conn is None or conn.closed or conn.broken:
+                        conn = psycopg.connect(self._conninfo, **self._connect_kwargs)
+                    self._watchdog.watch(conn)
+                    try:
+                        conn.execute(self._q.notify_many, (self._channel, tenants))
+                    finally:
+                        self._watchdog.release(conn)
+                except psycopg.Error:
+                    if conn is not None:
+                        with contextlib.suppress(psycopg.Error):
+                            conn.close()
+                    conn = None
+        finally:
+            if conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    conn.close()
+
     def _ensure_listener(self) -> None:
         with self._cond:
             if self._listener is not None or self._closed:
@@ -1045,8 +1093,13 @@ class PostgresStore(Store):
         with self._cond:
             self._cond.notify_all()
             listener = self._listener
+        with self._notify_cond:
+            self._notify_cond.notify_all()
+            notifier = self._notifier
         if listener is not None:
             listener.join(timeout=2.0)
+        if notifier is not None:
+            notifier.join(timeout=2.0)  # it sends what is pending first
         self._pool.close(timeout=1.0)
         self._watchdog.stop()
 
