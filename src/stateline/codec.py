@@ -67,11 +67,7 @@ def encode(value: Any, field: str = "value", max_bytes: int | None = None) -> by
     ``PayloadTooLarge`` when the encoding exceeds ``max_bytes``.
     """
     _check(value, field, 0)
-    try:
-        data = orjson.dumps(value, default=_reject, option=_OPTS)
-    except (TypeError, orjson.JSONEncodeError) as exc:
-        raise InvalidArgument(field, f"not encodable as JSON ({exc})") from None
-    return data if max_bytes is None else sized(data, field, max_bytes)
+    return encode_checked(value, field, max_bytes)
 
 
 def encode_checked(value: Any, field: str = "value", max_bytes: int | None = None) -> bytes:
