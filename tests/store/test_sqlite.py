@@ -639,7 +639,7 @@ def test_checks_of_several_keys_look_each_key_up(
     conn = sqlite3.connect(db_path)
     try:
         together = min(checked, sqlite_adapter._LOOKUPS_TOGETHER)
-        sql = sqlite_adapter._sql_live_versions(together)
+        sql = sqlite_adapter._sql_lookups("ns, key, version", together)
         plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", [T, 0] + ["ns", "k"] * together)]
     finally:
         conn.close()

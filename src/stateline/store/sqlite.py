@@ -29,7 +29,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Self
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -236,11 +236,11 @@ def _translate(exc: sqlite3.Error) -> StatelineError:
     return Unavailable(f"sqlite: {msg}" + (f" ({name})" if name else ""))
 
 
-@functools.lru_cache(maxsize=64)
-def _sql_live_versions(n: int) -> str:
+@functools.lru_cache(maxsize=128)
+def _sql_lookups(cols: str, n: int) -> str:
     # a compound of point lookups: ORs of (ns, key) pairs are planned as a scan of the tenant's
     # rows once there are three of them
-    one = "SELECT ns, key, version FROM sl_items WHERE tenant = ?1 AND ns = ?{} AND key = ?{} AND {}"
+    one = f"SELECT {cols} FROM sl_items WHERE tenant = ?1 AND ns = ?{{}} AND key = ?{{}} AND {{}}"
     live = "(expires_at IS NULL OR expires_at > ?2)"
     return " UNION ALL ".join(one.format(3 + 2 * i, 4 + 2 * i, live) for i in range(n))
 
@@ -248,23 +248,23 @@ def _sql_live_versions(n: int) -> str:
 _LOOKUPS_TOGETHER = 100  # below SQLite's limit on the terms of a compound select (500)
 
 
-@functools.lru_cache(maxsize=64)
-def _sql_get_many(n: int) -> str:
-    one = f"SELECT {_ITEM_COLS} FROM sl_items WHERE tenant = ?1 AND ns = ?{{}} AND key = ?{{}} AND {{}}"
-    live = "(expires_at IS NULL OR expires_at > ?2)"
-    return " UNION ALL ".join(one.format(3 + 2 * i, 4 + 2 * i, live) for i in range(n))
+def _lookups(
+    cur: sqlite3.Cursor | sqlite3.Connection, cols: str, tenant: str, now: int, pairs: Sequence[tuple[str, str]]
+) -> Iterator[Any]:
+    """The live rows (``cols``, beginning with ns and key) of the ``(ns, key)`` pairs that exist,
+    read by one statement per 100 pairs (one snapshot only if the caller holds a transaction)."""
+    for start in range(0, len(pairs), _LOOKUPS_TOGETHER):
+        chunk = pairs[start : start + _LOOKUPS_TOGETHER]
+        params: list[Any] = [tenant, now]
+        for pair in chunk:
+            params += pair
+        yield from cur.execute(_sql_lookups(cols, len(chunk)), params)
 
 
 def _live_versions(cur: sqlite3.Cursor, tenant: str, checks: Sequence[Check], now: int) -> dict[tuple[str, str], int]:
-    """The live versions of the keys several item checks name, read by one statement per 100 keys."""
-    found: dict[tuple[str, str], int] = {}
-    for start in range(0, len(checks), _LOOKUPS_TOGETHER):
-        chunk = checks[start : start + _LOOKUPS_TOGETHER]
-        params: list[Any] = [tenant, now]
-        for ch in chunk:
-            params += (ch.namespace, ch.key)  # type: ignore[union-attr]
-        found.update({(ns, key): v for ns, key, v in cur.execute(_sql_live_versions(len(chunk)), params)})
-    return found
+    """The live versions of the keys several item checks name."""
+    pairs = [(ch.namespace, ch.key) for ch in checks]  # type: ignore[union-attr]
+    return {(ns, key): v for ns, key, v in _lookups(cur, "ns, key, version", tenant, now, pairs)}
 
 
 _PUTS_TOGETHER = 256  # 4 parameters a row: far below any SQLite build's limit on parameters
@@ -930,16 +930,10 @@ class SQLiteStore(Store):
         now = self.clock.now_us()
         conn = self._take()
         try:
-            found: dict[tuple[str, str], Sequence[Any]] = {}
             chunked = len(keys) > _LOOKUPS_TOGETHER
             if chunked:
                 conn.execute("BEGIN")  # one snapshot for every key (one statement is one already)
-            for start in range(0, len(keys), _LOOKUPS_TOGETHER):
-                chunk = keys[start : start + _LOOKUPS_TOGETHER]
-                params: list[Any] = [tenant, now]
-                for ns, key in chunk:
-                    params += (ns, key)
-                found.update(((row[0], row[1]), row) for row in conn.execute(_sql_get_many(len(chunk)), params))
+            found = {(row[0], row[1]): row for row in _lookups(conn, _ITEM_COLS, tenant, now, keys)}
             if chunked:
                 conn.execute(SQL_COMMIT)
         except sqlite3.Error as exc:
