@@ -685,6 +685,68 @@ def test_commits_wake_another_handles_watchers_even_if_closed_at_once(
     assert seen == {T: [2], "other": [2]}
 
 
+def _notifications(conn: psycopg.Connection[Any], seconds: float) -> list[str]:
+    return [n.payload for n in conn.notifies(timeout=seconds)]
+
+
+@pytest.mark.parametrize("path", ["unlocked", "locking"])
+def test_only_commits_of_a_watched_tenant_notify(schema: str, opened: list[PostgresStore], path: str) -> None:
+    """Nobody watches: commits send nothing. A watch marks its tenant, and from then on every commit of
+    that tenant (and only of it) notifies, on either commit path."""
+    a = _open(opened, f"{ADMIN}?schema={schema}")
+    b = _open(opened, f"{ADMIN}?schema={schema}")
+
+    def commit(tenant: str, value: int) -> None:
+        if path == "locking":
+            a._contended[tenant] = time.monotonic() + 60  # this tenant's commits take the lock first
+        a.commit(tenant, ops=[Put("ns", "k", value)])
+
+    with psycopg.connect(ADMIN, autocommit=True) as listener:
+        listener.execute(f'LISTEN "stateline:{schema}"')
+        for i in range(3):
+            commit(T, i)
+            commit("other", i)
+        assert _notifications(listener, 0.5) == []
+        assert b.watch(T, 3, timeout=0.05) == []  # marks T watched
+        commit(T, 3)
+        commit("other", 3)
+        commit(T, 4)
+        got = _notifications(listener, 0.5)
+    assert got
+    assert set(got) == {T}
+
+
+def test_a_commit_that_read_before_a_watch_began_but_wrote_after_notifies(
+    schema: str, opened: list[PostgresStore]
+) -> None:
+    """The race a watch mark must not lose: a commit whose statement started before the mark committed,
+    and whose write lands after it (it waited for the revision row's lock), still sees the mark."""
+    a = _open(opened, f"{ADMIN}?schema={schema}")
+    a.commit(T, ops=[Put("ns", "k", 0)])
+    with (
+        psycopg.connect(ADMIN, autocommit=True) as listener,
+        psycopg.connect(ADMIN, autocommit=True) as marker,
+    ):
+        listener.execute(f'LISTEN "stateline:{schema}"')
+        marker.execute("BEGIN")
+        marker.execute(
+            f"UPDATE \"{schema}\".tenants SET watched_until = now() + interval '1 minute' WHERE tenant = %s", (T,)
+        )
+        committer = threading.Thread(target=lambda: a.commit(T, ops=[Put("ns", "k", 1)]))
+        committer.start()
+        deadline = time.monotonic() + 10
+        while not _admin(
+            "SELECT 1 FROM pg_stat_activity WHERE datname = 'test' AND wait_event_type = 'Lock' AND query LIKE %s",
+            (f'%"{schema}".tenants%',),
+        ):
+            assert time.monotonic() < deadline, "the commit never waited for the row lock"
+            time.sleep(0.01)
+        marker.execute("COMMIT")  # the mark commits while the commit's statement waits
+        committer.join(10)
+        assert not committer.is_alive()
+        assert _notifications(listener, 2.0) == [T]
+
+
 def test_watch_survives_an_outage(schema: str, opened: list[PostgresStore]) -> None:
     with FaultProxy("127.0.0.1", 5432) as proxy:
         watching = _proxied(opened, proxy, schema)

@@ -33,15 +33,18 @@ Why it is built this way:
   ``group_commit=all`` also groups different tenants (their rows are locked in sorted order, so
   groups cannot deadlock): fewer transactions on one server, but a transaction then spans tenants,
   so do not use it where tenants are sharded across servers.
-* Watch. Each commit sends ``pg_notify(<channel of the schema>, tenant)`` after its COMMIT (in
-  the same pipeline on the locking path; on the unlocked path a notifier thread with a connection of
-  its own sends it, those of several commits together, so the commit does not wait a round trip),
-  outside the transaction: NOTIFY inside a transaction
-  takes a database-wide lock held until the commit is flushed, which would serialise every tenant's
-  commits. A listener
-  connection per store wakes the waiters; while it is down (and every few seconds anyway, in case
-  a notification was lost with a connection) watchers poll.
-* Time comes only from the injected clock (passed as parameters, never ``now()`` in SQL). Values
+* Watch. A commit of a tenant somebody watches sends ``pg_notify(<channel of the schema>, tenant)``
+  after its COMMIT (in the same pipeline on the locking path; on the unlocked path a notifier thread
+  with a connection of its own sends it, those of several commits together, so the commit does not
+  wait a round trip), outside the transaction: NOTIFY inside a transaction takes a database-wide lock
+  held until the commit is flushed, which would serialise every tenant's commits. A watcher marks its
+  tenant's revision row watched for a while (``watched_until``), and the statement that moves the
+  revision returns whether it is; unwatched tenants' commits send nothing (a notification cost a
+  single writer a quarter of its commit rate). A listener connection per store wakes the waiters;
+  while it is down (and every few seconds anyway, in case a notification was lost with a connection)
+  watchers poll.
+* Data time comes only from the injected clock (passed as parameters, never ``now()`` in SQL); only
+  the watch marks, which are not data, use the server's clock. Values
   are stored as the exact encoded JSON bytes (``bytea``); keys use ``COLLATE "C"`` (code point order).
 * Outages: connections the server closed are detected before use and replaced; a statement that
   gets no answer within ``op_timeout`` (a partition, a stalled proxy) has its socket shut down by a
@@ -107,7 +110,7 @@ from stateline.types import (
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The schema version this module creates and migrates to."""
 
 _SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -119,6 +122,8 @@ _LISTEN_PING = 5.0  # the listener proves its connection alive this often
 _CONTENDED_SECONDS = 1.0  # after an unlocked commit lost a race, the tenant's commits lock first this long
 _KNOWN_TENANTS = 64  # tenants whose last committed view this handle remembers
 _KNOWN_ROWS = 2048  # rows and streams remembered per tenant
+_WATCH_MARGIN = 60.0  # a watch marks its tenant watched this long beyond its own end, renewed halfway
+_WATCHED = "coalesce(t.watched_until > now(), false)"  # (SQL) whether row t's tenant is being watched
 
 # Migrations: MIGRATIONS[v] takes a schema from version v to v + 1. ``{s}`` is the quoted schema.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -142,6 +147,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (tenant, revision))""",
     ),
     ("CREATE INDEX items_expiry ON {s}.items (expires_at) WHERE expires_at IS NOT NULL",),
+    ("ALTER TABLE {s}.tenants ADD COLUMN watched_until timestamptz",),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -309,6 +315,7 @@ class PostgresStore(Store):
         self._gens: dict[str, int] = {}
         self._listening = False
         self._listener: threading.Thread | None = None
+        self._marks: dict[str, float] = {}  # tenant -> until when (monotonic) the server has it marked watched
         self._to_notify: set[str] = set()  # tenants committed on the unlocked path, not yet notified
         self._notify_cond = threading.Condition(threading.Lock())
         self._notifier: threading.Thread | None = None
@@ -580,7 +587,7 @@ class PostgresStore(Store):
                                 _read_one_params(tenant, keys, streams),
                                 binary=True,
                             )
-                    bases = {t: int(r) for t, r in cur_rev.fetchall()}
+                    locked = cur_rev.fetchall()
                     if cur_items is not None:
                         _read_one_rows(cur_items.fetchall(), rows[tenant], seqs[tenant])
                 else:
@@ -600,13 +607,15 @@ class PostgresStore(Store):
                             cur_streams = conn.execute(
                                 q.read_streams, ([x[0] for x in ss], [x[1] for x in ss]), binary=True
                             )
-                    bases = {t: int(r) for t, r in cur_rev.fetchall()}
+                    locked = cur_rev.fetchall()
                     if cur_items is not None:
                         for tenant, ns, key, value, version, created, expires in cur_items.fetchall():
                             rows[tenant][(ns, key)] = _Row(value, version, created, expires)
                     if cur_streams is not None:
                         for tenant, name, last in cur_streams.fetchall():
                             seqs[tenant][name] = last
+                bases = {t: int(r) for t, r, _ in locked}
+                watched = [t for t, _, w in locked if w]
                 assert len(bases) == len(tenants)
             except psycopg.Error as exc:
                 self._abort(conn)
@@ -627,7 +636,8 @@ class PostgresStore(Store):
             idle = [p.tenant for p in plans.values() if not p.changes]
 
             # Round trip 2: every write, the change records and the revision in one statement, COMMIT;
-            # then wake the watchers (outside the transaction, see the module docstring).
+            # then wake the watchers, if any (outside the transaction, see the module docstring).
+            wake = [p.tenant for p in active if p.tenant in watched]
             committing = False
             try:
                 with conn.pipeline():
@@ -638,10 +648,10 @@ class PostgresStore(Store):
                         conn.execute(q.write, _write_params(active, idle))
                     committing = True
                     conn.execute("COMMIT")
-                    if len(active) == 1:
-                        conn.execute("SELECT pg_notify(%s, %s)", (self._channel, active[0].tenant))
-                    else:
-                        conn.execute(q.notify_many, (self._channel, [p.tenant for p in active]))
+                    if len(wake) == 1:
+                        conn.execute("SELECT pg_notify(%s, %s)", (self._channel, wake[0]))
+                    elif wake:
+                        conn.execute(q.notify_many, (self._channel, wake))
             except psycopg.Error as exc:
                 committed = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE and not conn.broken
                 self._abort(conn)
@@ -737,7 +747,8 @@ class PostgresStore(Store):
                 return None
             if remembering:
                 self._remember(tenant, known or prior, keys, streams, rows, seqs, plan)
-        self._notify_soon(tenant)
+        if row[1]:
+            self._notify_soon(tenant)
         return results
 
     def _applied(self, plan: _Plan, pid: int) -> bool | None:
@@ -966,6 +977,7 @@ class PostgresStore(Store):
         deadline = time.monotonic() + timeout
         if timeout > 0:
             self._ensure_listener()
+            self._mark_watched(tenant, timeout)
         while True:
             with self._cond:
                 gen = self._gens.get(tenant, 0)
@@ -977,6 +989,23 @@ class PostgresStore(Store):
             wait = min(remaining, _POLL_SAFETY if listening else _POLL_DOWN)
             with self._cond:
                 self._cond.wait_for(partial(self._woken, tenant, gen, listening), wait)
+
+    def _mark_watched(self, tenant: str, timeout: float) -> None:
+        """Have commits of ``tenant`` notify until well after a watch of ``timeout`` seconds ends.
+
+        A commit sends a notification only while its tenant is marked watched (most tenants are not,
+        and a notification costs a statement). The mark is a write of the tenant's revision row, and
+        every commit locks that row, so each commit is either before the mark (and so before the
+        watcher's first read) or sees it; none is missed. The mark is renewed once less than half the
+        margin is left, and lapses on its own if its watcher goes away."""
+        now = time.monotonic()
+        if self._marks.get(tenant, 0.0) - now >= timeout + _WATCH_MARGIN / 2:
+            return
+        lease = timeout + _WATCH_MARGIN
+        self._read(self._q.mark_watched, (tenant, lease))
+        if len(self._marks) >= 10_000:
+            self._marks.clear()
+        self._marks[tenant] = now + lease
 
     def _woken(self, tenant: str, gen: int, listening: bool) -> bool:
         return self._gens.get(tenant, 0) != gen or self._listening != listening or self._closed
@@ -1377,11 +1406,18 @@ class _Queries:
         cols = "i.ns, i.key, i.value, i.version, i.revision, i.created_at, i.updated_at, i.expires_at"
         self.lock_tenant = (
             f"INSERT INTO {s}.tenants AS t (tenant, revision) VALUES (%s, 0) "
-            "ON CONFLICT (tenant) DO UPDATE SET revision = t.revision RETURNING tenant, revision"
+            f"ON CONFLICT (tenant) DO UPDATE SET revision = t.revision RETURNING tenant, revision, {_WATCHED}"
         )
         self.lock_tenants = (  # rows are locked in the (sorted) order given
             f"INSERT INTO {s}.tenants AS t (tenant, revision) SELECT u, 0 FROM unnest(%s::text[]) AS u "
-            "ON CONFLICT (tenant) DO UPDATE SET revision = t.revision RETURNING tenant, revision"
+            f"ON CONFLICT (tenant) DO UPDATE SET revision = t.revision RETURNING tenant, revision, {_WATCHED}"
+        )
+        # a watcher marks its tenant watched for a while (server time); only then do commits notify
+        self.mark_watched = (
+            f"INSERT INTO {s}.tenants AS t (tenant, revision, watched_until) "
+            "VALUES (%s, 0, now() + make_interval(secs => %s)) "
+            "ON CONFLICT (tenant) DO UPDATE SET watched_until = greatest(t.watched_until, excluded.watched_until) "
+            "RETURNING 1"
         )
         self.read_items = (
             "SELECT i.tenant, i.ns, i.key, CASE WHEN k.want THEN i.value END, i.version, i.created_at, i.expires_at "
@@ -1436,7 +1472,8 @@ class _Queries:
             f"ch AS (INSERT INTO {s}.changes (tenant, revision, body) "
             "SELECT c.tenant, c.revision, c.body "
             "FROM unnest(%(ch_t)s::text[], %(ch_rev)s::bigint[], %(ch_body)s::bytea[]) AS c(tenant, revision, body)), "
-            f"idle AS (DELETE FROM {s}.tenants WHERE tenant = ANY(%(idle)s::text[]) AND revision = 0) "
+            f"idle AS (DELETE FROM {s}.tenants WHERE tenant = ANY(%(idle)s::text[]) AND revision = 0 "
+            "AND watched_until IS NULL) "
             f"UPDATE {s}.tenants t SET revision = v.rev "
             "FROM unnest(%(rv_t)s::text[], %(rv)s::bigint[]) AS v(tenant, rev) "
             'WHERE t.tenant = v.tenant COLLATE "C"'
@@ -1506,13 +1543,14 @@ class _Queries:
         parts = []
         if guard == "next":
             parts.append(
-                f"rv AS (UPDATE {s}.tenants SET revision = %(rv)s::bigint "
-                "WHERE tenant = %(t)s::text AND revision = %(base)s::bigint RETURNING 1)"
+                f"rv AS (UPDATE {s}.tenants t SET revision = %(rv)s::bigint "
+                f"WHERE tenant = %(t)s::text AND revision = %(base)s::bigint RETURNING {_WATCHED} AS w)"
             )
         elif guard == "new":
             parts.append(
-                f"rv AS (INSERT INTO {s}.tenants AS x (tenant, revision) VALUES (%(t)s::text, %(rv)s::bigint) "
-                "ON CONFLICT (tenant) DO UPDATE SET revision = excluded.revision WHERE x.revision = 0 RETURNING 1)"
+                f"rv AS (INSERT INTO {s}.tenants AS t (tenant, revision) VALUES (%(t)s::text, %(rv)s::bigint) "
+                f"ON CONFLICT (tenant) DO UPDATE SET revision = excluded.revision WHERE t.revision = 0 "
+                f"RETURNING {_WATCHED} AS w)"
             )
         only = " AND EXISTS (SELECT FROM rv)" if guard else ""
         where = " WHERE EXISTS (SELECT FROM rv)" if guard else ""
@@ -1559,7 +1597,7 @@ class _Queries:
             f"FROM unnest(%(ch_rev)s::bigint[], %(ch_body)s::bytea[]) AS c(revision, body){where})"
         )
         if guard:
-            statement = f"WITH {', '.join(parts)} SELECT count(*) > 0 FROM rv"
+            statement = f"WITH {', '.join(parts)} SELECT count(*) > 0, coalesce(bool_or(w), false) FROM rv"
         else:
             statement = (
                 f"WITH {', '.join(parts)} UPDATE {s}.tenants SET revision = %(rv)s::bigint WHERE tenant = %(t)s::text"
