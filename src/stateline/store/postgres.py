@@ -63,10 +63,11 @@ import os
 import re
 import select
 import socket
+import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Self
@@ -76,6 +77,8 @@ import orjson
 import psycopg
 import psycopg.conninfo
 import psycopg.errors
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from stateline.clock import Clock
@@ -930,7 +933,9 @@ class PostgresStore(Store):
         return self._item(rows[0]) if rows else None
 
     def _get_many(self, tenant: str, keys: list[tuple[str, str]]) -> list[Item | None]:
-        rows = self._read(self._q.get_many, ([k[0] for k in keys], [k[1] for k in keys], tenant, self.clock.now_us()))
+        rows = self._read(
+            self._q.get_many, (_texts([k[0] for k in keys]), _texts([k[1] for k in keys]), tenant, self.clock.now_us())
+        )
         found = {(r[0], r[1]): self._item(r) for r in rows}
         return [found.get(k) for k in keys]
 
@@ -1133,6 +1138,92 @@ class PostgresStore(Store):
         self._watchdog.stop()
 
 
+# Array parameters are encoded here, straight into PostgreSQL's binary array format, and handed to
+# psycopg as values of their own types whose dumpers pass the bytes through. psycopg's generic list
+# dumper inspects every list and element in Python on each call: 16 arrays of a case commit cost it
+# ~70 µs, about 15% of the commit's client CPU. The element types are fixed by the statements.
+_I4 = struct.Struct(">i")
+_I4_I8 = struct.Struct(">iq")
+_HEAD = struct.Struct(">iiIii")  # dimensions (1), has nulls, element oid, length, lower bound (1)
+_NULL = _I4.pack(-1)
+_OIDS = {"text": 25, "bytea": 17, "int8": 20, "bool": 16}
+
+
+class _Encoded(bytes):
+    """A parameter already in PostgreSQL's binary format."""
+
+
+class _TextArray(_Encoded):
+    pass
+
+
+class _ByteaArray(_Encoded):
+    pass
+
+
+class _Int8Array(_Encoded):
+    pass
+
+
+class _BoolArray(_Encoded):
+    pass
+
+
+def _head(element: str, n: int, nulls: bool) -> bytes:
+    if n == 0:
+        return struct.pack(">iiI", 0, 0, _OIDS[element])
+    return _HEAD.pack(1, 1 if nulls else 0, _OIDS[element], n, 1)
+
+
+def _texts(values: Sequence[str]) -> _TextArray:
+    parts = [_head("text", len(values), False)]
+    for v in values:
+        b = v.encode()
+        parts.append(_I4.pack(len(b)))
+        parts.append(b)
+    return _TextArray(b"".join(parts))
+
+
+def _blobs(values: Sequence[bytes]) -> _ByteaArray:
+    parts = [_head("bytea", len(values), False)]
+    for b in values:
+        parts.append(_I4.pack(len(b)))
+        parts.append(b)
+    return _ByteaArray(b"".join(parts))
+
+
+def _int8s(values: Sequence[int | None]) -> _Int8Array:
+    if None not in values:
+        return _Int8Array(_head("int8", len(values), False) + b"".join([_I4_I8.pack(8, v) for v in values]))
+    parts = [_head("int8", len(values), True)]
+    parts.extend(_NULL if v is None else _I4_I8.pack(8, v) for v in values)
+    return _Int8Array(b"".join(parts))
+
+
+_TRUE = b"\0\0\0\1\1"
+_FALSE = b"\0\0\0\1\0"
+
+
+def _bools(values: Sequence[bool]) -> _BoolArray:
+    return _BoolArray(_head("bool", len(values), False) + b"".join([_TRUE if v else _FALSE for v in values]))
+
+
+def _passthrough(oid: int) -> type[Dumper]:
+    class _Pass(Dumper):
+        format = Format.BINARY
+
+        def dump(self, obj: Any) -> bytes:
+            encoded: bytes = obj
+            return encoded
+
+    _Pass.oid = oid
+    return _Pass
+
+
+for _cls, _oid in ((_TextArray, 1009), (_ByteaArray, 1001), (_Int8Array, 1016), (_BoolArray, 1000)):
+    psycopg.adapters.register_dumper(_cls, _passthrough(_oid))
+
+
 def _write_params(plans: list[_Plan], idle: list[str]) -> dict[str, Any]:
     """The parameters of ``_Queries.write`` for a group's plans, one per tenant with a commit to write.
 
@@ -1178,8 +1269,8 @@ def _write_params(plans: list[_Plan], idle: list[str]) -> dict[str, Any]:
             p["ch_body"].append(body)
         p["rv_t"].append(t)
         p["rv"].append(plan.base_revision + len(plan.changes))
-    p["idle"] = idle
-    params: dict[str, Any] = p
+    params: dict[str, Any] = {name: encode(p[name]) for name, encode in _WRITE_ARRAYS.items()}
+    params["idle"] = _texts(idle)
     params["now"] = plans[0].now
     return params
 
@@ -1189,11 +1280,11 @@ def _read_one_params(
 ) -> tuple[Any, ...]:
     ks = list(keys)
     return (
-        [k[1] for k in ks],
-        [k[2] for k in ks],
-        list(keys.values()),
+        _texts([k[1] for k in ks]),
+        _texts([k[2] for k in ks]),
+        _bools(list(keys.values())),
         tenant,
-        [x[1] for x in streams],
+        _texts([x[1] for x in streams]),
         tenant,
         tenant,
     )
@@ -1224,45 +1315,47 @@ def _write_one(q: _Queries, plan: _Plan, *, guarded: bool = False) -> tuple[str,
     dels = [k for k, v in plan.items.items() if v is None]
     puts = [(k, v) for k, v in plan.items.items() if v is not None]
     if dels:
-        p["del_ns"] = [k[0] for k in dels]
-        p["del_key"] = [k[1] for k in dels]
+        p["del_ns"] = _texts([k[0] for k in dels])
+        p["del_key"] = _texts([k[1] for k in dels])
     if puts:
-        p["ns"] = [k[0] for k, _ in puts]
-        p["key"] = [k[1] for k, _ in puts]
-        p["value"] = [v[0] for _, v in puts]
-        p["version"] = [v[1] for _, v in puts]
-        p["rev"] = [v[2] for _, v in puts]
-        p["created"] = [v[3] for _, v in puts]
-        p["expires"] = [v[4] for _, v in puts]
+        p["ns"] = _texts([k[0] for k, _ in puts])
+        p["key"] = _texts([k[1] for k, _ in puts])
+        p["value"] = _blobs([v[0] for _, v in puts])
+        p["version"] = _int8s([v[1] for _, v in puts])
+        p["rev"] = _int8s([v[2] for _, v in puts])
+        p["created"] = _int8s([v[3] for _, v in puts])
+        p["expires"] = _int8s([v[4] for _, v in puts])
     events = plan.events
     if events:
-        p["ev_stream"] = [e[0] for e in events]
-        p["ev_seq"] = [e[1] for e in events]
-        p["ev_type"] = [e[2] for e in events]
-        p["ev_data"] = [e[3] for e in events]
-        p["ev_meta"] = [e[4] for e in events]
-        p["ev_rev"] = [e[5] for e in events]
+        p["ev_stream"] = _texts([e[0] for e in events])
+        p["ev_seq"] = _int8s([e[1] for e in events])
+        p["ev_type"] = _texts([e[2] for e in events])
+        p["ev_data"] = _blobs([e[3] for e in events])
+        p["ev_meta"] = _blobs([e[4] for e in events])
+        p["ev_rev"] = _int8s([e[5] for e in events])
     if plan.last_seqs:
-        p["st_stream"] = list(plan.last_seqs)
-        p["st_last"] = list(plan.last_seqs.values())
+        p["st_stream"] = _texts(list(plan.last_seqs))
+        p["st_last"] = _int8s(list(plan.last_seqs.values()))
     if plan.trims:
-        p["tr_stream"] = list(plan.trims)
-        p["tr_cut"] = list(plan.trims.values())
-    p["ch_rev"] = [c[0] for c in plan.changes]
-    p["ch_body"] = [c[1] for c in plan.changes]
+        p["tr_stream"] = _texts(list(plan.trims))
+        p["tr_cut"] = _int8s(list(plan.trims.values()))
+    p["ch_rev"] = _int8s([c[0] for c in plan.changes])
+    p["ch_body"] = _blobs([c[1] for c in plan.changes])
     guard = ("new" if plan.base_revision == 0 else "next") if guarded else ""
     return q.write_one(guard, bool(dels), bool(puts), bool(events), bool(plan.last_seqs), bool(plan.trims)), p
 
 
-_WRITE_ARRAYS = (
-    "del_t", "del_ns", "del_key",
-    "t", "ns", "key", "value", "version", "rev", "created", "expires",
-    "ev_t", "ev_stream", "ev_seq", "ev_type", "ev_data", "ev_meta", "ev_rev",
-    "st_t", "st_stream", "st_last",
-    "tr_t", "tr_stream", "tr_cut",
-    "ch_t", "ch_rev", "ch_body",
-    "rv_t", "rv",
-)  # fmt: skip
+_WRITE_ARRAYS: dict[str, Callable[[Any], _Encoded]] = {
+    "del_t": _texts, "del_ns": _texts, "del_key": _texts,
+    "t": _texts, "ns": _texts, "key": _texts, "value": _blobs, "version": _int8s, "rev": _int8s,
+    "created": _int8s, "expires": _int8s,
+    "ev_t": _texts, "ev_stream": _texts, "ev_seq": _int8s, "ev_type": _texts, "ev_data": _blobs,
+    "ev_meta": _blobs, "ev_rev": _int8s,
+    "st_t": _texts, "st_stream": _texts, "st_last": _int8s,
+    "tr_t": _texts, "tr_stream": _texts, "tr_cut": _int8s,
+    "ch_t": _texts, "ch_rev": _int8s, "ch_body": _blobs,
+    "rv_t": _texts, "rv": _int8s,
+}  # fmt: skip
 
 
 class _Watchdog:
