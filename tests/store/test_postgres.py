@@ -360,6 +360,45 @@ def test_a_handle_remembering_its_last_commit_still_sees_what_others_wrote(
     assert [e.type for e in b.read_stream(T, "s")] == ["a", "b", "c"]
 
 
+def test_keys_expected_absent_are_inserted_without_a_read_and_checked_by_the_insert(
+    schema: str, opened: list[PostgresStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handle that remembers its tenant's last commit writes a key a commit expects absent (and that it
+    has never seen) without reading it first; the insert itself refuses it if it exists after all (also
+    when it has only expired), and the commit is then judged on what is stored."""
+    clock = FakeClock()
+    a = _open(opened, f"{ADMIN}?schema={schema}", clock=clock)
+    b = _open(opened, f"{ADMIN}?schema={schema}", clock=clock)
+    b.commit(T, ops=[Put("ns", "taken", "b's")])
+    b.commit(T, ops=[Put("ns", "brief", "b's", ttl=1)])
+    a.commit(T, ops=[Put("ns", "mine", 1), Append("s", [NewEvent("a")])])  # a now remembers revision 3
+
+    def no_read(*_: Any) -> None:
+        raise AssertionError("the commit read first")
+
+    with monkeypatch.context() as m:
+        m.setattr(postgres_adapter, "_read_one_params", no_read)
+        c = a.commit(
+            T,
+            checks=[Absent("ns", "new"), VersionIs("ns", "mine", 1)],
+            ops=[Put("ns", "new", 1), Put("ns", "mine", 2), Append("s", [NewEvent("b")])],
+        )
+    assert (c.revision, c.versions, c.seqs) == (4, {("ns", "new"): 1, ("ns", "mine"): 2}, {"s": 2})
+    with pytest.raises(Conflict) as exc:  # it exists: the insert fails, the lock path reads and refuses
+        a.commit(T, checks=[Absent("ns", "taken")], ops=[Put("ns", "taken", "a's"), Put("ns", "mine", 3)])
+    assert [f.found for f in exc.value.failures] == [1]
+    assert a.commit(T, ops=[Put("ns", "mine", 3)]).revision == 5
+    assert a._known[T].revision == 5  # so the next commit takes "brief" for absent, unread
+    clock.advance(2)
+    c = a.commit(T, checks=[Absent("ns", "brief")], ops=[Put("ns", "brief", "a's")])  # expired: absent
+    assert (c.revision, c.versions) == (6, {("ns", "brief"): 1})
+    for key, value, version in (("new", 1, 1), ("mine", 3, 3), ("taken", "b's", 1), ("brief", "a's", 1)):
+        item = b.get(T, "ns", key)
+        assert item is not None
+        assert (item.value, item.version) == (value, version)
+    assert [ch.revision for ch in b.changes(T)] == [1, 2, 3, 4, 5, 6]
+
+
 @pytest.mark.parametrize("server", ["finishes it", "is stopped"])
 def test_a_write_whose_connection_is_lost_in_flight_is_applied_once(
     schema: str, opened: list[PostgresStore], server: str

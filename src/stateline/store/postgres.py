@@ -23,8 +23,10 @@ Why it is built this way:
   assigned by a transaction that found N committed, and it holds the row lock until it commits.
   A handle that made a tenant's last commit remembers what it read and wrote (exact at N+1, since
   nobody else committed in between), so its next commit of the same rows skips the read: the same
-  revision guard tells whether that is still so. A single writer per tenant then pays one round
-  trip per commit (plus the notification).
+  revision guard tells whether that is still so. A key it has never seen but that a commit
+  expects absent (an ``Absent`` check, written only by puts) is taken for absent and written by a
+  plain INSERT, which fails the statement if the key exists after all; that commit is then run the
+  locking way. A single writer per tenant then pays one round trip per commit.
   The locking way is two pipelined round trips: (lock + read the touched rows), then
   (one statement with every write, the change record and the revision + COMMIT). Commits of one
   tenant that arrive together in one process are grouped into one transaction (group commit):
@@ -218,17 +220,29 @@ class _Known:
     rows: dict[tuple[str, str], _Row | None]
     seqs: dict[str, int]
 
-    def covers(self, keys: dict[tuple[str, str, str], bool], streams: set[tuple[str, str]]) -> bool:
+    def covers(
+        self,
+        keys: dict[tuple[str, str, str], bool],
+        streams: set[tuple[str, str]],
+        blind: set[tuple[str, str, str]],
+    ) -> set[tuple[str, str]] | None:
+        """``None`` if a commit of ``keys`` and ``streams`` needs more than this view holds; else the
+        keys of ``blind`` missing from it (to be taken for absent, and inserted only if they are)."""
         rows = self.rows
-        for (_, ns, key), want in keys.items():
-            k = (ns, key)
+        fresh: set[tuple[str, str]] = set()
+        for k3, want in keys.items():
+            k = (k3[1], k3[2])
             if k not in rows:
-                return False
-            if want:
+                if k3 not in blind:
+                    return None
+                fresh.add(k)
+            elif want:
                 r = rows[k]
                 if r is not None and r.value is None:
-                    return False
-        return all(name in self.seqs for _, name in streams)
+                    return None
+        if not all(name in self.seqs for _, name in streams):
+            return None
+        return fresh
 
 
 @dataclass(slots=True)
@@ -546,6 +560,8 @@ class PostgresStore(Store):
         q = self._q
         keys: dict[tuple[str, str, str], bool] = {}
         streams: set[tuple[str, str]] = set()
+        blind: set[tuple[str, str, str]] = set()  # keys a commit expects absent (Absent check)
+        changed: set[tuple[str, str, str]] = set()  # keys a delete or an incr touches
         for slot in group:
             tenant = slot.commit.tenant
             for check in slot.commit.checks:
@@ -553,7 +569,10 @@ class PostgresStore(Store):
                     streams.add((tenant, check.stream))
                 else:
                     assert isinstance(check, VersionIs | Absent | Exists)
-                    keys.setdefault((tenant, check.namespace, check.key), False)
+                    k = (tenant, check.namespace, check.key)
+                    keys.setdefault(k, False)
+                    if type(check) is Absent:
+                        blind.add(k)
             for op in slot.commit.ops:
                 t = type(op)
                 if t is PreparedAppend or t is PreparedTrim:
@@ -563,9 +582,11 @@ class PostgresStore(Store):
                     assert isinstance(op, PreparedPut | PreparedDelete | PreparedIncr)
                     k = (tenant, op.namespace, op.key)
                     keys[k] = keys.get(k, False) or t is PreparedIncr
+                    if t is not PreparedPut:
+                        changed.add(k)
         tenants = sorted({slot.commit.tenant for slot in group})  # one lock order everywhere: no deadlock
         if len(tenants) == 1 and self._contended.get(tenants[0], 0.0) <= time.monotonic():
-            done = self._try_unlocked(group, tenants[0], keys, streams)
+            done = self._try_unlocked(group, tenants[0], keys, streams, blind - changed if blind else blind)
             if done is not None:
                 return done
         for tenant in tenants:  # this commit moves the revision past any view of it this handle keeps
@@ -670,7 +691,12 @@ class PostgresStore(Store):
         return results
 
     def _try_unlocked(
-        self, group: list[_Slot], tenant: str, keys: dict[tuple[str, str, str], bool], streams: set[tuple[str, str]]
+        self,
+        group: list[_Slot],
+        tenant: str,
+        keys: dict[tuple[str, str, str], bool],
+        streams: set[tuple[str, str]],
+        blind: set[tuple[str, str, str]],
     ) -> list[Commit | StatelineError] | None:
         """Run a one-tenant group as two single statements, without holding a lock in between.
 
@@ -681,13 +707,16 @@ class PostgresStore(Store):
         every commit a wasted read). When this handle made the tenant's last commit and remembers
         every row and stream head the group needs (``_Known``), the read is skipped: the same guard
         tells whether that view is still current. A group refused on the remembered view is judged
-        again on a fresh read.
+        again on a fresh read. Keys in ``blind`` (a commit expects them absent, and only puts write
+        them) may be missing from the view: they are taken for absent and written by a plain INSERT,
+        which fails if one exists after all, and the group then takes the locking path.
         """
         q = self._q
         # (with group_commit=off commits of one tenant run at once, so no view is kept then)
         remembering = self._group != "off"
         prior = self._known.get(tenant) if remembering else None
-        known = prior if prior is not None and prior.covers(keys, streams) else None
+        fresh = None if prior is None else prior.covers(keys, streams, blind)
+        known = prior if fresh is not None else None
         with self._connection() as conn:
             while True:
                 rows: dict[tuple[str, str], _Row] = {}
@@ -697,7 +726,7 @@ class PostgresStore(Store):
                     # (the revision guard below refuses the write if anyone committed since)
                     base = known.revision
                     for _, ns, key in keys:
-                        r = known.rows[(ns, key)]
+                        r = known.rows.get((ns, key))  # (absent from the view: a fresh key)
                         if r is not None:
                             rows[(ns, key)] = r
                     for _, name in streams:
@@ -718,15 +747,17 @@ class PostgresStore(Store):
                     break
                 # a refusal is judged on what is stored now, not on what this handle remembers
                 self._known.pop(tenant, None)
-                known = None
+                known = fresh = None
             if not plan.changes:
                 return results
-            statement, params = _write_one(q, plan, guarded=True)
+            statement, params = _write_one(q, plan, guarded=True, fresh=fresh)
             pid = conn.info.backend_pid
             try:
                 row = conn.execute(statement, params).fetchone()
             except psycopg.Error as exc:
                 self._known.pop(tenant, None)
+                if fresh and isinstance(exc, psycopg.errors.UniqueViolation):
+                    return None  # a key taken for absent exists: the locking path reads it (nothing written)
                 if isinstance(exc, psycopg.errors.TransactionRollback):
                     raise _Retry(exc) from None
                 if _is_connection_error(exc, conn):
@@ -1303,17 +1334,31 @@ def _read_one_rows(found: list[tuple[Any, ...]], rows: dict[tuple[str, str], _Ro
     return revision
 
 
-def _write_one(q: _Queries, plan: _Plan, *, guarded: bool = False) -> tuple[str, dict[str, Any]]:
+def _write_one(
+    q: _Queries, plan: _Plan, *, guarded: bool = False, fresh: set[tuple[str, str]] | None = None
+) -> tuple[str, dict[str, Any]]:
     """The statement and parameters that write one tenant's plan: only the parts it needs, the tenant a scalar.
 
     ``guarded``: the statement is a transaction of its own that writes only if the tenant's revision is
-    still ``plan.base_revision``, and returns whether it wrote.
+    still ``plan.base_revision``, and returns whether it wrote. ``fresh``: keys taken for absent, written
+    by a plain INSERT (a unique violation fails the statement if one exists).
     """
     p: dict[str, Any] = {"t": plan.tenant, "now": plan.now, "rv": plan.base_revision + len(plan.changes)}
     if guarded:
         p["base"] = plan.base_revision
     dels = [k for k, v in plan.items.items() if v is None]
     puts = [(k, v) for k, v in plan.items.items() if v is not None]
+    new = fresh or set()
+    inserts = [(k, v) for k, v in puts if k in new]
+    if inserts:
+        puts = [(k, v) for k, v in puts if k not in new]
+        p["i_ns"] = _texts([k[0] for k, _ in inserts])
+        p["i_key"] = _texts([k[1] for k, _ in inserts])
+        p["i_value"] = _blobs([v[0] for _, v in inserts])
+        p["i_version"] = _int8s([v[1] for _, v in inserts])
+        p["i_rev"] = _int8s([v[2] for _, v in inserts])
+        p["i_created"] = _int8s([v[3] for _, v in inserts])
+        p["i_expires"] = _int8s([v[4] for _, v in inserts])
     if dels:
         p["del_ns"] = _texts([k[0] for k in dels])
         p["del_key"] = _texts([k[1] for k in dels])
@@ -1342,7 +1387,10 @@ def _write_one(q: _Queries, plan: _Plan, *, guarded: bool = False) -> tuple[str,
     p["ch_rev"] = _int8s([c[0] for c in plan.changes])
     p["ch_body"] = _blobs([c[1] for c in plan.changes])
     guard = ("new" if plan.base_revision == 0 else "next") if guarded else ""
-    return q.write_one(guard, bool(dels), bool(puts), bool(events), bool(plan.last_seqs), bool(plan.trims)), p
+    statement = q.write_one(
+        guard, bool(dels), bool(puts), bool(events), bool(plan.last_seqs), bool(plan.trims), bool(inserts)
+    )
+    return statement, p
 
 
 _WRITE_ARRAYS: dict[str, Callable[[Any], _Encoded]] = {
@@ -1621,14 +1669,17 @@ class _Queries:
             if isinstance(value, str):
                 setattr(self, name, _binary_arrays(value))
 
-    def write_one(self, guard: str, dels: bool, puts: bool, events: bool, streams: bool, trims: bool) -> str:
+    def write_one(
+        self, guard: str, dels: bool, puts: bool, events: bool, streams: bool, trims: bool, inserts: bool = False
+    ) -> str:
         """The write of one tenant's plan with the parts it needs (like ``write``, the tenant a scalar).
 
         ``guard``: empty (the caller holds the tenant's lock), ``next`` or ``new``: the statement takes the
         lock itself and writes only if the revision is still ``%(base)s`` (``new``: 0, perhaps no row yet);
         it then returns one row, true if it wrote. Every write waits for the guard (it reads its result).
+        ``inserts``: items known to be new, inserted without ``ON CONFLICT`` (``%(i_ns)s``, ...).
         """
-        shape = (guard, dels, puts, events, streams, trims)
+        shape = (guard, dels, puts, events, streams, trims, inserts)
         statement = self._write_one.get(shape)
         if statement is not None:
             return statement
@@ -1663,6 +1714,15 @@ class _Queries:
                 "ON CONFLICT (tenant, ns, key) DO UPDATE SET value = excluded.value, version = excluded.version, "
                 "revision = excluded.revision, created_at = excluded.created_at, updated_at = excluded.updated_at, "
                 "expires_at = excluded.expires_at)"
+            )
+        if inserts:
+            parts.append(
+                f"ins AS (INSERT INTO {s}.items "
+                "(tenant, ns, key, value, version, revision, created_at, updated_at, expires_at) "
+                "SELECT %(t)s::text, k.ns, k.key, k.value, k.version, k.revision, k.created_at, %(now)s::bigint, "
+                "k.expires_at FROM unnest(%(i_ns)s::text[], %(i_key)s::text[], %(i_value)s::bytea[], "
+                "%(i_version)s::bigint[], %(i_rev)s::bigint[], %(i_created)s::bigint[], %(i_expires)s::bigint[]) "
+                f"AS k(ns, key, value, version, revision, created_at, expires_at){where})"
             )
         if events:
             parts.append(
