@@ -285,6 +285,34 @@ def test_stalled_worker_loses_step_and_late_complete_is_refused(tenant: Tenant, 
     assert (expired["status"], expired["worker_id"]) == ("timeout", "slow")
 
 
+def test_a_handle_remembering_steps_it_wrote_still_sees_what_another_handle_did(
+    tenant: Tenant, clock: FakeClock
+) -> None:
+    """A Runs handle commits against the step documents it last wrote without reading them again; when
+    another handle (another process) changed them meanwhile, the refused commit is made again on what is
+    stored: a fan-in step waits for both of its dependencies, and an expired lease is still reclaimed."""
+    mine = Runs(tenant.store, tenant.name)
+    other = Runs(tenant.store, tenant.name)
+    mine.create("f", [StepSpec("a"), StepSpec("b"), StepSpec("c", depends_on=["a", "b"])], run_id="r")
+    got = {c.step_id: c for c in mine.claim("w1", lease=60, limit=2)}
+    assert sorted(got) == ["a", "b"]
+    other.complete(got["a"], got["a"].lease_token, "by another process")  # c: waiting 2 -> 1
+    mine.complete(got["b"], got["b"].lease_token, "mine")  # remembers c waiting for 2: refused, redone
+    assert mine.step("r/c").status == "pending"
+    (claim,) = mine.claim("w1", lease=10)  # ready: both of its dependencies counted
+    assert claim.step_id == "c"
+    mine.complete(claim, claim.lease_token, "c")
+
+    mine.create("f", [StepSpec("x", max_attempts=3)], run_id="r2")
+    (held,) = other.claim("w2", lease=10)  # mine still remembers x as pending
+    assert held.step_id == "x"
+    clock.advance(11)
+    (again,) = mine.claim("w1", lease=10)  # x is due again under its lease's entry
+    assert (again.step_id, again.attempt) == ("x", 2)
+    mine.complete(again, again.lease_token, "done")
+    assert mine.get("r2").status == "completed"
+
+
 def test_expired_lease_without_reclaim_is_refused(tenant: Tenant, clock: FakeClock) -> None:
     tenant.runs.create("f", [StepSpec("a")], run_id="r")
     (c,) = tenant.runs.claim("w", lease=5)

@@ -466,6 +466,10 @@ class Runs:
         # step completes the run in the same commit (a stale entry only costs a retry)
         self._run_docs = LastWritten(_HELD_MAX)
         self._open_counts = LastWritten(_HELD_MAX)
+        # step key -> (step doc, version) of steps this handle last wrote as pending or retrying: the
+        # completion that releases them and the claim that takes them commit without reading them
+        # (a stale entry only costs a retry, and a refused commit drops it)
+        self._pending = LastWritten(_HELD_MAX)
 
     def _remember(self, token: str, doc: dict[str, Any], version: int) -> None:
         self._held.put(token, doc, version)
@@ -507,9 +511,20 @@ class Runs:
         for other, events in plan.other_runs.items():
             streams.setdefault(other, []).extend(events)
         ops += [Append(f"runs:{r}", events) for r, events in streams.items() if events]
-        commit = self.store.commit_prepared(self._prepare(plan.checks, ops, trace_id))
+        try:
+            commit = self.store.commit_prepared(self._prepare(plan.checks, ops, trace_id))
+        except Conflict as exc:
+            for f in exc.failures:
+                if getattr(f.check, "namespace", None) == NS_STEPS:
+                    self._pending.drop(f.check.key)
+            raise
         for op in ops:
-            if isinstance(op, Put) and op.namespace == NS_RUNS:
+            if isinstance(op, Put) and op.namespace == NS_STEPS:
+                if op.value["status"] in ("pending", "retrying"):
+                    self._pending.put(op.key, dict(op.value), commit.versions[(NS_STEPS, op.key)])
+                else:
+                    self._pending.drop(op.key)
+            elif isinstance(op, Put) and op.namespace == NS_RUNS:
                 # a copy: the caller may hand parts of the document (metadata) on to its own caller
                 self._run_docs.put(op.key, copy.deepcopy(op.value), commit.versions[(NS_RUNS, op.key)])
             elif isinstance(op, Put | Incr) and op.namespace == NS_OPEN:
@@ -852,7 +867,13 @@ class Runs:
             if run_item is not None:
                 self._run_docs.put(run_id, run_item.value, run_item.version)
         else:
-            step_item = self.store.get(self.tenant, NS_STEPS, skey)
+            hit = self._pending.get(skey)
+            if hit is not None and hit[0]["due_key"] == due.key:
+                step_item = Item(NS_STEPS, skey, hit[0], hit[1], 0, 0, 0, None)
+            else:
+                if hit is not None:
+                    self._pending.drop(skey)  # changed elsewhere (due again under another entry)
+                step_item = self.store.get(self.tenant, NS_STEPS, skey)
         if step_item is None or run_item is None or step_item.value["due_key"] != due.key:
             # an index entry without its step (cannot be produced by this layer): drop it
             if step_item is None:
@@ -954,6 +975,7 @@ class Runs:
             retry_at=None,
             updated_at=now,
         )
+        plan.checks.append(Absent(NS_READY, new_due))  # new (its time is the lease's end): lets a store skip a read
         plan.ops += [Put(NS_STEPS, skey, doc), Put(NS_READY, new_due, 1)]
         plan.other_runs.setdefault(run_id, []).append(
             self._event(
@@ -1421,21 +1443,25 @@ class Runs:
     def _release(self, plan: _Plan, doc: Mapping[str, Any], now: int) -> list[dict[str, Any]]:
         run_id = doc["run_id"]
         ready: list[dict[str, Any]] = []
-        keys = [(NS_STEPS, f"{run_id}/{d}") for d in doc["dependents"]]
-        for dep_item in self.store.get_many(self.tenant, keys):
-            if dep_item is None:
-                continue
-            dep = dict(dep_item.value)
+        keys = [f"{run_id}/{d}" for d in doc["dependents"]]
+        known = [self._pending.get(k) for k in keys]
+        if all(hit is not None for hit in known):
+            found = [(k, dict(hit[0]), hit[1]) for k, hit in zip(keys, known, strict=True) if hit is not None]
+        else:
+            items = self.store.get_many(self.tenant, [(NS_STEPS, k) for k in keys])
+            found = [(it.key, dict(it.value), it.version) for it in items if it is not None]
+        for dep_key, dep, dep_version in found:
             if dep["status"] != "pending":
                 continue  # cancelled with its run
             dep["waiting"] = max(dep["waiting"] - 1, 0)
             dep["updated_at"] = now
-            plan.checks.append(VersionIs(NS_STEPS, dep_item.key, dep_item.version))
+            plan.checks.append(VersionIs(NS_STEPS, dep_key, dep_version))
             if dep["waiting"] == 0:
                 dep["due_key"] = _due_key(dep["kind"], now, run_id, dep["step_id"])
+                plan.checks.append(Absent(NS_READY, dep["due_key"]))  # a pending step has no due entry
                 plan.ops.append(Put(NS_READY, dep["due_key"], 1))
                 ready.append(dep)
-            plan.ops.append(Put(NS_STEPS, dep_item.key, dep))
+            plan.ops.append(Put(NS_STEPS, dep_key, dep))
         return ready
 
     def _run_transition(
