@@ -392,11 +392,15 @@ def test_keys_expected_absent_are_inserted_without_a_read_and_checked_by_the_ins
     clock.advance(2)
     c = a.commit(T, checks=[Absent("ns", "brief")], ops=[Put("ns", "brief", "a's")])  # expired: absent
     assert (c.revision, c.versions) == (6, {("ns", "brief"): 1})
-    for key, value, version in (("new", 1, 1), ("mine", 3, 3), ("taken", "b's", 1), ("brief", "a's", 1)):
+    assert a.commit(T, ops=[Put("ns", "mine", 4)]).revision == 7
+    with pytest.raises(Conflict) as exc:  # expected absent but not written: nothing would check it, so read
+        a.commit(T, checks=[Absent("ns", "taken")], ops=[Put("ns", "mine", 5)])
+    assert [f.found for f in exc.value.failures] == [1]
+    for key, value, version in (("new", 1, 1), ("mine", 4, 4), ("taken", "b's", 1), ("brief", "a's", 1)):
         item = b.get(T, "ns", key)
         assert item is not None
         assert (item.value, item.version) == (value, version)
-    assert [ch.revision for ch in b.changes(T)] == [1, 2, 3, 4, 5, 6]
+    assert [ch.revision for ch in b.changes(T)] == [1, 2, 3, 4, 5, 6, 7]
 
 
 @pytest.mark.parametrize("server", ["finishes it", "is stopped"])

@@ -709,7 +709,8 @@ class PostgresStore(Store):
         tells whether that view is still current. A group refused on the remembered view is judged
         again on a fresh read. Keys in ``blind`` (a commit expects them absent, and only puts write
         them) may be missing from the view: they are taken for absent and written by a plain INSERT,
-        which fails if one exists after all, and the group then takes the locking path.
+        which fails if one exists after all, and the group then takes the locking path. (If the plan
+        would not write one of them, nothing would check it: the group then reads.)
         """
         q = self._q
         # (with group_commit=off commits of one tenant run at once, so no view is kept then)
@@ -743,7 +744,12 @@ class PostgresStore(Store):
                     base = _read_one_rows(found, rows, seqs)
                 plan = _Plan(tenant, base, self.clock.now_us())
                 results = [self._apply(slot.commit, plan, rows, seqs) for slot in group]
-                if known is None or all(isinstance(r, Commit) for r in results):
+                if known is None:
+                    break
+                if fresh and any(plan.items.get(k) is None for k in fresh):
+                    known = fresh = None  # a key taken for absent would go unwritten, so unchecked: read
+                    continue
+                if all(isinstance(r, Commit) for r in results):
                     break
                 # a refusal is judged on what is stored now, not on what this handle remembers
                 self._known.pop(tenant, None)
