@@ -529,6 +529,78 @@ def test_groups_give_the_same_result_as_one_commit_at_a_time(
         assert shared_store.stats(tenant) == model.stats(tenant)
 
 
+@pytest.fixture(scope="module")
+def two_handles() -> Iterator[tuple[PostgresStore, PostgresStore]]:
+    require_service("postgresql")
+    name = f"sl_{uuid.uuid4().hex[:12]}"
+    patch = pytest.MonkeyPatch()
+    patch.setattr(postgres_adapter, "_CONTENDED_SECONDS", 0.0)  # a lost race never sends the next commits to the lock
+    a = open_store(f"{ADMIN}?schema={name}", clock=FakeClock())
+    b = open_store(f"{ADMIN}?schema={name}", clock=FakeClock())
+    assert isinstance(a, PostgresStore)
+    assert isinstance(b, PostgresStore)
+    yield a, b
+    a.close()
+    b.close()
+    patch.undo()
+    _admin(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+_two = st.sampled_from(["a", "b"])
+# one tenant, two keys, mostly Absent checks: what makes a handle take a key for absent
+_turn_commit = st.tuples(
+    st.lists(
+        st.builds(Absent, st.just("ns"), _two) | st.builds(VersionIs, st.just("ns"), _two, st.just(1)),
+        max_size=2,
+    ),
+    st.lists(
+        st.builds(Put, st.just("ns"), _two, st.integers(0, 3), st.none() | st.just(5.0))
+        | st.builds(Delete, st.just("ns"), _two)
+        | st.builds(Append, st.just("s1"), st.lists(st.builds(NewEvent, st.just("e")), min_size=1, max_size=2)),
+        min_size=1,
+        max_size=3,
+    ),
+    st.just(0),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    steps=st.lists(
+        st.tuples(st.one_of(_commit, _turn_commit), st.sampled_from([0, 1]), st.sampled_from([0, 0, 3])),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_two_handles_taking_turns_give_the_memory_adapters_results(
+    two_handles: tuple[PostgresStore, PostgresStore], steps: list[tuple[tuple[list[Any], list[Any], int], int, int]]
+) -> None:
+    """Two handles (as two processes) commit to the same tenants in any order while time passes (items
+    expire): each skips reads on what it remembers, takes keys it expects absent for absent, and still
+    gets exactly the memory adapter's outcome, state and feed."""
+    clock = FakeClock()
+    handles = two_handles
+    for h in handles:
+        h.clock = clock
+    run = uuid.uuid4().hex[:10]
+    tenants = [f"t{run}", f"u{run}"]
+    model = MemoryStore(clock=clock)
+    for (checks, ops, who), handle, wait in steps:
+        clock.advance(wait)
+        try:
+            expected: Any = model.commit(tenants[who], checks, ops)
+        except (Conflict, InvalidArgument) as exc:
+            expected = type(exc)
+        try:
+            got: Any = handles[handle].commit(tenants[who], checks, ops)
+        except (Conflict, InvalidArgument) as exc:
+            got = type(exc)
+        assert got == expected
+    for tenant in tenants:
+        assert handles[0].changes(tenant) == model.changes(tenant)
+        assert handles[1].scan(tenant, "ns") == model.scan(tenant, "ns")
+
+
 def test_threads_on_one_tenant_commit_in_groups_without_losing_anything(
     schema: str, opened: list[PostgresStore]
 ) -> None:
