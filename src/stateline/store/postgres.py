@@ -1358,24 +1358,12 @@ def _write_one(
     inserts = [(k, v) for k, v in puts if k in new]
     if inserts:
         puts = [(k, v) for k, v in puts if k not in new]
-        p["i_ns"] = _texts([k[0] for k, _ in inserts])
-        p["i_key"] = _texts([k[1] for k, _ in inserts])
-        p["i_value"] = _blobs([v[0] for _, v in inserts])
-        p["i_version"] = _int8s([v[1] for _, v in inserts])
-        p["i_rev"] = _int8s([v[2] for _, v in inserts])
-        p["i_created"] = _int8s([v[3] for _, v in inserts])
-        p["i_expires"] = _int8s([v[4] for _, v in inserts])
+        _item_params(p, "i_", inserts)
     if dels:
         p["del_ns"] = _texts([k[0] for k in dels])
         p["del_key"] = _texts([k[1] for k in dels])
     if puts:
-        p["ns"] = _texts([k[0] for k, _ in puts])
-        p["key"] = _texts([k[1] for k, _ in puts])
-        p["value"] = _blobs([v[0] for _, v in puts])
-        p["version"] = _int8s([v[1] for _, v in puts])
-        p["rev"] = _int8s([v[2] for _, v in puts])
-        p["created"] = _int8s([v[3] for _, v in puts])
-        p["expires"] = _int8s([v[4] for _, v in puts])
+        _item_params(p, "", puts)
     events = plan.events
     if events:
         p["ev_stream"] = _texts([e[0] for e in events])
@@ -1397,6 +1385,19 @@ def _write_one(
         guard, bool(dels), bool(puts), bool(events), bool(plan.last_seqs), bool(plan.trims), bool(inserts)
     )
     return statement, p
+
+
+def _item_params(
+    p: dict[str, Any], prefix: str, rows: list[tuple[tuple[str, str], tuple[bytes, int, int, int, int | None]]]
+) -> None:
+    """The array parameters of ``_Queries.items_insert`` for ``rows`` (key, planned row), named ``prefix`` + column."""
+    p[f"{prefix}ns"] = _texts([k[0] for k, _ in rows])
+    p[f"{prefix}key"] = _texts([k[1] for k, _ in rows])
+    p[f"{prefix}value"] = _blobs([v[0] for _, v in rows])
+    p[f"{prefix}version"] = _int8s([v[1] for _, v in rows])
+    p[f"{prefix}rev"] = _int8s([v[2] for _, v in rows])
+    p[f"{prefix}created"] = _int8s([v[3] for _, v in rows])
+    p[f"{prefix}expires"] = _int8s([v[4] for _, v in rows])
 
 
 _WRITE_ARRAYS: dict[str, Callable[[Any], _Encoded]] = {
@@ -1675,6 +1676,17 @@ class _Queries:
             if isinstance(value, str):
                 setattr(self, name, _binary_arrays(value))
 
+    def _items_insert(self, prefix: str, where: str) -> str:
+        """INSERT of one tenant's items from the arrays ``_item_params`` names with ``prefix``."""
+        return (
+            f"INSERT INTO {self.s}.items "
+            "(tenant, ns, key, value, version, revision, created_at, updated_at, expires_at) "
+            "SELECT %(t)s::text, k.ns, k.key, k.value, k.version, k.revision, k.created_at, %(now)s::bigint, "
+            f"k.expires_at FROM unnest(%({prefix}ns)s::text[], %({prefix}key)s::text[], %({prefix}value)s::bytea[], "
+            f"%({prefix}version)s::bigint[], %({prefix}rev)s::bigint[], %({prefix}created)s::bigint[], "
+            f"%({prefix}expires)s::bigint[]) AS k(ns, key, value, version, revision, created_at, expires_at){where}"
+        )
+
     def write_one(
         self, guard: str, dels: bool, puts: bool, events: bool, streams: bool, trims: bool, inserts: bool = False
     ) -> str:
@@ -1710,26 +1722,14 @@ class _Queries:
                 f'WHERE i.tenant = %(t)s::text AND i.ns = k.ns COLLATE "C" AND i.key = k.key COLLATE "C"{only})'
             )
         if puts:
-            parts.append(
-                f"put AS (INSERT INTO {s}.items "
-                "(tenant, ns, key, value, version, revision, created_at, updated_at, expires_at) "
-                "SELECT %(t)s::text, k.ns, k.key, k.value, k.version, k.revision, k.created_at, %(now)s::bigint, "
-                "k.expires_at FROM unnest(%(ns)s::text[], %(key)s::text[], %(value)s::bytea[], "
-                "%(version)s::bigint[], %(rev)s::bigint[], %(created)s::bigint[], %(expires)s::bigint[]) "
-                f"AS k(ns, key, value, version, revision, created_at, expires_at){where} "
-                "ON CONFLICT (tenant, ns, key) DO UPDATE SET value = excluded.value, version = excluded.version, "
+            upsert = (
+                " ON CONFLICT (tenant, ns, key) DO UPDATE SET value = excluded.value, version = excluded.version, "
                 "revision = excluded.revision, created_at = excluded.created_at, updated_at = excluded.updated_at, "
-                "expires_at = excluded.expires_at)"
+                "expires_at = excluded.expires_at"
             )
+            parts.append(f"put AS ({self._items_insert('', where)}{upsert})")
         if inserts:
-            parts.append(
-                f"ins AS (INSERT INTO {s}.items "
-                "(tenant, ns, key, value, version, revision, created_at, updated_at, expires_at) "
-                "SELECT %(t)s::text, k.ns, k.key, k.value, k.version, k.revision, k.created_at, %(now)s::bigint, "
-                "k.expires_at FROM unnest(%(i_ns)s::text[], %(i_key)s::text[], %(i_value)s::bytea[], "
-                "%(i_version)s::bigint[], %(i_rev)s::bigint[], %(i_created)s::bigint[], %(i_expires)s::bigint[]) "
-                f"AS k(ns, key, value, version, revision, created_at, expires_at){where})"
-            )
+            parts.append(f"ins AS ({self._items_insert('i_', where)})")
         if events:
             parts.append(
                 f"ev AS (INSERT INTO {s}.events (tenant, stream, seq, type, data, meta, revision, recorded_at) "
