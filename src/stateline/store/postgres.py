@@ -185,7 +185,7 @@ def _translate(exc: BaseException) -> StatelineError:
 @dataclass(slots=True)
 class _Slot:
     commit: PreparedCommit
-    done: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event | None = None  # a follower's, made as it queues (a leader never waits)
     lead: bool = False
     result: Commit | None = None
     error: BaseException | None = None
@@ -489,9 +489,11 @@ class PostgresStore(Store):
             if q is None:
                 q = self._queues[key] = _Queue()
             q.pending.append(slot)
-            if not q.active:
+            if q.active:
+                slot.done = threading.Event()
+            else:
                 q.active = slot.lead = True
-        if not slot.lead:
+        if slot.done is not None:
             slot.done.wait()
         if slot.lead:
             self._lead(key, q)
@@ -535,13 +537,15 @@ class PostgresStore(Store):
                 if q.pending:
                     nxt = q.pending[0]
                     nxt.lead = True
+                    assert nxt.done is not None
                     nxt.done.set()
                 else:
                     q.active = False
                     if self._queues.get(key) is q:
                         del self._queues[key]
             for slot in group:
-                slot.done.set()
+                if slot.done is not None:
+                    slot.done.set()
 
     def _run_group(self, group: list[_Slot]) -> list[Commit | StatelineError]:
         lost = 0
