@@ -438,6 +438,32 @@ def test_conflict_keeps_old_state_and_buffer(tenant: Tenant, store: Store) -> No
     assert tenant.cases.verify("c1").ok
 
 
+def test_a_refused_commit_leaves_the_committed_ctx_untouched_after_any_mutation(tenant: Tenant, store: Store) -> None:
+    """Mutations are applied to a working copy: one that leaves ctx as it was (an update_ctx changing
+    nothing), or replaces it whole, must not let a later mutation of the batch write into the committed
+    ctx or into an earlier mutation's summary."""
+    case = tenant.cases.create("c1", {"n": 0})
+    before = case.state()
+    case.update_ctx(lambda c: c).put_ctx("added", 1).update_ctx(lambda c: 1 / 0)  # type: ignore[arg-type, return-value]
+    with pytest.raises(CommitRejected) as rejected:
+        case.commit()
+    assert [p.index for p in rejected.value.problems] == [2]
+    assert case.state() == before
+    case.rollback()
+    other = tenant.cases.open("c1")
+    other.put_ctx("n", 5).commit()
+    case.update_ctx(lambda c: c).put_ctx("added", 2)
+    with pytest.raises(CaseConflict):
+        case.commit()
+    assert case.state() == before
+    case.refresh().rollback()
+    r = case.set_ctx({"a": 1}).put_ctx("b", 2).commit()
+    assert r is not None
+    assert r.mutations[0] == {"op": "set_ctx", "value": {"a": 1}}  # as given, not as it was after the batch
+    assert case.ctx == {"a": 1, "b": 2}
+    assert tenant.cases.verify("c1").ok
+
+
 def test_unavailable_store_keeps_old_state_and_buffer(backend: Backend) -> None:
     other = backend.open()
     cases = Cases(other, T)

@@ -789,11 +789,13 @@ def _apply(w: _Work, s: dict[str, JSON]) -> None:
         if "key" in s:
             w.own_ctx()[s["key"]] = s["value"]
         else:
+            # the summary's own object (so is an unchanged ctx after an empty patch, below): copied before
+            # a later mutation of the batch writes into it
             w.ctx = s["value"]
-            w.owned |= 1
+            w.owned &= ~1
     elif op == "update_ctx":
         w.ctx = apply_patch(w.ctx, s["patch"])
-        w.owned |= 1
+        w.owned &= ~1
     elif op == "add_token":
         token = s["token"]
         w.own_tokens()[token["id"]] = token
