@@ -403,6 +403,51 @@ def test_keys_expected_absent_are_inserted_without_a_read_and_checked_by_the_ins
     assert [ch.revision for ch in b.changes(T)] == [1, 2, 3, 4, 5, 6, 7]
 
 
+def test_the_unlocked_write_goes_to_libpq_directly_and_survives_its_statement_being_deallocated(
+    schema: str, opened: list[PostgresStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guarded write of the unlocked path is prepared once per connection and run without a cursor;
+    if the server forgets it (``DEALLOCATE ALL``, which psycopg itself may send), the next commit prepares
+    it again instead of failing, and nothing is written twice."""
+    store = _open(opened, f"{ADMIN}?schema={schema}&pool_min=1&pool_max=1")
+    sent: list[str] = []
+    real = postgres_adapter._Conn.run_kept
+
+    def spy(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+        sent.append(query)
+        return real(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(postgres_adapter._Conn, "run_kept", spy)
+    for i in range(3):
+        store.commit(T, checks=[Absent("ns", f"k{i}")], ops=[Put("ns", f"k{i}", i), Append("s", [NewEvent("e")])])
+    assert not any("UPDATE" in q and "revision" in q for q in sent)  # no write went through a cursor
+    with store._connection() as conn:
+        names = {r[0] for r in conn.execute("SELECT name FROM pg_prepared_statements").fetchall()}
+        assert any(n.startswith("sl_write_") for n in names), names
+        conn.execute("DEALLOCATE ALL")
+    # the same shape of write as before, so the connection believes it prepared
+    c = store.commit(T, checks=[Absent("ns", "k3")], ops=[Put("ns", "k3", 3), Append("s", [NewEvent("e")])])
+    assert (c.revision, c.versions, c.seqs) == (4, {("ns", "k3"): 1}, {"s": 4})
+    c = store.commit(T, checks=[VersionIs("ns", "k0", 1)], ops=[Put("ns", "k0", "again"), Append("s", [NewEvent("e")])])
+    assert (c.revision, c.versions, c.seqs) == (5, {("ns", "k0"): 2}, {"s": 5})
+    assert [ch.revision for ch in store.changes(T)] == [1, 2, 3, 4, 5]
+    item = store.get(T, "ns", "k0")
+    assert item is not None
+    assert (item.value, item.version) == ("again", 2)
+
+
+def test_statements_in_libpq_form() -> None:
+    """Named placeholders become ``$n`` in order of first use (a repeated name keeps its number); a
+    statement with any other percent sign is left to psycopg."""
+    raw = postgres_adapter._raw("SELECT %(a)s::text, %(b)b::bigint[], %(a)s::text WHERE x = %(c)s::bigint")
+    assert raw is not None
+    assert raw.query == b"SELECT $1::text, $2::bigint[], $1::text WHERE x = $3::bigint"
+    assert raw.params == ("a", "b", "c")
+    assert postgres_adapter._raw("SELECT %(a)s::text") is postgres_adapter._raw("SELECT %(a)s::text")
+    assert postgres_adapter._raw("SELECT %s::text") is None
+    assert postgres_adapter._raw("SELECT 'x%%' || %(a)s::text") is None
+
+
 @pytest.mark.parametrize("server", ["finishes it", "is stopped"])
 def test_a_write_whose_connection_is_lost_in_flight_is_applied_once(
     schema: str, opened: list[PostgresStore], server: str
