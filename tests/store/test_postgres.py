@@ -430,7 +430,12 @@ def test_the_unlocked_write_goes_to_libpq_directly_and_survives_its_statement_be
     assert (c.revision, c.versions, c.seqs) == (4, {("ns", "k3"): 1}, {"s": 4})
     c = store.commit(T, checks=[VersionIs("ns", "k0", 1)], ops=[Put("ns", "k0", "again"), Append("s", [NewEvent("e")])])
     assert (c.revision, c.versions, c.seqs) == (5, {("ns", "k0"): 2}, {"s": 5})
-    assert [ch.revision for ch in store.changes(T)] == [1, 2, 3, 4, 5]
+    with store._connection() as conn:  # its record of what it prepared lost: the server's copy is used
+        assert conn._sl_prepared
+        conn._sl_prepared.clear()
+    c = store.commit(T, checks=[Absent("ns", "k4")], ops=[Put("ns", "k4", 4), Append("s", [NewEvent("e")])])
+    assert (c.revision, c.seqs) == (6, {"s": 6})
+    assert [ch.revision for ch in store.changes(T)] == [1, 2, 3, 4, 5, 6]
     item = store.get(T, "ns", "k0")
     assert item is not None
     assert (item.value, item.version) == ("again", 2)

@@ -205,7 +205,9 @@ class _Conn(psycopg.Connection[Any]):
         result is one row of two booleans. Passing them through psycopg's adaptation cost about as
         much client CPU again as sending them (a case commit: ~115 against ~50 µs). The statement is
         prepared on the connection the first time (psycopg's own prepared statements, named
-        differently, are left alone; if psycopg deallocates all of them, this prepares again).
+        differently, are left alone; if psycopg deallocates all of them, this prepares again). Which
+        statements a connection holds is tracked on the connection; should that record fall out of step
+        with the server, both ways are harmless: a name is given to one statement only, once per process.
         """
         raw = _raw(statement)
         if raw is None:
@@ -233,7 +235,9 @@ class _Conn(psycopg.Connection[Any]):
                     prepared = self._sl_prepared = set()
                 if raw.name not in prepared:
                     pg.send_prepare(raw.name, raw.query)
-                    _raise_if_failed(self.wait(execute(pg)))
+                    # (already there: a name is only ever given to this one statement)
+                    with contextlib.suppress(psycopg.errors.DuplicatePreparedStatement):
+                        _raise_if_failed(self.wait(execute(pg)))
                     prepared.add(raw.name)
                 pg.send_query_prepared(raw.name, values, param_formats=formats)
                 try:
@@ -241,7 +245,7 @@ class _Conn(psycopg.Connection[Any]):
                 except psycopg.errors.InvalidSqlStatementName:
                     if attempt:
                         raise
-                    prepared.clear()  # deallocated meanwhile (nothing ran): prepare again
+                    prepared.discard(raw.name)  # deallocated meanwhile (nothing ran): prepare again
                     continue
                 if res.ntuples != 1 or res.nfields != 2:  # pragma: no cover - the statement's shape
                     raise psycopg.InterfaceError(f"unexpected result of a write: {res.ntuples} x {res.nfields}")
