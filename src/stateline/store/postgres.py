@@ -204,10 +204,11 @@ class _Conn(psycopg.Connection[Any]):
         parameters are already in PostgreSQL's binary format, its scalars are text and int, and its
         result is one row of two booleans. Passing them through psycopg's adaptation cost about as
         much client CPU again as sending them (a case commit: ~115 against ~50 µs). The statement is
-        prepared on the connection the first time (psycopg's own prepared statements, named
-        differently, are left alone; if psycopg deallocates all of them, this prepares again). Which
-        statements a connection holds is tracked on the connection; should that record fall out of step
-        with the server, both ways are harmless: a name is given to one statement only, once per process.
+        prepared on the connection the first time under a name given to it alone (psycopg's own
+        prepared statements are named differently). psycopg deallocates every prepared statement after
+        a ROLLBACK once it has prepared some of its own; the connection learns of it only when it next
+        runs one of the lost ones, and may have prepared others since: so a statement found missing is
+        prepared again on its own (nothing ran), and one found already there is used.
         """
         raw = _raw(statement)
         if raw is None:
