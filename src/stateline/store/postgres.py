@@ -356,6 +356,8 @@ class PostgresStore(Store):
     concurrent commits of one tenant into one transaction; ``all``: of any tenants; ``off``). Other query
     parameters go to libpq unchanged (``sslmode``, ``password``, ``application_name``, ...).
     Opening creates the schema, or migrates an older one, safely when several processes open at once.
+    Connections must be sessions of their own: watches LISTEN, and commits use prepared statements, so
+    a pooler in front of the server (PgBouncer) must run in session mode.
     """
 
     scheme = "postgresql"
