@@ -173,9 +173,20 @@ def _wait_until(cond: object, limit: float = 30.0) -> None:
         time.sleep(0.01)
 
 
-def test_three_party_wait_cycle_is_refused_at_once(tenant: Tenant) -> None:
+def test_three_party_wait_cycle_is_refused_at_once(tenant: Tenant, monkeypatch: pytest.MonkeyPatch) -> None:
     leases = {o: tenant.locks.acquire(f"L-{o}", o, ttl=600) for o in ("a", "b", "c")}
     results: dict[str, object] = {}
+    # a waiter looks for a cycle right after recording its wait; c must come after a's and b's first
+    # look, or b, looking late, would find c's edge too and (rightly) refuse itself as well
+    looked: set[str] = set()
+    cycle = Locks._cycle
+
+    def counted(self: Locks, owner: str, lock: str, holder: str) -> list[WaitFor]:
+        found = cycle(self, owner, lock, holder)
+        looked.add(owner)
+        return found
+
+    monkeypatch.setattr(Locks, "_cycle", counted)
 
     def wait_for(owner: str, lock: str) -> None:
         try:
@@ -187,7 +198,7 @@ def test_three_party_wait_cycle_is_refused_at_once(tenant: Tenant) -> None:
     tb = threading.Thread(target=wait_for, args=("b", "L-c"))
     ta.start()
     tb.start()
-    _wait_until(lambda: len(tenant.locks.waits()) == 2)
+    _wait_until(lambda: len(tenant.locks.waits()) == 2 and {"a", "b"} <= looked)
     assert tenant.locks.deadlocks() == []
     with pytest.raises(Conflict) as info:
         tenant.locks.acquire("L-a", "c", ttl=600, wait=60)  # c -> a -> b -> c
