@@ -113,7 +113,8 @@ def test_url_options_and_schema(schema: str, opened: list[PostgresStore]) -> Non
     store = _open(
         opened,
         f"postgres://postgres@127.0.0.1:5432/test?schema={schema}&pool_max=3&pool_timeout=2.5"
-        "&application_name=sl-url-test&group_commit=false",
+        "&application_name=sl%20url+test%2B1&group_commit=false"
+        "&options=-c%20statement_timeout%3D54321%20-c%20lock_timeout%3D1234",
         clock=FakeClock(),
     )
     assert store.schema == schema
@@ -123,9 +124,14 @@ def test_url_options_and_schema(schema: str, opened: list[PostgresStore]) -> Non
         r[0] for r in _admin("SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (schema,))
     }
     assert {"items", "tenants", "changes", "events", "streams", "schema_version"} <= tables
-    # libpq parameters pass through untouched
-    names = _admin("SELECT application_name FROM pg_stat_activity WHERE application_name = 'sl-url-test'")
+    # libpq parameters pass through untouched, spaces and reserved characters included
+    names = _admin("SELECT application_name FROM pg_stat_activity WHERE application_name = 'sl url test+1'")
     assert names
+    with store._connection() as conn:
+        settings = conn.execute(
+            "SELECT current_setting('statement_timeout'), current_setting('lock_timeout')"
+        ).fetchone()
+    assert settings == ("54321ms", "1234ms")
 
 
 @pytest.mark.parametrize(

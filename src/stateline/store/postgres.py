@@ -74,7 +74,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Self
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import orjson
 import psycopg
@@ -455,7 +455,8 @@ class PostgresStore(Store):
                 options.setdefault(name, _URL_OPTIONS[name](name, value))
             else:
                 rest.append((name, value))
-        conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(rest), ""))
+        # libpq decodes %XX in a URI but takes "+" literally: a space must not become "+"
+        conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(rest, quote_via=quote), ""))
         return cls(conninfo, clock=clock, **options)
 
     # ------------------------------------------------------------ connections
