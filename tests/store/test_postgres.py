@@ -286,6 +286,39 @@ def test_key_lookups_probe_the_index_whatever_the_tenant_size(schema: str, opene
             assert bad == [], f"{name}: {bad}"
 
 
+def _rows_read(plan: dict[str, Any]) -> Iterator[tuple[str, str, int]]:
+    """(node type, relation, rows it returned over all its loops) of every node of an EXPLAIN (ANALYZE,
+    FORMAT JSON) plan that reads a relation."""
+    if "Relation Name" in plan and plan["Node Type"] != "ModifyTable":
+        yield plan["Node Type"], plan["Relation Name"], plan["Actual Rows"] * plan["Actual Loops"]
+    for child in plan.get("Plans", []):
+        yield from _rows_read(child)
+
+
+def test_a_sweep_reads_only_the_expired_rows_it_deletes(schema: str, opened: list[PostgresStore]) -> None:
+    """Sweeping a backlog of expired items a batch at a time costs each batch its own size: a join
+    read every expired row at each call (13.6 ms for a batch of 100 beside 30,000 expired, now 1.1)."""
+    clock = FakeClock()
+    store = _open(opened, f"{ADMIN}?schema={schema}", clock=clock)
+    for b in range(4):
+        store.commit(f"t{b}", ops=[Put("ns", f"k{i}", i, ttl=1) for i in range(500)])
+    clock.advance(10)
+    now = clock.now_us()
+    sweep = _positional(postgres_adapter._Queries(f'"{schema}"').sweep)
+    with psycopg.connect(ADMIN) as conn:  # a transaction, rolled back at the end
+        conn.execute(f'ANALYZE "{schema}".items')
+        conn.execute("SET plan_cache_mode = force_generic_plan")  # what a statement prepared by psycopg gets
+        conn.execute(f"PREPARE p AS {sweep}")
+        ((plan,),) = conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE p({now}, 10, {now})").fetchall()
+        conn.rollback()
+    read = list(_rows_read(plan[0]["Plan"]))
+    assert read
+    assert all(rows <= 10 for _, _, rows in read), read
+    assert store._sweep(10) == 10
+    assert store._sweep(10_000) == 1990
+    assert _admin(f'SELECT count(*) FROM "{schema}".items') == [(0,)]
+
+
 # ------------------------------------------------------------------ group commit
 
 
