@@ -3,10 +3,13 @@
 Run: ``python bench/bench_scaling.py [--quick] [--backends memory,sqlite]``.
 
 * Commit latency with 1 thousand, 100 thousand and 1 million keys in one tenant (``--quick``: up to
-  100 thousand), on memory and SQLite (``synchronous=FULL`` for the measured commits; the keys are
-  preloaded in commits of 10,000 puts at ``synchronous=NORMAL`` to be quick). The figure at N keys
-  is compared with the same commits on a tenant of 1,000 keys in another store, the two taking
-  turns: the ratio should stay near 1 (flat).
+  100 thousand), on memory, SQLite (``synchronous=FULL`` for the measured commits; the keys are
+  preloaded in commits of 10,000 puts at ``synchronous=NORMAL`` to be quick) and PostgreSQL (a schema
+  of its own at ``--pg``, dropped afterwards; beside the measured tenant it holds 5,000 small tenants
+  and its statistics are up to date, so that prepared statements are planned for tenants of average
+  size, as in a shared deployment). The figure at N keys is compared with the same commits on a
+  tenant of 1,000 keys in another store, the two taking turns: the ratio should stay near 1 (flat).
+  Each commit puts a random existing key the handle has not written, so the store reads its version.
 * Load time against history length: ``t.streams.load`` (latest snapshot, every 100 events, plus the
   events after it) beside a full replay of the same stream, for 100, 1,000 and 10,000 events; and
   ``t.cases.open`` of a case after 10 and after 1,000 commits (a case's state is stored whole, so
@@ -18,6 +21,7 @@ Run: ``python bench/bench_scaling.py [--quick] [--backends memory,sqlite]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import random
@@ -28,6 +32,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from harness import alternate, latencies, record, timed_loop
 from stateline import Database, Event, Put, open_store
 from stateline.store.protocol import MAX_OPS, Store
@@ -35,6 +41,8 @@ from stateline.streams import Projection
 
 TENANT = "bench"
 NS = "docs"
+PG = "postgresql://postgres@127.0.0.1:5432/test"
+SMALL_TENANTS = 5000  # PostgreSQL: the other tenants of the schema, 2 keys each
 
 
 def _value(i: int) -> dict[str, Any]:
@@ -44,13 +52,19 @@ def _value(i: int) -> dict[str, Any]:
 class Target:
     """One store and tenant holding ``size`` keys; reopened at FULL for the measured commits."""
 
-    def __init__(self, kind: str, directory: Path) -> None:
+    def __init__(self, kind: str, directory: Path, pg: str = PG) -> None:
         self.kind = kind
         self.path = directory / f"scale-{uuid.uuid4().hex[:8]}.db"
+        self.pg, self.schema = pg, f"bench_scale_{uuid.uuid4().hex[:8]}"
         self.size = 0
         self.store: Store = open_store(self._url("NORMAL"))
+        if kind == "postgresql":
+            for t in range(SMALL_TENANTS):
+                self.store.commit(f"small-{t}", (), [Put(NS, f"k{i}", _value(i)) for i in range(2)])
 
     def _url(self, synchronous: str) -> str:
+        if self.kind == "postgresql":
+            return f"{self.pg}?schema={self.schema}"
         return "memory://" if self.kind == "memory" else f"sqlite:///{self.path}?synchronous={synchronous}"
 
     def grow(self, size: int) -> None:
@@ -64,6 +78,9 @@ class Target:
         if self.kind == "sqlite":
             self.store.close()
             self.store = open_store(self._url("FULL"))
+        if self.kind == "postgresql":
+            with psycopg.connect(self.pg, autocommit=True) as conn:
+                conn.execute(f"ANALYZE {self.schema}.items")
 
     def run(self, seconds: float) -> tuple[float, list[float]]:
         commit, size, rnd = self.store.commit, self.size, random.Random(self.size)
@@ -76,13 +93,16 @@ class Target:
 
     def close(self) -> None:
         self.store.close()
+        if self.kind == "postgresql":
+            with contextlib.suppress(psycopg.Error), psycopg.connect(self.pg, autocommit=True) as conn:
+                conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
         for suffix in ("", "-wal", "-shm"):
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
 
-def bench_keys(kind: str, directory: Path, sizes: list[int], seconds: float, runs: int) -> None:
-    small, big = Target(kind, directory), Target(kind, directory)
-    durability = "in process" if kind == "memory" else "synchronous=FULL, WAL"
+def bench_keys(kind: str, directory: Path, sizes: list[int], seconds: float, runs: int, pg: str = PG) -> None:
+    small, big = Target(kind, directory, pg), Target(kind, directory, pg)
+    durability = {"memory": "in process", "sqlite": "synchronous=FULL, WAL"}.get(kind, "synchronous_commit=on")
     try:
         small.grow(1000)
         for size in sizes:
@@ -249,8 +269,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of one measured run")
     parser.add_argument("--runs", type=int, default=3, help="runs per size (alternating with the 1,000-key store)")
     parser.add_argument("--dir", type=Path, default=None, help="where the SQLite files go (default: a temp dir)")
+    parser.add_argument("--pg", default=PG, help="PostgreSQL server for the postgresql backend")
     args = parser.parse_args()
-    kinds = [k.strip() for k in args.backends.split(",") if k.strip() in ("memory", "sqlite")]
+    kinds = [k.strip() for k in args.backends.split(",") if k.strip() in ("memory", "sqlite", "postgresql")]
     seconds, runs = (0.5, 3) if args.quick else (args.seconds, args.runs)
     sizes = [1000, 100_000] if args.quick else [1000, 100_000, 1_000_000]
     lengths = [100, 1000, 10_000]
@@ -262,8 +283,10 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-scaling-") as tmp:
         for kind in kinds:
-            bench_keys(kind, Path(tmp), sizes, seconds, runs)
+            bench_keys(kind, Path(tmp), sizes, seconds, runs, args.pg)
         for kind in kinds:
+            if kind == "postgresql":
+                continue  # history and case loads: memory and SQLite only
             bench_history(kind, Path(tmp), lengths, case_commits, reps)
     bench_case_memory(1000)
 

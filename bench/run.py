@@ -97,7 +97,13 @@ KNOWN: dict[str, Script] = {
             full_args=FULL,
             weight=2.0,
         ),
-        Script("scaling", BENCH / "bench_scaling.py", ("memory", "sqlite"), backend_flag="--backends", weight=1.5),
+        Script(
+            "scaling",
+            BENCH / "bench_scaling.py",
+            ("memory", "sqlite", "postgresql"),
+            backend_flag="--backends",
+            weight=2.0,
+        ),
         Script("locks", BENCH / "bench_locks.py", ("redis",), full_args=FULL, weight=1.0),
         Script("bus", BENCH / "bench_bus.py", ("memory", "sqlite"), weight=1.0),
         Script(
