@@ -1,6 +1,6 @@
 """Scaling: commit latency against the number of keys in a tenant, load time against history length, memory per case.
 
-Run: ``python bench/bench_scaling.py [--quick] [--backends memory,sqlite]``.
+Run: ``python bench/bench_scaling.py [--quick] [--backends memory,sqlite,postgresql]``.
 
 * Commit latency with 1 thousand, 100 thousand and 1 million keys in one tenant (``--quick``: up to
   100 thousand), on memory, SQLite (``synchronous=FULL`` for the measured commits; the keys are
@@ -265,7 +265,7 @@ def bench_case_memory(n: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="up to 100,000 keys and short runs (about 30 s)")
-    parser.add_argument("--backends", default="memory,sqlite")
+    parser.add_argument("--backends", default="memory,sqlite,postgresql")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of one measured run")
     parser.add_argument("--runs", type=int, default=3, help="runs per size (alternating with the 1,000-key store)")
     parser.add_argument("--dir", type=Path, default=None, help="where the SQLite files go (default: a temp dir)")
