@@ -236,12 +236,12 @@ def test_json_values_keep_key_order_and_exact_form(schema: str, opened: list[Pos
 # ------------------------------------------------------------------ plans that do not grow with a tenant
 
 
-def _scans(plan: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    """(node type, relation) of every node of an EXPLAIN (FORMAT JSON) plan that reads a relation."""
+def _reads(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every node of an EXPLAIN (FORMAT JSON) plan that reads a relation (not the ones that write it)."""
     if "Relation Name" in plan and plan["Node Type"] != "ModifyTable":
-        yield plan["Node Type"], plan["Relation Name"]
+        yield plan
     for child in plan.get("Plans", []):
-        yield from _scans(child)
+        yield from _reads(child)
 
 
 def _positional(statement: str) -> str:
@@ -280,19 +280,14 @@ def test_key_lookups_probe_the_index_whatever_the_tenant_size(schema: str, opene
             conn.execute(f"PREPARE p AS {query}")
             ((plan,),) = conn.execute(f"EXPLAIN (FORMAT JSON) EXECUTE p({', '.join(['NULL'] * n)})").fetchall()
             conn.execute("DEALLOCATE p")
-            scans = [x for x in _scans(plan[0]["Plan"]) if x[1] in ("items", "streams", "events")]
+            scans = [
+                (node["Node Type"], node["Relation Name"])
+                for node in _reads(plan[0]["Plan"])
+                if node["Relation Name"] in ("items", "streams", "events")
+            ]
             assert scans, name
             bad = [x for x in scans if x[0] not in ("Index Scan", "Index Only Scan", "Tid Scan")]
             assert bad == [], f"{name}: {bad}"
-
-
-def _rows_read(plan: dict[str, Any]) -> Iterator[tuple[str, str, int]]:
-    """(node type, relation, rows it returned over all its loops) of every node of an EXPLAIN (ANALYZE,
-    FORMAT JSON) plan that reads a relation."""
-    if "Relation Name" in plan and plan["Node Type"] != "ModifyTable":
-        yield plan["Node Type"], plan["Relation Name"], plan["Actual Rows"] * plan["Actual Loops"]
-    for child in plan.get("Plans", []):
-        yield from _rows_read(child)
 
 
 def test_a_sweep_reads_only_the_expired_rows_it_deletes(schema: str, opened: list[PostgresStore]) -> None:
@@ -311,7 +306,7 @@ def test_a_sweep_reads_only_the_expired_rows_it_deletes(schema: str, opened: lis
         conn.execute(f"PREPARE p AS {sweep}")
         ((plan,),) = conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE p({now}, 10, {now})").fetchall()
         conn.rollback()
-    read = list(_rows_read(plan[0]["Plan"]))
+    read = [(n["Node Type"], n["Relation Name"], n["Actual Rows"] * n["Actual Loops"]) for n in _reads(plan[0]["Plan"])]
     assert read
     assert all(rows <= 10 for _, _, rows in read), read
     assert store._sweep(10) == 10
