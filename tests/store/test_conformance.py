@@ -294,6 +294,35 @@ def test_sweep_removes_expired_items(store: Store, clock: FakeClock) -> None:
     assert revision == 1  # sweeping is not a commit
 
 
+def test_sweep_follows_later_writes(store: Store, clock: FakeClock) -> None:
+    first = [Put("ns", k, 1, ttl=1) for k in ("longer", "forever", "gone", "batch1", "batch2", "batch3")]
+    store.commit(T, ops=[*first, Put("ns", "shorter", 1, ttl=10), Incr("ns", "n", 1, ttl=1)])
+    store.commit(
+        T,
+        ops=[
+            Put("ns", "longer", 2, ttl=5),
+            Put("ns", "shorter", 2, ttl=2),
+            Put("ns", "forever", 2),
+            Delete("ns", "gone"),
+            Incr("ns", "n", 1),  # keeps its expiry
+        ],
+    )
+    clock.advance(3)  # expired: shorter, n and the three batch items; longer lives until 5 s
+    assert store.sweep(limit=2) == 2
+    assert store.sweep(limit=2) == 2
+    assert store.sweep() == 1
+    assert store.sweep() == 0
+    assert [i.key for i in store.scan(T, "ns")] == ["forever", "longer"]
+    clock.advance(3)
+    assert store.sweep() == 1
+    assert [i.key for i in store.scan(T, "ns")] == ["forever"]
+    store.commit(T, ops=[Put("ns", "again", 1, ttl=1)])
+    clock.advance(2)
+    assert store.sweep() == 1
+    assert store.get(T, "ns", "forever") is not None
+    assert store.revision(T) == 3
+
+
 def test_incr_ttl_applies_only_on_create(store: Store, clock: FakeClock) -> None:
     c1 = store.commit(T, ops=[Incr("ns", "n", 1, ttl=10)])
     clock.advance(5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import threading
 from bisect import bisect_left
 from typing import Any, Self
@@ -139,6 +140,11 @@ class MemoryStore(Store):
         self._cond = threading.Condition(self._lock)
         self._data: dict[str, _Tenant] = {}
         self._watchers = 0
+        # Expiries for sweep, so that a sweep reads only what it removes: a heap of (expires_at, tenant,
+        # ns, key), and for each key in it the time of the entry it counts on (never later than the
+        # item's expiry). A later write leaves older entries in the heap; they are skipped when popped.
+        self._expiries: list[tuple[int, str, str, str]] = []
+        self._queued: dict[tuple[str, str, str], int] = {}
 
     @classmethod
     def from_url(cls, url: str, *, clock: Clock | None = None, **options: Any) -> Self:
@@ -265,6 +271,8 @@ class MemoryStore(Store):
                     if key not in space.recs:
                         space.keys.add(key)
                     space.recs[key] = rec
+                    if rec.expires_at is not None:
+                        self._expire_at(rec.expires_at, c.tenant, ns, key)
             for name, events in appended.items():
                 s = t.streams.get(name)
                 if s is None:
@@ -299,10 +307,19 @@ class MemoryStore(Store):
             space.keys.add(op.key)
         value = _fit(op.value)
         space.recs[op.key] = _Rec(value, version, revision, now if old is None else old.created_at, now, exp)
+        if exp is not None:
+            self._expire_at(exp, c.tenant, op.namespace, op.key)
         t.changes.append((now, _fit(c.meta), _PUT, op.namespace, op.key, version, value, exp))
         if self._watchers:
             self._cond.notify_all()
         return Commit(revision, now, {(op.namespace, op.key): version}, {}, {})
+
+    def _expire_at(self, at: int, tenant: str, ns: str, key: str) -> None:
+        k = (tenant, ns, key)
+        queued = self._queued.get(k)
+        if queued is None or at < queued:
+            heapq.heappush(self._expiries, (at, tenant, ns, key))
+            self._queued[k] = at
 
     def _get(self, tenant: str, namespace: str, key: str) -> Item | None:
         with self._lock:
@@ -420,15 +437,23 @@ class MemoryStore(Store):
         removed = 0
         with self._lock:
             now = self.clock.now_us()
-            for t in self._data.values():
-                for space in t.spaces.values():
-                    dead = [k for k, r in space.recs.items() if r.expires_at is not None and r.expires_at <= now]
-                    for key in dead[: limit - removed]:
-                        del space.recs[key]
-                        space.keys.remove(key)
-                        removed += 1
-                    if removed >= limit:
-                        return removed
+            heap, queued = self._expiries, self._queued
+            while heap and heap[0][0] <= now and removed < limit:
+                at, tenant, ns, key = heapq.heappop(heap)
+                k = (tenant, ns, key)
+                if queued.get(k) != at:
+                    continue  # superseded by an earlier entry of the same key
+                space = self._data[tenant].spaces[ns]  # spaces are never removed
+                rec = space.recs.get(key)
+                if rec is not None and rec.expires_at is not None and rec.expires_at > now:
+                    heapq.heappush(heap, (rec.expires_at, tenant, ns, key))  # written again since
+                    queued[k] = rec.expires_at
+                    continue
+                del queued[k]
+                if rec is not None and rec.expires_at is not None:
+                    del space.recs[key]
+                    space.keys.remove(key)
+                    removed += 1
         return removed
 
     def _ping(self) -> None:
