@@ -14,7 +14,7 @@ PORT = {"stateline.store", "stateline.store.protocol"}
 ADAPTERS = {"stateline.store.memory", "stateline.store.sqlite", "stateline.store.postgres", "stateline.store.redis"}
 LAYERS = {
     "stateline.docs", "stateline.streams", "stateline.cases", "stateline.runs", "stateline.runtime",
-    "stateline.locks", "stateline.audit", "stateline.gates", "stateline.sync",
+    "stateline.locks", "stateline.audit", "stateline.gates", "stateline.sync", "stateline.sweeper",
 }  # fmt: skip
 
 

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
         Slot,
     )
     from stateline.streams import Appended, CheckIssue, CheckReport, Loaded, Projection, Streams
+    from stateline.sweeper import Sweeper
 
 from stateline.clock import Clock, FakeClock, SystemClock
 from stateline.database import DEFAULT_URL, Database, Tenant, open, open_store
@@ -169,6 +170,7 @@ __all__ = [
     "StreamInfo",
     "Streams",
     "Subscription",
+    "Sweeper",
     "SystemClock",
     "Tenant",
     "TenantStats",
@@ -201,6 +203,7 @@ _LAZY = {
     "Loaded": "stateline.streams",
     "Projection": "stateline.streams",
     "Streams": "stateline.streams",
+    "Sweeper": "stateline.sweeper",
     "AddToken": "stateline.cases",
     "CancelScope": "stateline.cases",
     "Case": "stateline.cases",

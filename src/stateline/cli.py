@@ -68,6 +68,13 @@ def serve(
     rate_limit: float = typer.Option(
         1000.0, "--rate-limit", envvar="STATELINE_RATE_LIMIT", help="Requests/s per tenant per worker (0: off)."
     ),
+    sweep_interval: float = typer.Option(
+        60.0,
+        "--sweep-interval",
+        min=0,
+        envvar="STATELINE_SWEEP_INTERVAL",
+        help="Seconds between removals of expired items from the store (0: off).",
+    ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
     bootstrap_tenant: str = typer.Option(
         "default", "--bootstrap-tenant", help="Tenant of the admin key created when the store has no key."
@@ -114,7 +121,8 @@ def serve(
     configure_logging(log_level.upper())
     common = {"host": host, "port": port, "log_config": None, "timeout_graceful_shutdown": 10, "access_log": False}
     if workers == 1:
-        app_obj = create_app(db, settings=ApiSettings(rate_limit=rate_limit or None))
+        settings = ApiSettings(rate_limit=rate_limit or None, sweep_interval=sweep_interval or None)
+        app_obj = create_app(db, settings=settings)
         try:
             uvicorn.run(app_obj, **common)  # type: ignore[arg-type]
         finally:
@@ -125,6 +133,7 @@ def serve(
     db.close()
     os.environ["STATELINE_URL"] = url
     os.environ["STATELINE_RATE_LIMIT"] = str(rate_limit)
+    os.environ["STATELINE_SWEEP_INTERVAL"] = str(sweep_interval)
     os.environ["STATELINE_LOG_LEVEL"] = log_level
     try:
         uvicorn.run("stateline.api.server:app_from_env", factory=True, workers=workers, **common)  # type: ignore[arg-type]

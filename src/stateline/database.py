@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from stateline.runs import Runs
     from stateline.runtime import Cache, Deliveries, Idempotency, RateLimiter, Sessions
     from stateline.streams import Streams
+    from stateline.sweeper import Sweeper
 
 __all__ = ["DEFAULT_URL", "Database", "Tenant", "open", "open_store"]
 
@@ -67,6 +68,7 @@ class Database:
         self._tenants: dict[str, Tenant] = {}
         self._lock = threading.Lock()
         self._gates: Gates | None = None
+        self._sweeper: Sweeper | None = None
 
     def tenant(self, name: str) -> Tenant:
         """The handle of one tenant; every read and write through it stays inside that tenant."""
@@ -109,8 +111,21 @@ class Database:
             self._gates = Gates(self.store)
         return self._gates
 
+    def start_sweeper(self, interval: float = 60.0, *, batch: int = 1000) -> Sweeper:
+        """Remove expired items every ``interval`` seconds on a background thread (see ``Sweeper``);
+        ``close()`` stops it. One per database: a second call while it runs raises ``InvalidArgument``."""
+        from stateline.sweeper import Sweeper
+
+        with self._lock:
+            if self._sweeper is not None and self._sweeper.running:
+                raise InvalidArgument("sweeper", "this database already runs one")
+            self._sweeper = Sweeper(self.store, interval=interval, batch=batch).start()
+            return self._sweeper
+
     def close(self) -> None:
-        """Close the store; closing twice is allowed."""
+        """Stop the sweeper if one runs, then close the store; closing twice is allowed."""
+        if self._sweeper is not None:
+            self._sweeper.stop()
         self.store.close()
 
     def __enter__(self) -> Self:

@@ -134,3 +134,4 @@ class Metrics:
             "stateline_rate_limited", "Requests refused by the per-tenant rate limit.", registry=r
         )
         self.watchers = Gauge("stateline_watchers", "Open change-feed subscriptions (SSE and long polls).", registry=r)
+        self.swept = Counter("stateline_swept_items", "Expired items removed by the sweeper.", registry=r)

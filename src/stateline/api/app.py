@@ -38,6 +38,7 @@ from stateline.clock import Clock
 from stateline.database import Database
 from stateline.errors import InvalidArgument, PayloadTooLarge, RateLimited, StatelineError
 from stateline.observability import Metrics, make_tracer_provider
+from stateline.sweeper import Sweeper
 
 __all__ = ["ApiContext", "ApiSettings", "TenantRateLimiter", "create_app"]
 
@@ -71,6 +72,8 @@ class ApiSettings:
     by another process takes effect within it); ``idempotency_ttl`` is how long a POST's response is
     kept for replay; ``max_wait`` bounds long polls; ``heartbeat_seconds`` spaces SSE keep-alives.
     ``inline_store`` calls the store on the event loop (default: only for ``memory://``).
+    ``sweep_interval`` is how often the service removes expired items from the store while it runs
+    (seconds; ``None``: never, for a deployment that sweeps elsewhere).
     """
 
     max_body_bytes: int = 2 * 1024 * 1024
@@ -83,6 +86,7 @@ class ApiSettings:
     heartbeat_seconds: float = 15.0
     inline_store: bool | None = None
     ui: bool = True
+    sweep_interval: float | None = 60.0
 
 
 class TenantRateLimiter:
@@ -141,6 +145,11 @@ class ApiContext:
         self.idempotency = HttpIdempotency(self.store, ttl=settings.idempotency_ttl)
         self.inline = settings.inline_store if settings.inline_store is not None else db.store.scheme == "memory"
         self.auditor = ApiAuditor(self.db, inline=self.inline)
+        self.sweeper = (
+            None
+            if settings.sweep_interval is None
+            else Sweeper(self.store, interval=settings.sweep_interval, on_swept=self.metrics.swept.inc)
+        )
         self._requests: dict[tuple[str, str, int], Any] = {}
         self._latency: dict[tuple[str, str], Any] = {}
         self.limiter = (
@@ -174,8 +183,15 @@ class ApiContext:
             histogram = self._latency[(route, method)] = self.metrics.latency.labels(route, method)
         histogram.observe(seconds)
 
+    def start(self) -> None:
+        """Start background threads (at the app's startup)."""
+        if self.sweeper is not None and not self.sweeper.running:
+            self.sweeper.start()
+
     def close(self) -> None:
         """Stop background threads (the database stays open: its owner closes it)."""
+        if self.sweeper is not None:
+            self.sweeper.stop()
         self.hub.close()
 
 
@@ -214,6 +230,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        ctx.start()
         try:
             yield
         finally:

@@ -28,11 +28,15 @@ def bootstrap_admin_key(db: Database, tenant: str) -> str | None:
 
 
 def settings_from_env() -> ApiSettings:
-    """Service settings from ``STATELINE_RATE_LIMIT`` (0: off) and ``STATELINE_MAX_BODY_BYTES``."""
+    """Service settings from ``STATELINE_RATE_LIMIT`` (0: off), ``STATELINE_SWEEP_INTERVAL`` (seconds,
+    0: off) and ``STATELINE_MAX_BODY_BYTES``."""
     s = ApiSettings()
     rate = os.environ.get("STATELINE_RATE_LIMIT")
     if rate is not None:
         s.rate_limit = float(rate) or None
+    sweep = os.environ.get("STATELINE_SWEEP_INTERVAL")
+    if sweep is not None:
+        s.sweep_interval = float(sweep) or None
     body = os.environ.get("STATELINE_MAX_BODY_BYTES")
     if body is not None:
         s.max_body_bytes = int(body)

@@ -1,0 +1,182 @@
+"""The sweeper removes expired items in batches, on its own thread, and outlives a failing store."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import stateline
+from stateline import Database, FakeClock, InvalidArgument, Put, Store, Sweeper, Unavailable
+from stateline.store.memory import MemoryStore
+
+from .api.conftest import make_api
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def _fill(store: Store, tenants: tuple[str, ...] = ("a", "b"), n: int = 25) -> None:
+    for t in tenants:
+        store.commit(t, ops=[*(Put("ns", f"k{i:02d}", i, ttl=1) for i in range(n)), Put("ns", "stay", 0)])
+
+
+def test_a_run_removes_every_expired_item_in_batches(store: Store, clock: FakeClock) -> None:
+    _fill(store)
+    swept: list[int] = []
+    sweeper = Sweeper(store, batch=10, on_swept=swept.append)
+    assert sweeper.run_once() == 0
+    clock.advance(2)
+    assert sweeper.run_once() == 50
+    assert sweeper.run_once() == 0
+    assert (sweeper.swept, sweeper.runs, sweeper.failures, sweeper.last_error) == (50, 3, 0, None)
+    assert swept == [50]  # called for runs that removed something
+    for t in ("a", "b"):
+        assert [i.key for i in store.scan(t, "ns")] == ["stay"]
+        assert store.revision(t) == 1  # sweeping is not a commit
+    assert store.sweep() == 0
+
+
+def test_a_run_stops_at_max_per_run(store: Store, clock: FakeClock) -> None:
+    _fill(store)
+    clock.advance(2)
+    sweeper = Sweeper(store, batch=10, max_per_run=20)
+    assert sweeper.run_once() == 20
+    assert sweeper.run_once() == 20
+    assert sweeper.run_once() == 10
+    assert sweeper.swept == 50
+
+
+def test_the_thread_sweeps_every_interval_until_stopped(store: Store, clock: FakeClock) -> None:
+    _fill(store, n=5)
+    clock.advance(2)
+    with Sweeper(store, interval=0.02, batch=3) as sweeper:
+        assert sweeper.running
+        _wait_for(lambda: sweeper.swept == 10)
+        _fill(store, ("c",), n=4)  # written after the first runs, expired later
+        clock.advance(2)
+        _wait_for(lambda: sweeper.swept == 14)
+        assert sweeper.runs >= 2
+    assert not sweeper.running
+    assert [i.key for i in store.scan("c", "ns")] == ["stay"]
+    sweeper.stop()  # twice is allowed
+
+
+class _Flaky(MemoryStore):
+    """A memory store whose first ``fail`` sweeps raise ``Unavailable`` (the backend down)."""
+
+    def __init__(self, fail: int, **options: Any) -> None:
+        super().__init__(**options)
+        self.fail = fail
+
+    def _sweep(self, limit: int) -> int:
+        if self.fail > 0:
+            self.fail -= 1
+            raise Unavailable("connection refused")
+        return super()._sweep(limit)
+
+
+def test_a_failing_run_is_counted_logged_and_tried_again(clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    store = _Flaky(2, clock=clock)
+    _fill(store, ("a",), n=5)
+    clock.advance(2)
+    with pytest.raises(Unavailable):
+        Sweeper(store).run_once()
+    caplog.set_level(logging.WARNING, logger="stateline.sweeper")
+    with Sweeper(store, interval=0.02) as sweeper:
+        _wait_for(lambda: sweeper.swept == 5)
+        assert sweeper.running
+    assert sweeper.failures == 1
+    assert sweeper.last_error == "Unavailable: connection refused"
+    assert any("connection refused" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failing_callback_does_not_stop_the_thread(clock: FakeClock) -> None:
+    store = stateline.open_store("memory://", clock=clock)
+    calls = threading.Event()
+
+    def callback(n: int) -> None:
+        calls.set()
+        raise RuntimeError(f"metrics broke on {n}")
+
+    with Sweeper(store, interval=0.02, on_swept=callback) as sweeper:
+        _fill(store, ("a",), n=3)
+        clock.advance(2)
+        _wait_for(calls.is_set)
+        _fill(store, ("b",), n=2)
+        clock.advance(2)
+        _wait_for(lambda: sweeper.swept == 5)
+        assert sweeper.running
+    assert sweeper.failures == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"interval": 0}, "interval"),
+        ({"interval": -1}, "interval"),
+        ({"interval": float("nan")}, "interval"),
+        ({"interval": "5"}, "interval"),
+        ({"interval": True}, "interval"),
+        ({"interval": 86_401}, "interval"),
+        ({"batch": 0}, "batch"),
+        ({"batch": 10_001}, "batch"),
+        ({"batch": 1.5}, "batch"),
+        ({"batch": 100, "max_per_run": 99}, "max_per_run"),
+        ({"on_swept": 3}, "on_swept"),
+    ],
+)
+def test_bad_settings_are_refused(options: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        Sweeper(stateline.open_store("memory://"), **options)
+    assert err.value.details["field"] == field
+
+
+def test_it_needs_a_store() -> None:
+    with pytest.raises(InvalidArgument, match="must be a Store"):
+        Sweeper("memory://")  # type: ignore[arg-type]
+
+
+def test_a_database_runs_one_sweeper_and_stops_it_when_closed(clock: FakeClock) -> None:
+    db = stateline.open("memory://", clock=clock)
+    sweeper = db.start_sweeper(0.02, batch=2)
+    with pytest.raises(InvalidArgument, match="already runs one"):
+        db.start_sweeper()
+    with pytest.raises(InvalidArgument, match="already running"):
+        sweeper.start()
+    _fill(db.store, ("a",), n=3)
+    clock.advance(2)
+    _wait_for(lambda: sweeper.swept == 3)
+    db.close()
+    assert not sweeper.running
+
+
+def test_the_service_sweeps_while_it_runs_and_counts_it(clock: FakeClock) -> None:
+    db = stateline.open("memory://", clock=clock)
+    for api in make_api(db, clock, sweep_interval=0.02):
+        sweeper = api.ctx.sweeper
+        assert sweeper is not None
+        assert sweeper.running
+        _fill(db.store, ("a",), n=4)
+        clock.advance(2)
+        _wait_for(lambda s=sweeper: s.swept == 4)
+        assert "stateline_swept_items_total 4.0" in api.client.get("/metrics").text
+    assert not sweeper.running  # stopped at shutdown
+    for api in make_api(db, clock, sweep_interval=None):
+        assert api.ctx.sweeper is None
+    with pytest.raises(InvalidArgument):
+        next(make_api(db, clock, sweep_interval=0))
+    db.close()
+
+
+def test_database_start_sweeper_checks_its_arguments() -> None:
+    with Database(stateline.open_store("memory://")) as db, pytest.raises(InvalidArgument):
+        db.start_sweeper(-5)
