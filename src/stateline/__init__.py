@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 from stateline.clock import Clock, FakeClock, SystemClock
 from stateline.database import DEFAULT_URL, Database, Tenant, open, open_store
 from stateline.errors import (
+    ChangesTrimmed,
     Conflict,
     Forbidden,
     InvalidArgument,
@@ -105,6 +106,7 @@ __all__ = [
     "Cases",
     "Change",
     "ChangeOp",
+    "ChangesTrimmed",
     "CheckFailure",
     "CheckIssue",
     "CheckReport",

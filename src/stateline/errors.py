@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 __all__ = [
+    "ChangesTrimmed",
     "Conflict",
     "Forbidden",
     "InvalidArgument",
@@ -72,6 +73,27 @@ class NotFound(StatelineError, LookupError):
 
     code = "not_found"
     status = 404
+
+
+class ChangesTrimmed(NotFound):
+    """The change records a reader asked for were removed by retention (``Store.trim_changes``).
+
+    The feed never skips: the reader must decide what to do (start again from ``first_available``
+    after rebuilding what it derives from the feed, or report the loss). HTTP 410.
+    """
+
+    code = "changes_trimmed"
+    status = 410
+
+    def __init__(self, tenant: str, after_revision: int, first_available: int) -> None:
+        super().__init__(
+            f"the change feed of tenant {tenant!r} after revision {after_revision} was trimmed: its records "
+            f"start at revision {first_available}",
+            details={"tenant": tenant, "after_revision": after_revision, "first_available": first_available},
+        )
+        self.tenant = tenant
+        self.after_revision = after_revision
+        self.first_available = first_available
 
 
 class Conflict(StatelineError):

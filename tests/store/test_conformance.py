@@ -14,6 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 from stateline import (
     Absent,
     Append,
+    ChangesTrimmed,
     Conflict,
     Delete,
     Exists,
@@ -321,6 +322,66 @@ def test_sweep_follows_later_writes(store: Store, clock: FakeClock) -> None:
     assert store.sweep() == 1
     assert store.get(T, "ns", "forever") is not None
     assert store.revision(T) == 3
+
+
+def test_trimming_the_change_feed_never_lets_a_reader_skip(store: Store) -> None:
+    for i in range(10):
+        store.commit(T, ops=[Put("ns", "k", i)])
+    assert store.first_change(T) == 1
+    assert store.trim_changes(T, 4) == 3  # revisions 1 to 3
+    assert store.first_change(T) == 4
+    assert [c.revision for c in store.changes(T, 3)] == list(range(4, 11))
+    with pytest.raises(ChangesTrimmed) as err:
+        store.changes(T, 2)
+    assert err.value.details == {"tenant": T, "after_revision": 2, "first_available": 4}
+    with pytest.raises(ChangesTrimmed):
+        store.changes(T)
+    with pytest.raises(ChangesTrimmed):
+        store.watch(T, 0, timeout=5)
+    assert store.trim_changes(T, 8, limit=2) == 2  # the oldest first: 4 and 5
+    assert store.first_change(T) == 6
+    assert store.trim_changes(T, 3) == 0
+    assert store.trim_changes(T, 1000) == 5  # 6 to 10: never past the last revision
+    assert store.first_change(T) == 11
+    assert store.changes(T, 10) == []
+    assert store.watch(T, 10, timeout=0) == []
+    with pytest.raises(ChangesTrimmed):
+        store.changes(T, 9)
+    item = store.get(T, "ns", "k")
+    assert item is not None
+    assert (store.revision(T), item.value) == (10, 9)  # data and revision untouched
+    assert store.commit(T, ops=[Put("ns", "k", 10)]).revision == 11
+    assert [c.revision for c in store.changes(T, 10)] == [11]
+    assert store.first_change(T) == 11
+    store.commit("other", ops=[Put("ns", "k", 1)])
+    assert [c.revision for c in store.changes("other")] == [1]
+    assert (store.first_change("other"), store.first_change("never"), store.trim_changes("never", 5)) == (1, 1, 0)
+
+
+def test_a_watcher_behind_the_trimmed_feed_is_told_and_one_after_it_is_woken(store: Store) -> None:
+    for i in range(3):
+        store.commit(T, ops=[Put("ns", "k", i)])
+    store.trim_changes(T, 4)
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(store.watch(T, 3, timeout=10)))
+    waiter.start()
+    store.commit(T, ops=[Put("ns", "k", 3)])
+    waiter.join(15)
+    assert [c.revision for c in got[0]] == [4]
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [((-1,), "before_revision"), (("5",), "before_revision"), ((5, 0), "limit"), ((5, 10_001), "limit")],
+)
+def test_trim_changes_refuses_bad_arguments(store: Store, args: tuple[Any, ...], field: str) -> None:
+    store.commit(T, ops=[Put("ns", "k", 1)])
+    with pytest.raises(InvalidArgument) as err:
+        store.trim_changes(T, *args)
+    assert err.value.field == field
+    with pytest.raises(InvalidArgument):
+        store.trim_changes("bad tenant!", 5)
+    assert store.first_change(T) == 1
 
 
 def test_incr_ttl_applies_only_on_create(store: Store, clock: FakeClock) -> None:

@@ -50,6 +50,8 @@ class InstrumentedStore(Store):
                 "tenants",
                 "stats",
                 "sweep",
+                "first_change",
+                "trim_changes",
                 "ping",
             )
         }
@@ -176,6 +178,12 @@ class InstrumentedStore(Store):
 
     def _sweep(self, limit: int) -> int:
         return self._call("sweep", lambda: self.inner._sweep(limit))
+
+    def _first_change(self, tenant: str) -> int:
+        return self._call("first_change", lambda: self.inner._first_change(tenant), tenant)
+
+    def _trim_changes(self, tenant: str, before_revision: int, limit: int) -> int:
+        return self._call("trim_changes", lambda: self.inner._trim_changes(tenant, before_revision, limit), tenant)
 
     def _ping(self) -> None:
         self._call("ping", self.inner.ping)

@@ -76,12 +76,17 @@ class _Stream:
 
 
 class _Tenant:
-    __slots__ = ("changes", "spaces", "streams")
+    __slots__ = ("changes", "spaces", "streams", "trimmed")
 
     def __init__(self) -> None:
         self.spaces: dict[str, _Space] = {}
         self.streams: dict[str, _Stream] = {}
-        self.changes: list[tuple[Any, ...]] = []
+        self.changes: list[tuple[Any, ...]] = []  # of revisions trimmed + 1, trimmed + 2, ...
+        self.trimmed = 0
+
+    @property
+    def revision(self) -> int:
+        return self.trimmed + len(self.changes)
 
 
 _PUT, _DELETE, _INCR, _APPEND, _TRIM = range(5)
@@ -188,7 +193,7 @@ class MemoryStore(Store):
             if len(c.ops) == 1 and type(c.ops[0]) is PreparedPut and t is not None:
                 return self._put_one(c, t, c.ops[0], now)
 
-            revision = (0 if t is None else len(t.changes)) + 1
+            revision = (0 if t is None else t.revision) + 1
             done: list[Any] = []
             staged: dict[tuple[str, str], _Rec | None] = {}
             appended: dict[str, list[tuple[int, str, bytes, bytes, int, int]]] = {}
@@ -296,7 +301,7 @@ class MemoryStore(Store):
 
     def _put_one(self, c: PreparedCommit, t: _Tenant, op: PreparedPut, now: int) -> Commit:
         # The commonest commit, a single put, cannot fail once its checks held: write it directly.
-        revision = len(t.changes) + 1
+        revision = t.revision + 1
         space = t.spaces.get(op.namespace)
         if space is None:
             space = t.spaces[op.namespace] = _Space()
@@ -395,13 +400,31 @@ class MemoryStore(Store):
     def _revision(self, tenant: str) -> int:
         with self._lock:
             t = self._data.get(tenant)
-            return 0 if t is None else len(t.changes)
+            return 0 if t is None else t.revision
 
     def _changes(self, tenant: str, after_revision: int, limit: int) -> list[Change]:
         with self._lock:
             t = self._data.get(tenant)
-            done = [] if t is None else t.changes[after_revision : after_revision + limit]
-        return [decode_change(tenant, after_revision + 1 + i, _record(*d)) for i, d in enumerate(done)]
+            if t is None:
+                return []
+            start = max(after_revision, t.trimmed)
+            done = t.changes[start - t.trimmed : start - t.trimmed + limit]
+        return [decode_change(tenant, start + 1 + i, _record(*d)) for i, d in enumerate(done)]
+
+    def _first_change(self, tenant: str) -> int:
+        with self._lock:
+            t = self._data.get(tenant)
+            return 1 if t is None else t.trimmed + 1
+
+    def _trim_changes(self, tenant: str, before_revision: int, limit: int) -> int:
+        with self._lock:
+            t = self._data.get(tenant)
+            if t is None:
+                return 0
+            n = max(0, min(before_revision - 1 - t.trimmed, len(t.changes), limit))
+            del t.changes[:n]
+            t.trimmed += n
+            return n
 
     def _watch(self, tenant: str, after_revision: int, timeout: float, limit: int) -> list[Change]:
         with self._cond:
@@ -414,7 +437,7 @@ class MemoryStore(Store):
 
     def _revision_locked(self, tenant: str) -> int:
         t = self._data.get(tenant)
-        return 0 if t is None else len(t.changes)
+        return 0 if t is None else t.revision
 
     def _tenants(self, after: str | None, limit: int) -> list[str]:
         with self._lock:
@@ -431,7 +454,7 @@ class MemoryStore(Store):
                 live = [r for r in space.recs.values() if _live(r, now) is not None]
                 if live:
                     spaces[ns] = NamespaceStats(len(live), sum(len(r.value) for r in live))
-            return TenantStats(len(t.changes), spaces, len(t.streams), sum(len(s.events) for s in t.streams.values()))
+            return TenantStats(t.revision, spaces, len(t.streams), sum(len(s.events) for s in t.streams.values()))
 
     def _sweep(self, limit: int) -> int:
         removed = 0

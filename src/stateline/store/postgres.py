@@ -1101,13 +1101,19 @@ class PostgresStore(Store):
     def _changes(self, tenant: str, after_revision: int, limit: int) -> list[Change]:
         rows = self._read(self._q.changes, (tenant, after_revision, limit))
         out: list[Change] = []
-        expect = after_revision + 1
+        expect = rows[0][0] if rows else 0  # above after_revision + 1 if trimmed: Store.changes tells
         for revision, body in rows:
             if revision != expect:  # cannot happen (see the module docstring); never hand out a gap
                 break
             out.append(decode_change(tenant, revision, body))
             expect += 1
         return out
+
+    def _first_change(self, tenant: str) -> int:
+        return int(self._read(self._q.first_change, (tenant, tenant))[0][0])
+
+    def _trim_changes(self, tenant: str, before_revision: int, limit: int) -> int:
+        return len(self._read(self._q.trim_changes, (tenant, before_revision, limit)))
 
     def _watch(self, tenant: str, after_revision: int, timeout: float, limit: int) -> list[Change]:
         deadline = time.monotonic() + timeout
@@ -1810,6 +1816,15 @@ class _Queries:
         self.revision = f"SELECT revision FROM {s}.tenants WHERE tenant = %s"
         self.changes = (
             f"SELECT revision, body FROM {s}.changes WHERE tenant = %s AND revision > %s ORDER BY revision LIMIT %s"
+        )
+        self.first_change = (
+            f"SELECT COALESCE((SELECT min(revision) FROM {s}.changes WHERE tenant = %s), "
+            f"(SELECT revision FROM {s}.tenants WHERE tenant = %s) + 1, 1)"
+        )
+        # FOR UPDATE without SKIP LOCKED: two trims at once must not leave a hole below a failed one
+        self.trim_changes = (
+            f"DELETE FROM {s}.changes WHERE ctid = ANY(ARRAY(SELECT ctid FROM {s}.changes "
+            "WHERE tenant = %s AND revision < %s ORDER BY revision LIMIT %s FOR UPDATE)) RETURNING 1"
         )
         self.outcome = (
             f"SELECT (SELECT body FROM {s}.changes WHERE tenant = %s AND revision = %s), "

@@ -19,7 +19,7 @@ import orjson
 
 from stateline import codec
 from stateline.clock import Clock, SystemClock
-from stateline.errors import InvalidArgument, PayloadTooLarge, Unavailable
+from stateline.errors import ChangesTrimmed, InvalidArgument, PayloadTooLarge, StatelineError, Unavailable
 from stateline.types import (
     Absent,
     Append,
@@ -288,7 +288,8 @@ class Store(ABC):
     * Expired items are invisible to every read and check at once (as if deleted); ``sweep``
       removes them later. A key that comes back after expiry or delete starts at version 1.
     * ``changes`` returns records in revision order with no gaps: a reader that has seen revision
-      N will see every revision below N.
+      N will see every revision below N. ``trim_changes`` removes the oldest records (retention);
+      a reader that asks for a removed one gets ``ChangesTrimmed``, never a feed that skips.
     * Methods are thread-safe. Bad input raises ``InvalidArgument`` (or ``PayloadTooLarge``) and
       writes nothing; an unreachable backend raises ``Unavailable``.
     """
@@ -514,9 +515,15 @@ class Store(ABC):
         return self._revision(check_tenant(tenant))
 
     def changes(self, tenant: str, after_revision: int = 0, limit: int = 1000) -> list[Change]:
-        """Change records with revision > ``after_revision``, in order, with no gaps, at most ``limit``."""
+        """Change records with revision > ``after_revision``, in order, with no gaps, at most ``limit``.
+
+        Raises ``ChangesTrimmed`` if the record right after ``after_revision`` was removed by
+        ``trim_changes`` (its ``first_available`` is where the kept feed starts).
+        """
         self._open()
-        return self._changes(check_tenant(tenant), _int(after_revision, "after_revision"), _limit(limit))
+        tenant = check_tenant(tenant)
+        after_revision = _int(after_revision, "after_revision")
+        return self._unbroken(tenant, after_revision, self._changes(tenant, after_revision, _limit(limit)))
 
     def watch(self, tenant: str, after_revision: int, timeout: float = 30.0, limit: int = 1000) -> list[Change]:
         """Like ``changes``, but wait up to ``timeout`` seconds for at least one; ``[]`` on timeout."""
@@ -525,7 +532,40 @@ class Store(ABC):
         _int(after_revision, "after_revision")
         if type(timeout) not in (int, float) or not 0 <= timeout <= MAX_WATCH_SECONDS:
             raise InvalidArgument("timeout", f"must be a number of seconds from 0 to {MAX_WATCH_SECONDS:g}")
-        return self._watch(tenant, after_revision, float(timeout), _limit(limit))
+        return self._unbroken(
+            tenant, after_revision, self._watch(tenant, after_revision, float(timeout), _limit(limit))
+        )
+
+    def first_change(self, tenant: str) -> int:
+        """The lowest revision of ``tenant`` whose change record is kept (the revision after the last
+        one if ``trim_changes`` removed every record; 1 for a tenant that never committed)."""
+        self._open()
+        return self._first_change(check_tenant(tenant))
+
+    def trim_changes(self, tenant: str, before_revision: int, limit: int = MAX_LIMIT) -> int:
+        """Remove the oldest change records of ``tenant`` below ``before_revision``, at most ``limit``
+        of them; returns how many. Retention for the change feed, which otherwise keeps a record of
+        every commit for good.
+
+        Not a commit: no revision, nothing in the feed. The tenant's data, streams and revision are
+        untouched; only ``changes`` and ``watch`` from below the new start raise ``ChangesTrimmed``.
+        Whoever trims decides what may go: a relay or subscriber that has not read a record yet
+        loses it (``Sweeper`` keeps what this store's relays have not published).
+        """
+        self._open()
+        tenant = check_tenant(tenant)
+        return self._trim_changes(tenant, _int(before_revision, "before_revision"), _limit(limit))
+
+    def _unbroken(self, tenant: str, after_revision: int, got: list[Change]) -> list[Change]:
+        """``got`` if it starts right after ``after_revision``, or is empty with nothing removed there."""
+        if got and got[0].revision == after_revision + 1:
+            return got
+        first = self._first_change(tenant)
+        if after_revision + 1 < first:
+            raise ChangesTrimmed(tenant, after_revision, first)
+        if got:  # a hole the feed never has: the backend's data was changed behind the adapter's back
+            raise StatelineError(f"change record {after_revision + 1} of {tenant!r} is missing")
+        return got
 
     def tenants(self, after: str | None = None, limit: int = 1000) -> list[str]:
         """Tenants that have committed at least once, in name order, after ``after``."""
@@ -592,6 +632,13 @@ class Store(ABC):
 
     @abstractmethod
     def _watch(self, tenant: str, after_revision: int, timeout: float, limit: int) -> list[Change]: ...
+
+    @abstractmethod
+    def _first_change(self, tenant: str) -> int:
+        """The lowest kept revision, else the tenant's revision + 1, read atomically (one snapshot)."""
+
+    @abstractmethod
+    def _trim_changes(self, tenant: str, before_revision: int, limit: int) -> int: ...
 
     @abstractmethod
     def _tenants(self, after: str | None, limit: int) -> list[str]: ...

@@ -5,7 +5,8 @@ Layout (``P`` is the key prefix, default ``stateline``; ``T`` is ``P:{tenant}``,
 
 * ``T:rev`` the tenant's last revision; ``T:c`` a hash revision -> change record (the JSON body
   ``decode_change`` reads); ``T:feed`` a one-entry Redis stream whose entry id is ``<revision>-1``,
-  which ``watch`` waits on with ``XREAD BLOCK``.
+  which ``watch`` waits on with ``XREAD BLOCK``; ``T:cfirst`` the first revision ``T:c`` keeps
+  once ``trim_changes`` removed older ones.
 * ``T:i:<namespace>|<key>`` one hash per item (value, version, revision, created, updated, expires);
   ``T:z:<namespace>`` a sorted set of the namespace's keys (all scores 0, so ``ZRANGEBYLEX`` gives
   UTF-8 byte order, which is code-point order); ``T:nss`` the namespaces; ``T:exp`` items with a
@@ -45,7 +46,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from stateline.clock import Clock
-from stateline.errors import Conflict, InvalidArgument, StatelineError, Unavailable
+from stateline.errors import ChangesTrimmed, Conflict, InvalidArgument, StatelineError, Unavailable
 from stateline.store.protocol import (
     PreparedAppend,
     PreparedCommit,
@@ -381,6 +382,22 @@ for r = after + 1, hi do fields[#fields + 1] = string.format('%d', r) end
 return redis.call('HMGET', KEYS[2], unpack(fields))
 """
 
+# KEYS: 1 rev, 2 changes, 3 first kept. ARGV: before, limit. Removes the oldest records, returns how many.
+_TRIM_CHANGES_LUA = r"""
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local first = tonumber(redis.call('GET', KEYS[3]) or '1')
+local stop = math.min(tonumber(ARGV[1]) - 1, cur, first + tonumber(ARGV[2]) - 1)
+if stop < first then return 0 end
+local fields = {}
+for r = first, stop do
+  fields[#fields + 1] = string.format('%d', r)
+  if #fields == 1000 then redis.call('HDEL', KEYS[2], unpack(fields)); fields = {} end
+end
+if #fields > 0 then redis.call('HDEL', KEYS[2], unpack(fields)) end
+redis.call('SET', KEYS[3], string.format('%d', stop + 1))
+return stop - first + 1
+"""
+
 # KEYS: 1 streams, 2 seqs. ARGV: start, stop, limit, stream key prefix ("T:s:").
 _LIST_STREAMS_LUA = r"""#!lua flags=no-writes
 local names = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[1], ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
@@ -540,6 +557,7 @@ class RedisStore(Store):
         self._list_streams_script = client.register_script(_LIST_STREAMS_LUA)
         self._ns_stats_script = client.register_script(_NS_STATS_LUA)
         self._sweep_script = client.register_script(_SWEEP_LUA)
+        self._trim_changes_script = client.register_script(_TRIM_CHANGES_LUA)
 
     @classmethod
     def from_url(cls, url: str, *, clock: Clock | None = None, **options: Any) -> Self:
@@ -837,10 +855,25 @@ class RedisStore(Store):
         bodies = self._read("changes", lambda: self._changes_script(keys=keys, args=args))
         out = []
         for i, body in enumerate(bodies):
-            if body is None:  # cannot happen while the keyspace is intact: the feed has no gaps
+            if body is None:
+                first = self._first_change(tenant)
+                if i == 0 and after_revision + 1 < first:
+                    raise ChangesTrimmed(tenant, after_revision, first)
+                # cannot happen while the keyspace is intact: the feed has no gaps
                 raise StatelineError(f"change record {after_revision + 1 + i} of {tenant!r} is missing")
             out.append(decode_change(tenant, after_revision + 1 + i, body))
         return out
+
+    def _first_change(self, tenant: str) -> int:
+        # trims move T:cfirst with the records they remove, in one script: one read is one snapshot
+        key = self._t(tenant) + "cfirst"
+        return int(self._read("first_change", lambda: self._r.get(key)) or 1)
+
+    def _trim_changes(self, tenant: str, before_revision: int, limit: int) -> int:
+        t = self._t(tenant)
+        keys, args = [t + "rev", t + "c", t + "cfirst"], [before_revision, limit]
+        with self._io("trim_changes"):
+            return int(self._trim_changes_script(keys=keys, args=args))
 
     def _watch(self, tenant: str, after_revision: int, timeout: float, limit: int) -> list[Change]:
         deadline = time.monotonic() + timeout

@@ -200,6 +200,14 @@ _SQL_STREAM_INFO = (
 )
 _SQL_REVISION = "SELECT revision FROM sl_tenants WHERE tenant = ?"
 _SQL_CHANGES = "SELECT revision, body FROM sl_changes WHERE tenant = ? AND revision > ? ORDER BY revision LIMIT ?"
+_SQL_FIRST_CHANGE = (
+    "SELECT COALESCE((SELECT MIN(revision) FROM sl_changes WHERE tenant = ?1), "
+    "(SELECT revision FROM sl_tenants WHERE tenant = ?1) + 1, 1)"
+)
+_SQL_TRIM_CHANGES = (
+    "DELETE FROM sl_changes WHERE tenant = ?1 AND revision IN "
+    "(SELECT revision FROM sl_changes WHERE tenant = ?1 AND revision < ?2 ORDER BY revision LIMIT ?3)"
+)
 _SQL_SWEEP = (
     "DELETE FROM sl_items WHERE (tenant, ns, key) IN "
     "(SELECT tenant, ns, key FROM sl_items WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?)"
@@ -1001,6 +1009,12 @@ class SQLiteStore(Store):
         rows = self._read_all(_SQL_CHANGES, (tenant, after_revision, limit))
         return [decode_change(tenant, rev, body) for rev, body in rows]
 
+    def _first_change(self, tenant: str) -> int:
+        return int(self._read_one(_SQL_FIRST_CHANGE, (tenant,))[0])
+
+    def _trim_changes(self, tenant: str, before_revision: int, limit: int) -> int:
+        return self._write_plain(_SQL_TRIM_CHANGES, (tenant, before_revision, limit))
+
     def _watch(self, tenant: str, after_revision: int, timeout: float, limit: int) -> list[Change]:
         deadline = time.monotonic() + timeout
         conn = self._reader()  # held while waiting: it takes the read turn only to read
@@ -1072,13 +1086,18 @@ class SQLiteStore(Store):
     # ------------------------------------------------------------ maintenance
 
     def _sweep(self, limit: int) -> int:
+        return self._write_plain(_SQL_SWEEP, (self.clock.now_us(), limit))
+
+    def _write_plain(self, sql: str, params: Sequence[Any]) -> int:
+        """Run one statement that is not a commit (no revision, no change record) in a write transaction
+        of its own; returns the rows it changed."""
         with self._write_lock:
             if self._closed:
                 raise Unavailable("the store is closed")
             cur = self._wcur or self._reopen_writer()
             try:
                 cur.execute(SQL_BEGIN)
-                removed = cur.execute(_SQL_SWEEP, (self.clock.now_us(), limit)).rowcount
+                removed = cur.execute(sql, params).rowcount
                 cur.execute(SQL_COMMIT)
             except sqlite3.Error as exc:
                 if cur.connection.in_transaction:
