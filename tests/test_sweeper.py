@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 import stateline
-from stateline import Database, FakeClock, InvalidArgument, Put, Store, Sweeper, Unavailable
+from stateline import ChangesTrimmed, Database, FakeClock, InvalidArgument, Put, Store, Sweeper, Swept, Unavailable
 from stateline.store.memory import MemoryStore
+from stateline.types import RELAY_CURSORS, SYSTEM_TENANT
 
 from .api.conftest import make_api
 
@@ -33,11 +34,11 @@ def test_a_run_removes_every_expired_item_in_batches(store: Store, clock: FakeCl
     _fill(store)
     swept: list[int] = []
     sweeper = Sweeper(store, batch=10, on_swept=swept.append)
-    assert sweeper.run_once() == 0
+    assert sweeper.run_once() == Swept(0, 0)
     clock.advance(2)
-    assert sweeper.run_once() == 50
-    assert sweeper.run_once() == 0
-    assert (sweeper.swept, sweeper.runs, sweeper.failures, sweeper.last_error) == (50, 3, 0, None)
+    assert sweeper.run_once() == Swept(50, 0)
+    assert sweeper.run_once() == Swept(0, 0)
+    assert (sweeper.swept, sweeper.trimmed, sweeper.runs, sweeper.failures, sweeper.last_error) == (50, 0, 3, 0, None)
     assert swept == [50]  # called for runs that removed something
     for t in ("a", "b"):
         assert [i.key for i in store.scan(t, "ns")] == ["stay"]
@@ -49,9 +50,9 @@ def test_a_run_stops_at_max_per_run(store: Store, clock: FakeClock) -> None:
     _fill(store)
     clock.advance(2)
     sweeper = Sweeper(store, batch=10, max_per_run=20)
-    assert sweeper.run_once() == 20
-    assert sweeper.run_once() == 20
-    assert sweeper.run_once() == 10
+    assert sweeper.run_once().items == 20
+    assert sweeper.run_once().items == 20
+    assert sweeper.run_once().items == 10
     assert sweeper.swept == 50
 
 
@@ -132,6 +133,10 @@ def test_a_failing_callback_does_not_stop_the_thread(clock: FakeClock) -> None:
         ({"batch": 1.5}, "batch"),
         ({"batch": 100, "max_per_run": 99}, "max_per_run"),
         ({"on_swept": 3}, "on_swept"),
+        ({"on_trimmed": "x"}, "on_trimmed"),
+        ({"keep_changes": 0}, "keep_changes"),
+        ({"keep_changes": 2.5}, "keep_changes"),
+        ({"keep_changes": True}, "keep_changes"),
     ],
 )
 def test_bad_settings_are_refused(options: dict[str, Any], field: str) -> None:
@@ -180,3 +185,75 @@ def test_the_service_sweeps_while_it_runs_and_counts_it(clock: FakeClock) -> Non
 def test_database_start_sweeper_checks_its_arguments() -> None:
     with Database(stateline.open_store("memory://")) as db, pytest.raises(InvalidArgument):
         db.start_sweeper(-5)
+
+
+# ---------------------------------------------------------------- change-feed retention
+
+
+def _commits(store: Store, tenant: str, n: int) -> None:
+    for i in range(n):
+        store.commit(tenant, ops=[Put("ns", "k", i)])
+
+
+def test_retention_keeps_the_last_records_and_what_relays_have_not_published(store: Store) -> None:
+    _commits(store, "a", 10)
+    _commits(store, "b", 3)
+    store.commit(SYSTEM_TENANT, ops=[Put(RELAY_CURSORS, "MAIN/a", 4), Put(RELAY_CURSORS, "OTHER/a", 6)])
+    trimmed: list[int] = []
+    sweeper = Sweeper(store, batch=2, keep_changes=2, on_trimmed=trimmed.append)
+    # a: keeps 9 and 10, and 5 to 8 for the relay at 4; b: keeps 2 and 3; system: its 1 record
+    assert sweeper.run_once() == Swept(0, 5)
+    assert [store.first_change(t) for t in ("a", "b", SYSTEM_TENANT)] == [5, 2, 1]
+    assert [c.revision for c in store.changes("a", 4)] == [5, 6, 7, 8, 9, 10]
+    with pytest.raises(ChangesTrimmed):
+        store.changes("a", 3)
+    store.commit(SYSTEM_TENANT, ops=[Put(RELAY_CURSORS, "MAIN/a", 10), Put(RELAY_CURSORS, "OTHER/a", 10)])
+    assert sweeper.run_once() == Swept(0, 4)  # a: 5 to 8 (both relays are past them)
+    assert [store.first_change(t) for t in ("a", "b", SYSTEM_TENANT)] == [9, 2, 1]
+    assert (sweeper.trimmed, trimmed) == (9, [5, 4])
+    item = store.get("a", "ns", "k")
+    assert item is not None
+    assert (store.revision("a"), item.value) == (10, 9)
+
+
+def test_retention_stops_at_max_per_run(store: Store) -> None:
+    _commits(store, "a", 30)
+    sweeper = Sweeper(store, batch=4, max_per_run=8, keep_changes=5)
+    assert [sweeper.run_once().changes for _ in range(4)] == [8, 8, 8, 1]
+    assert store.first_change("a") == 26
+
+
+def test_a_subscriber_that_retention_overtook_stops_with_the_error(clock: FakeClock) -> None:
+    db = stateline.open("memory://", clock=clock)
+    _commits(db.store, "a", 5)
+    db.store.trim_changes("a", 4)
+    seen: list[int] = []
+    sub = db.subscribe("a", None, lambda c: seen.append(c.revision), after=1)
+    try:
+        _wait_for(lambda: not sub.running)
+        assert isinstance(sub.error, ChangesTrimmed)
+        assert sub.error.first_available == 4
+        assert seen == []
+    finally:
+        sub.close()
+        db.close()
+
+
+def test_the_service_trims_with_its_sweeps_and_refuses_trimmed_reads(clock: FakeClock) -> None:
+    db = stateline.open("memory://", clock=clock)
+    for api in make_api(db, clock, sweep_interval=0.02, keep_changes=3):
+        h = api.key("acme")
+        for i in range(8):
+            assert api.client.put(f"/v1/items/docs/k{i}", json=i, headers=h).status_code < 300
+        last = db.store.revision("acme")
+        _wait_for(lambda last=last: db.store.first_change("acme") == last - 2)
+        r = api.client.get("/v1/changes", params={"after": 0}, headers=h)
+        assert r.status_code == 410
+        assert r.json()["error"]["code"] == "changes_trimmed"
+        assert r.json()["error"]["details"]["first_available"] == last - 2
+        ok = api.client.get("/v1/changes", params={"after": last - 3}, headers=h).json()
+        assert [c["revision"] for c in ok["changes"]] == [last - 2, last - 1, last]
+        sse = api.client.get("/v1/watch", headers={**h, "Last-Event-ID": "1"})
+        assert sse.status_code == 410
+        assert "stateline_trimmed_changes_total" in api.client.get("/metrics").text
+    db.close()

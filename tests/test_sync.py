@@ -217,6 +217,22 @@ def test_store_provider_shares_through_the_change_feed(backend: Backend) -> None
     assert b.get("route") == pytest.approx({"latency": 24.0})
 
 
+def test_store_provider_catches_up_from_the_items_when_the_feed_was_trimmed(backend: Backend) -> None:
+    store = backend.open()
+    writer = StoreProvider(store, "sync-test")
+    for i in range(5):
+        writer.publish("w", {"route": {"latency": float(i)}, f"other{i}": {"n": 1.0}})
+    writer.publish("r", {"route": {"latency": 99.0}})  # the reader's own, which it skips
+    store.trim_changes("sync-test", 4)
+    reader = StoreProvider(backend.open(), "sync-test")
+    got = sorted(reader.poll("r"))
+    expected = [("w", "other0", {"n": 1.0}), ("w", "other1", {"n": 1.0}), ("w", "other2", {"n": 1.0})]
+    expected += [("w", "other3", {"n": 1.0}), ("w", "other4", {"n": 1.0}), ("w", "route", {"latency": 4.0})]
+    assert got == expected  # the latest vector of every (node, key), from the items
+    writer.publish("w", {"route": {"latency": 5.0}})
+    assert reader.poll("r") == [("w", "route", {"latency": 5.0})]  # then the feed again
+
+
 @pytest.fixture
 def redis_channel() -> Iterator[str]:
     require_service("redis")

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
         Slot,
     )
     from stateline.streams import Appended, CheckIssue, CheckReport, Loaded, Projection, Streams
-    from stateline.sweeper import Sweeper
+    from stateline.sweeper import Sweeper, Swept
 
 from stateline.clock import Clock, FakeClock, SystemClock
 from stateline.database import DEFAULT_URL, Database, Tenant, open, open_store
@@ -173,6 +173,7 @@ __all__ = [
     "Streams",
     "Subscription",
     "Sweeper",
+    "Swept",
     "SystemClock",
     "Tenant",
     "TenantStats",
@@ -206,6 +207,7 @@ _LAZY = {
     "Projection": "stateline.streams",
     "Streams": "stateline.streams",
     "Sweeper": "stateline.sweeper",
+    "Swept": "stateline.sweeper",
     "AddToken": "stateline.cases",
     "CancelScope": "stateline.cases",
     "Case": "stateline.cases",

@@ -75,6 +75,14 @@ def serve(
         envvar="STATELINE_SWEEP_INTERVAL",
         help="Seconds between removals of expired items from the store (0: off).",
     ),
+    keep_changes: int = typer.Option(
+        0,
+        "--keep-changes",
+        min=0,
+        envvar="STATELINE_KEEP_CHANGES",
+        help="At each sweep, trim every tenant's change feed to its last N records, keeping what relays "
+        "have not published (0: keep all).",
+    ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
     bootstrap_tenant: str = typer.Option(
         "default", "--bootstrap-tenant", help="Tenant of the admin key created when the store has no key."
@@ -121,7 +129,9 @@ def serve(
     configure_logging(log_level.upper())
     common = {"host": host, "port": port, "log_config": None, "timeout_graceful_shutdown": 10, "access_log": False}
     if workers == 1:
-        settings = ApiSettings(rate_limit=rate_limit or None, sweep_interval=sweep_interval or None)
+        settings = ApiSettings(
+            rate_limit=rate_limit or None, sweep_interval=sweep_interval or None, keep_changes=keep_changes or None
+        )
         app_obj = create_app(db, settings=settings)
         try:
             uvicorn.run(app_obj, **common)  # type: ignore[arg-type]
@@ -134,6 +144,7 @@ def serve(
     os.environ["STATELINE_URL"] = url
     os.environ["STATELINE_RATE_LIMIT"] = str(rate_limit)
     os.environ["STATELINE_SWEEP_INTERVAL"] = str(sweep_interval)
+    os.environ["STATELINE_KEEP_CHANGES"] = str(keep_changes)
     os.environ["STATELINE_LOG_LEVEL"] = log_level
     try:
         uvicorn.run("stateline.api.server:app_from_env", factory=True, workers=workers, **common)  # type: ignore[arg-type]

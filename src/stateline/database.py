@@ -111,15 +111,16 @@ class Database:
             self._gates = Gates(self.store)
         return self._gates
 
-    def start_sweeper(self, interval: float = 60.0, *, batch: int = 1000) -> Sweeper:
-        """Remove expired items every ``interval`` seconds on a background thread (see ``Sweeper``);
-        ``close()`` stops it. One per database: a second call while it runs raises ``InvalidArgument``."""
+    def start_sweeper(self, interval: float = 60.0, *, batch: int = 1000, keep_changes: int | None = None) -> Sweeper:
+        """Remove expired items (and with ``keep_changes``, all but the last change records of each
+        tenant) every ``interval`` seconds on a background thread (see ``Sweeper``); ``close()`` stops
+        it. One per database: a second call while it runs raises ``InvalidArgument``."""
         from stateline.sweeper import Sweeper
 
         with self._lock:
             if self._sweeper is not None and self._sweeper.running:
                 raise InvalidArgument("sweeper", "this database already runs one")
-            self._sweeper = Sweeper(self.store, interval=interval, batch=batch).start()
+            self._sweeper = Sweeper(self.store, interval=interval, batch=batch, keep_changes=keep_changes).start()
             return self._sweeper
 
     def close(self) -> None:
@@ -185,6 +186,14 @@ class Tenant:
 
     def changes(self, after_revision: int = 0, limit: int = 1000) -> list[Change]:
         return self.store.changes(self.name, after_revision, limit)
+
+    def first_change(self) -> int:
+        """The lowest revision whose change record is kept (see ``Store.first_change``)."""
+        return self.store.first_change(self.name)
+
+    def trim_changes(self, before_revision: int, limit: int = 10_000) -> int:
+        """Remove change records below ``before_revision`` (see ``Store.trim_changes``)."""
+        return self.store.trim_changes(self.name, before_revision, limit)
 
     def watch(self, after_revision: int, timeout: float = 30.0, limit: int = 1000) -> list[Change]:
         return self.store.watch(self.name, after_revision, timeout, limit)

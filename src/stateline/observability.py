@@ -135,3 +135,6 @@ class Metrics:
         )
         self.watchers = Gauge("stateline_watchers", "Open change-feed subscriptions (SSE and long polls).", registry=r)
         self.swept = Counter("stateline_swept_items", "Expired items removed by the sweeper.", registry=r)
+        self.trimmed = Counter(
+            "stateline_trimmed_changes", "Change records removed by the sweeper's retention.", registry=r
+        )

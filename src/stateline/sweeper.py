@@ -1,4 +1,4 @@
-"""The sweeper: a background thread that removes expired items from a store on a schedule."""
+"""The sweeper: a background thread that removes expired items, and old change records, on a schedule."""
 
 from __future__ import annotations
 
@@ -7,32 +7,51 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Self
 
 from stateline.errors import InvalidArgument, StatelineError
-from stateline.store.protocol import Store
+from stateline.store.protocol import MAX_INT, Store
+from stateline.types import RELAY_CURSORS, SYSTEM_TENANT
 
-__all__ = ["Sweeper"]
+__all__ = ["Sweeper", "Swept"]
 
 log = logging.getLogger("stateline.sweeper")
 
 MAX_BATCH = 10_000
+_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class Swept:
+    """What one run removed: expired ``items`` and ``changes`` records of the change feed."""
+
+    items: int
+    changes: int
 
 
 class Sweeper:
-    """Removes expired items of ``store`` every ``interval`` seconds, ``batch`` items per ``Store.sweep`` call.
+    """Every ``interval`` seconds, removes the expired items of ``store`` and (with ``keep_changes``)
+    the change records that retention lets go, ``batch`` at a time.
 
     Expired items are invisible from the moment they expire; sweeping only gives their space back.
     Without it, every TTL write (cache entries, sessions, rate-limit windows, idempotency keys) stays
-    on disk after it expires. A run calls ``sweep`` until a call removes fewer than ``batch`` items
-    (each call is one short write transaction, so writers wait at most one batch) or ``max_per_run``
-    items are gone; the rest waits for the next run.
+    on disk after it expires. Likewise the change feed keeps a record of every commit until it is
+    trimmed: with ``keep_changes=N`` each tenant keeps its last N records, and never one that a
+    relay of this store has not published yet (the relays' cursors are read at each run; delete
+    the cursor of a relay you retire). Readers further behind get ``ChangesTrimmed``.
+
+    Each ``Store.sweep`` / ``Store.trim_changes`` call is one short write, so writers wait at most
+    one batch; a run ends when nothing is left or it removed ``max_per_run`` items and as many
+    records, and the rest waits for the next run. Retention reads the revision of every tenant at
+    each run (two store calls per tenant).
 
     ``start()`` runs it on a daemon thread; ``stop()`` ends it. Any number of sweepers may run on
-    one store, in one process or several: removing an expired item twice removes it once. A failing
-    run (the store unavailable, say) is logged, counted in ``failures`` and tried again at the next
-    interval; the thread never dies of it. ``on_swept(n)`` is called after each run that removed
-    ``n > 0`` items (metrics). ``run_once()`` sweeps now, on the calling thread.
+    one store, in one process or several: removing something twice removes it once. A failing run
+    (the store unavailable, say) is logged, counted in ``failures`` and tried again at the next
+    interval; the thread never dies of it. ``on_swept(n)`` and ``on_trimmed(n)`` are called after
+    each run that removed ``n > 0`` items or records (metrics). ``run_once()`` runs now, on the
+    calling thread.
     """
 
     def __init__(
@@ -42,7 +61,9 @@ class Sweeper:
         interval: float = 60.0,
         batch: int = 1000,
         max_per_run: int = 1_000_000,
+        keep_changes: int | None = None,
         on_swept: Callable[[int], object] | None = None,
+        on_trimmed: Callable[[int], object] | None = None,
     ) -> None:
         if not isinstance(store, Store):
             raise InvalidArgument("store", f"must be a Store, got {type(store).__name__}")
@@ -54,15 +75,22 @@ class Sweeper:
             raise InvalidArgument("batch", f"must be an integer from 1 to {MAX_BATCH}, got {batch!r}")
         if type(max_per_run) is not int or max_per_run < batch:
             raise InvalidArgument("max_per_run", f"must be an integer of at least batch ({batch}), got {max_per_run!r}")
-        if on_swept is not None and not callable(on_swept):
-            raise InvalidArgument("on_swept", "must be callable")
+        if keep_changes is not None and (type(keep_changes) is not int or not 1 <= keep_changes <= MAX_INT):
+            raise InvalidArgument("keep_changes", f"must be a positive integer or None, got {keep_changes!r}")
+        for name, fn in (("on_swept", on_swept), ("on_trimmed", on_trimmed)):
+            if fn is not None and not callable(fn):
+                raise InvalidArgument(name, "must be callable")
         self.store = store
         self.interval = float(interval)
         self.batch = batch
         self.max_per_run = max_per_run
+        self.keep_changes = keep_changes
         self.on_swept = on_swept
-        #: items removed, runs ended (with or without failure), runs that failed, the last failure
+        self.on_trimmed = on_trimmed
+        #: items and change records removed, runs ended (with or without failure), runs that failed,
+        #: the last failure
         self.swept = 0
+        self.trimmed = 0
         self.runs = 0
         self.failures = 0
         self.last_error: str | None = None
@@ -75,36 +103,87 @@ class Sweeper:
         """Whether the background thread is running."""
         return self._thread is not None and self._thread.is_alive()
 
-    def run_once(self) -> int:
-        """Sweep now: remove expired items in batches until none are left or ``max_per_run`` are gone.
+    def run_once(self) -> Swept:
+        """Run now: remove expired items, then (with ``keep_changes``) old change records, in batches.
 
-        Returns how many were removed. Raises what ``Store.sweep`` raises (``Unavailable``...), after
-        counting the failure; what the failed run removed before it stays removed and counted.
+        Returns what was removed. Raises what the store raises (``Unavailable``...), after counting
+        the failure; what the failed run removed before it stays removed and counted.
         """
         return self._sweep(stoppable=False)
 
-    def _sweep(self, *, stoppable: bool) -> int:
+    def _sweep(self, *, stoppable: bool) -> Swept:
         with self._lock:
-            removed = 0
+            removed = [0, 0]
             try:
-                while removed < self.max_per_run and not (stoppable and self._stop.is_set()):
-                    n = self.store.sweep(min(self.batch, self.max_per_run - removed))
-                    removed += n
-                    if n < self.batch:
-                        break
+                self._sweep_items(removed, stoppable)
+                if self.keep_changes is not None:
+                    self._trim_feeds(removed, stoppable)
             except BaseException as exc:
                 self.failures += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 raise
             finally:
-                self.swept += removed
+                self.swept += removed[0]
+                self.trimmed += removed[1]
                 self.runs += 1
-                if removed and self.on_swept is not None:
-                    try:
-                        self.on_swept(removed)
-                    except Exception:
-                        log.exception("sweeper: on_swept failed")
-            return removed
+                self._report(self.on_swept, removed[0])
+                self._report(self.on_trimmed, removed[1])
+            return Swept(removed[0], removed[1])
+
+    def _stopped(self, stoppable: bool) -> bool:
+        return stoppable and self._stop.is_set()
+
+    def _sweep_items(self, removed: list[int], stoppable: bool) -> None:
+        while removed[0] < self.max_per_run and not self._stopped(stoppable):
+            n = self.store.sweep(min(self.batch, self.max_per_run - removed[0]))
+            removed[0] += n
+            if n < self.batch:
+                return
+
+    def _trim_feeds(self, removed: list[int], stoppable: bool) -> None:
+        assert self.keep_changes is not None
+        published = self._published()
+        after: str | None = None
+        while True:
+            tenants = self.store.tenants(after=after, limit=_PAGE)
+            for tenant in tenants:
+                keep_from = self.store.revision(tenant) - self.keep_changes + 1
+                if tenant in published:
+                    keep_from = min(keep_from, published[tenant] + 1)
+                while True:
+                    if removed[1] >= self.max_per_run or self._stopped(stoppable):
+                        return
+                    n = self.store.trim_changes(
+                        tenant, max(keep_from, 0), min(self.batch, self.max_per_run - removed[1])
+                    )
+                    removed[1] += n
+                    if n < self.batch:
+                        break
+            if len(tenants) < _PAGE:
+                return
+            after = tenants[-1]
+
+    def _published(self) -> dict[str, int]:
+        """Per tenant, the lowest revision any relay of this store has published up to."""
+        out: dict[str, int] = {}
+        after: str | None = None
+        while True:
+            page = self.store.scan(SYSTEM_TENANT, RELAY_CURSORS, after=after, limit=_PAGE)
+            for item in page:
+                _stream, _, tenant = item.key.partition("/")
+                if tenant and type(item.value) is int:
+                    out[tenant] = min(out.get(tenant, item.value), item.value)
+            if len(page) < _PAGE:
+                return out
+            after = page[-1].key
+
+    @staticmethod
+    def _report(fn: Callable[[int], object] | None, n: int) -> None:
+        if n and fn is not None:
+            try:
+                fn(n)
+            except Exception:
+                log.exception("sweeper: a metrics callback failed")
 
     def start(self) -> Self:
         """Start the background thread (its first run is one ``interval`` from now). Returns ``self``."""
@@ -126,7 +205,7 @@ class Sweeper:
         while not self._stop.wait(self.interval):
             started = time.perf_counter()
             try:
-                removed = self._sweep(stoppable=True)
+                done = self._sweep(stoppable=True)
             except StatelineError as exc:
                 if self._stop.is_set():
                     return
@@ -135,8 +214,13 @@ class Sweeper:
             except Exception:
                 log.exception("sweeper: a run failed; trying again in %g s", self.interval)
                 continue
-            if removed:
-                log.debug("sweeper: removed %d expired item(s) in %.3f s", removed, time.perf_counter() - started)
+            if done.items or done.changes:
+                log.debug(
+                    "sweeper: removed %d expired item(s) and %d change record(s) in %.3f s",
+                    done.items,
+                    done.changes,
+                    time.perf_counter() - started,
+                )
 
     def __enter__(self) -> Self:
         return self.start()

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import orjson
 
 from stateline.clock import Clock, SystemClock
-from stateline.errors import InvalidArgument
+from stateline.errors import ChangesTrimmed, InvalidArgument
 from stateline.store.protocol import Store
 from stateline.types import Put, check_key, check_namespace, check_tenant
 
@@ -363,7 +363,10 @@ class StoreProvider:
             self._cursor = 0
         out: list[tuple[str, str, dict[str, float]]] = []
         while True:
-            changes = self.store.changes(self.tenant, self._cursor, 1000)
+            try:
+                changes = self.store.changes(self.tenant, self._cursor, 1000)
+            except ChangesTrimmed:
+                return out + self._catch_up(node)
             for change in changes:
                 self._cursor = change.revision
                 sender = change.meta.get("sync_node")
@@ -375,6 +378,22 @@ class StoreProvider:
                         out.append((origin, key, op.value))
             if len(changes) < 1000:
                 return out
+
+    def _catch_up(self, node: str) -> list[tuple[str, str, dict[str, float]]]:
+        """Every other node's latest vectors, read from the items themselves (retention removed part
+        of the feed this provider had not read); the feed is followed from before the read on."""
+        self._cursor = self.store.revision(self.tenant)
+        out: list[tuple[str, str, dict[str, float]]] = []
+        after: str | None = None
+        while True:
+            page = self.store.scan(self.tenant, self.namespace, after=after, limit=1000)
+            for item in page:
+                key, _, origin = item.key.rpartition("@")
+                if key and origin != node:
+                    out.append((origin, key, item.value))
+            if len(page) < 1000:
+                return out
+            after = page[-1].key
 
     def close(self) -> None:
         return None

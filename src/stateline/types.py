@@ -45,6 +45,12 @@ JSON: TypeAlias = Any
 
 MAX_KEY_BYTES = 1024
 
+#: The tenant of the deployment's own records (API keys, gates, relay cursors), beside the users' tenants.
+SYSTEM_TENANT = "system"
+#: The namespace of ``SYSTEM_TENANT`` where relays keep their cursors: ``<stream>/<tenant>`` -> the
+#: last revision of ``<tenant>`` that JetStream acknowledged. Change-feed retention reads it.
+RELAY_CURSORS = "bus.cursors"
+
 # ---------------------------------------------------------------- names
 
 _TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")

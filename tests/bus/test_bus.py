@@ -177,6 +177,29 @@ def test_relay_delivers_10000_commits_exactly_once_in_order(jetstream: JetStream
     assert relay.cursor("acme") == 3334
 
 
+def test_relay_skips_and_counts_what_was_trimmed_before_it_published(
+    jetstream: JetStreamTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = stateline.open_store("memory://")
+    for i in range(5):
+        store.commit("acme", ops=[Put("docs", "k", i)])
+        store.commit("umbrella", ops=[Put("docs", "k", i)])
+    store.trim_changes("acme", 4)  # by hand: a Sweeper would have kept them for the relay
+    relay = Relay(
+        store, NATS_URL, stream=jetstream.stream, prefix=jetstream.prefix, alias_prefix=jetstream.alias_prefix
+    )
+    relay.start()
+    try:
+        _wait_for(lambda: relay.cursor("acme") == 5 and relay.cursor("umbrella") == 5)
+    finally:
+        relay.stop()
+    assert relay.lost == 3
+    messages = _read_stream(jetstream, 7)
+    assert [m["revision"] for m in messages if m["tenant_id"] == "acme"] == [4, 5]
+    assert [m["revision"] for m in messages if m["tenant_id"] == "umbrella"] == [1, 2, 3, 4, 5]
+    assert any("were trimmed before they were published" in r.getMessage() for r in caplog.records)
+
+
 def test_relay_keeps_commits_flowing_through_a_nats_outage(jetstream: JetStreamTarget) -> None:
     store = stateline.open_store("memory://")
     with FaultProxy("127.0.0.1", 4222) as proxy:

@@ -767,6 +767,7 @@ def test_model_based_random_commits(backend: Backend) -> None:
             self.items: dict[tuple[str, str, str], tuple[Any, int, int | None]] = {}
             self.streams: dict[tuple[str, str], list[str]] = {}
             self.revisions = dict.fromkeys(self.tenants.values(), 0)
+            self.first = dict.fromkeys(self.tenants.values(), 1)  # first kept change record
 
         def _live(self, tenant: str, ns: str, key: str) -> tuple[Any, int, int | None] | None:
             rec = self.items.get((tenant, ns, key))
@@ -847,6 +848,14 @@ def test_model_based_random_commits(backend: Backend) -> None:
         def sweep(self) -> None:
             store.sweep()
 
+        @rule(tenant=TENANTS, back=st.integers(0, 4), limit=st.integers(1, 3))
+        def trim(self, tenant: str, back: int, limit: int) -> None:
+            tn = self.tenants[tenant]
+            before = max(0, self.revisions[tn] + 1 - back)
+            removed = max(0, min(before - self.first[tn], limit))
+            assert store.trim_changes(tn, before, limit) == removed
+            self.first[tn] += removed
+
         @invariant()
         def reads_match(self) -> None:
             for tn in self.tenants.values():
@@ -867,7 +876,13 @@ def test_model_based_random_commits(backend: Backend) -> None:
                         )
                 events = store.read_stream(tn, "s")
                 assert [e.data for e in events] == self.streams.get((tn, "s"), [])
-                assert [c.revision for c in store.changes(tn, limit=1000)] == list(range(1, self.revisions[tn] + 1))
+                first = self.first[tn]
+                assert store.first_change(tn) == first
+                kept = store.changes(tn, first - 1, limit=1000)
+                assert [c.revision for c in kept] == list(range(first, self.revisions[tn] + 1))
+                if first > 1:
+                    with pytest.raises(ChangesTrimmed):
+                        store.changes(tn, first - 2)
 
     run_state_machine_as_test(
         Model,

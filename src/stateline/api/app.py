@@ -73,7 +73,8 @@ class ApiSettings:
     kept for replay; ``max_wait`` bounds long polls; ``heartbeat_seconds`` spaces SSE keep-alives.
     ``inline_store`` calls the store on the event loop (default: only for ``memory://``).
     ``sweep_interval`` is how often the service removes expired items from the store while it runs
-    (seconds; ``None``: never, for a deployment that sweeps elsewhere).
+    (seconds; ``None``: never, for a deployment that sweeps elsewhere); with ``keep_changes`` those
+    runs also trim each tenant's change feed to its last ``keep_changes`` records (``None``: keep all).
     """
 
     max_body_bytes: int = 2 * 1024 * 1024
@@ -87,6 +88,7 @@ class ApiSettings:
     inline_store: bool | None = None
     ui: bool = True
     sweep_interval: float | None = 60.0
+    keep_changes: int | None = None
 
 
 class TenantRateLimiter:
@@ -148,7 +150,13 @@ class ApiContext:
         self.sweeper = (
             None
             if settings.sweep_interval is None
-            else Sweeper(self.store, interval=settings.sweep_interval, on_swept=self.metrics.swept.inc)
+            else Sweeper(
+                self.store,
+                interval=settings.sweep_interval,
+                keep_changes=settings.keep_changes,
+                on_swept=self.metrics.swept.inc,
+                on_trimmed=self.metrics.trimmed.inc,
+            )
         )
         self._requests: dict[tuple[str, str, int], Any] = {}
         self._latency: dict[tuple[str, str], Any] = {}

@@ -8,7 +8,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-from stateline.errors import StatelineError
+from stateline.errors import ChangesTrimmed, StatelineError
 from stateline.store.protocol import Store
 
 __all__ = ["ChangeHub"]
@@ -102,6 +102,9 @@ class ChangeHub:
                 got = self.store.watch(tenant, known, self.poll_seconds, 1)
                 if got:
                     known = max(known, self.store.revision(tenant), got[-1].revision)
+            except ChangesTrimmed as exc:  # only the latest revision matters here
+                known = max(known, exc.first_available - 1)
+                continue
             except StatelineError as exc:
                 _log.warning("change watch failed", extra={"tenant": tenant, "code": exc.code})
                 self._closed.wait(self.poll_seconds)

@@ -14,7 +14,7 @@ from starlette.responses import Response, StreamingResponse
 
 from stateline.api.common import Caller, change_dict, json_response
 from stateline.api.errors import responses
-from stateline.errors import InvalidArgument
+from stateline.errors import ChangesTrimmed, InvalidArgument
 from stateline.types import Change, ChangeOp
 
 __all__ = ["ChangeFilter", "router"]
@@ -129,7 +129,8 @@ async def changes(
     run: str | None = None,
 ) -> Response:
     """The tenant's change feed after a revision, in order, never skipping one. With ``wait``, an empty
-    answer waits up to that many seconds (at most the server's limit) for a change."""
+    answer waits up to that many seconds (at most the server's limit) for a change. 410
+    (``changes_trimmed``, with ``first_available``) if retention removed changes after ``after``."""
     caller = Caller.of(request, LAYER, "read")
     flt = _filter(namespace, stream, run)
     out, cursor = await _page(caller, after, limit, flt)
@@ -173,7 +174,9 @@ async def watch(
     last_event_id: Annotated[str | None, Header(description="Resume after this revision (set by EventSource)")] = None,
 ) -> Response:
     """The change feed as Server-Sent Events, live. Resumable: ``Last-Event-ID`` (or ``after``) is a
-    revision, and every later change is sent in order. Comments (``: keep-alive``) keep the line open."""
+    revision, and every later change is sent in order. Comments (``: keep-alive``) keep the line open.
+    A start below what retention kept is refused with 410 (``changes_trimmed``); a client that falls
+    that far behind while connected gets an ``event: error`` with the same body, and the stream ends."""
     caller = Caller.of(request, LAYER, "read")
     flt = _filter(namespace, stream, run)
     if last_event_id is not None and last_event_id.strip():
@@ -184,6 +187,9 @@ async def watch(
         start = after
     else:
         start = await caller.run(caller.tenant.revision)
+    first = await caller.run(caller.tenant.first_change)
+    if start + 1 < first:  # a 410 before the stream starts: EventSource does not reconnect on it
+        raise ChangesTrimmed(caller.tenant.name, start, first)
     ctx = caller.ctx
     heartbeat = ctx.settings.heartbeat_seconds
 
@@ -194,7 +200,11 @@ async def watch(
         try:
             yield b"retry: 2000\n: connected\n\n"
             while not ctx.hub.closed:
-                batch, cursor_next = await _page(caller, cursor, PAGE, flt)
+                try:
+                    batch, cursor_next = await _page(caller, cursor, PAGE, flt)
+                except ChangesTrimmed as exc:  # retention overtook this client: say so and end
+                    yield b"event: error\ndata: %s\n\n" % orjson.dumps(exc.to_dict())
+                    return
                 for change in batch:
                     yield b"id: %d\nevent: change\ndata: %s\n\n" % (change["revision"], orjson.dumps(change))
                     sent += 1

@@ -29,7 +29,7 @@ def bootstrap_admin_key(db: Database, tenant: str) -> str | None:
 
 def settings_from_env() -> ApiSettings:
     """Service settings from ``STATELINE_RATE_LIMIT`` (0: off), ``STATELINE_SWEEP_INTERVAL`` (seconds,
-    0: off) and ``STATELINE_MAX_BODY_BYTES``."""
+    0: off), ``STATELINE_KEEP_CHANGES`` (0: keep all) and ``STATELINE_MAX_BODY_BYTES``."""
     s = ApiSettings()
     rate = os.environ.get("STATELINE_RATE_LIMIT")
     if rate is not None:
@@ -37,6 +37,9 @@ def settings_from_env() -> ApiSettings:
     sweep = os.environ.get("STATELINE_SWEEP_INTERVAL")
     if sweep is not None:
         s.sweep_interval = float(sweep) or None
+    keep = os.environ.get("STATELINE_KEEP_CHANGES")
+    if keep is not None:
+        s.keep_changes = int(keep) or None
     body = os.environ.get("STATELINE_MAX_BODY_BYTES")
     if body is not None:
         s.max_body_bytes = int(body)

@@ -15,16 +15,15 @@ from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from stateline.bus.envelope import alias_messages, envelope_of, subject_of
-from stateline.errors import InvalidArgument, StatelineError
+from stateline.errors import ChangesTrimmed, InvalidArgument, StatelineError
 from stateline.store.protocol import Store
-from stateline.types import Change, Put, check_key
+from stateline.types import RELAY_CURSORS, SYSTEM_TENANT, Change, Put, check_key
 
 __all__ = ["Relay"]
 
 log = logging.getLogger("stateline.bus")
 
-SYSTEM_TENANT = "system"
-CURSOR_NAMESPACE = "bus.cursors"
+CURSOR_NAMESPACE = RELAY_CURSORS
 _RETENTION = {
     "limits": RetentionPolicy.LIMITS,
     "interest": RetentionPolicy.INTEREST,
@@ -44,6 +43,9 @@ class Relay:
       acknowledged every message of a change. A crash re-publishes from the cursor; the duplicates
       are dropped, so each change is stored once, in revision order per tenant.
     * While NATS is unreachable, commits keep succeeding; the relay retries and catches up.
+    * Change-feed retention (``Sweeper(keep_changes=...)``) keeps what the relay has not published.
+      Records trimmed by hand before it published them are skipped with an error in the log and
+      counted in ``lost``: the other tenants are not held up by what cannot be recovered.
 
     Run one relay per stream: ``start()``/``stop()`` on a thread, or ``await run(stop_event)``.
     The ``system`` tenant itself is not relayed (it holds the cursors).
@@ -96,6 +98,7 @@ class Relay:
         self._cursors: dict[str, int] = {}
         self.published = 0
         self.errors = 0
+        self.lost = 0  # revisions trimmed from the feed before they were published
         self.connected = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -123,7 +126,23 @@ class Relay:
             cursor = self._cursors.get(tenant)
             if cursor is None:
                 cursor = self._cursors[tenant] = self.cursor(tenant)
-            changes = self.store.changes(tenant, cursor, self.batch)
+            try:
+                changes = self.store.changes(tenant, cursor, self.batch)
+            except ChangesTrimmed as exc:
+                # Retention removed what this relay had not published (a Sweeper keeps it; a manual
+                # trim may not). Blocking every tenant on it would not bring it back: say so, skip.
+                cursor = exc.first_available - 1
+                log.error(
+                    "relay: revisions %d to %d of tenant %r were trimmed before they were published; "
+                    "they are lost to NATS, relaying from revision %d",
+                    exc.after_revision + 1,
+                    cursor,
+                    tenant,
+                    exc.first_available,
+                )
+                self.lost += cursor - exc.after_revision
+                self._save_cursor(tenant, cursor)
+                changes = self.store.changes(tenant, cursor, self.batch)
             if changes:
                 out.append((tenant, cursor, changes))
         return out

@@ -6,7 +6,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from stateline.errors import InvalidArgument, StatelineError
+from stateline.errors import ChangesTrimmed, InvalidArgument, StatelineError
 from stateline.store.protocol import Store
 from stateline.types import Change, check_tenant
 
@@ -36,7 +36,9 @@ class Subscription:
     Changes arrive in revision order, each once, starting after ``after`` (default: the revision
     current when subscribing). ``filter`` is a namespace/stream prefix or a predicate. A callback
     that raises is logged and the next change is delivered. While the store is unavailable the
-    subscription retries; it never skips a change. ``close()`` stops it.
+    subscription retries; it never skips a change: if retention (``Store.trim_changes``) removed
+    changes it had not delivered, it stops, logs it and keeps the ``ChangesTrimmed`` in ``error``.
+    ``close()`` stops it.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class Subscription:
             raise InvalidArgument("after", "must be a non-negative revision")
         self.poll_timeout = poll_timeout
         self.delivered = 0
+        self.error: ChangesTrimmed | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"stateline-subscription-{tenant}", daemon=True)
         self._thread.start()
@@ -68,6 +71,10 @@ class Subscription:
         while not self._stop.is_set():
             try:
                 changes = self.store.watch(self.tenant, self.cursor, self.poll_timeout)
+            except ChangesTrimmed as exc:
+                self.error = exc
+                log.error("subscription to %s stopped: %s", self.tenant, exc.message)
+                return
             except StatelineError as exc:
                 if self._stop.is_set():
                     return
@@ -84,6 +91,11 @@ class Subscription:
                     except Exception:
                         log.exception("subscriber callback failed on %s:%d", change.tenant, change.revision)
                 self.cursor = change.revision
+
+    @property
+    def running(self) -> bool:
+        """Whether it still delivers (not closed, not stopped by ``error``)."""
+        return self._thread.is_alive()
 
     def close(self) -> None:
         """Stop delivering; returns once the thread has ended (or after 10 s)."""
