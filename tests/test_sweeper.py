@@ -12,6 +12,8 @@ import pytest
 
 import stateline
 from stateline import ChangesTrimmed, Database, FakeClock, InvalidArgument, Put, Store, Sweeper, Swept, Unavailable
+from stateline.api.server import settings_from_env
+from stateline.audit import AuditLog
 from stateline.store.memory import MemoryStore
 from stateline.types import RELAY_CURSORS, SYSTEM_TENANT
 
@@ -137,6 +139,11 @@ def test_a_failing_callback_does_not_stop_the_thread(clock: FakeClock) -> None:
         ({"keep_changes": 0}, "keep_changes"),
         ({"keep_changes": 2.5}, "keep_changes"),
         ({"keep_changes": True}, "keep_changes"),
+        ({"audit_retention_days": 0}, "audit_retention_days"),
+        ({"audit_retention_days": -1.0}, "audit_retention_days"),
+        ({"audit_retention_days": float("nan")}, "audit_retention_days"),
+        ({"audit_retention_days": "7"}, "audit_retention_days"),
+        ({"audit_retention_days": True}, "audit_retention_days"),
     ],
 )
 def test_bad_settings_are_refused(options: dict[str, Any], field: str) -> None:
@@ -257,3 +264,36 @@ def test_the_service_trims_with_its_sweeps_and_refuses_trimmed_reads(clock: Fake
         assert sse.status_code == 410
         assert "stateline_trimmed_changes_total" in api.client.get("/metrics").text
     db.close()
+
+
+# ---------------------------------------------------------------- audit retention
+
+
+def test_audit_retention_removes_old_entries_and_keeps_the_chain_verifiable(store: Store, clock: FakeClock) -> None:
+    old, recent = AuditLog(store, "a"), AuditLog(store, "b")
+    for i in range(3):
+        old.log("u", "write", "doc", f"d{i}")
+    recent.log("u", "write", "doc", "x")
+    clock.advance(2 * 86400)
+    old.log("u", "write", "doc", "new")
+    recent.log("u", "write", "doc", "y")
+    sweeper = Sweeper(store, audit_retention_days=1)
+    # a: its 3 entries of two days ago go; b: its old entry goes
+    assert sweeper.run_once() == Swept(0, 0, 4)
+    assert sweeper.run_once() == Swept(0, 0, 0)
+    assert sweeper.audit_removed == 4
+    for log, kept in ((old, ["new"]), (recent, ["y"])):
+        assert [e.resource_id for e in log.query().entries] == kept
+        assert log.verify().ok
+
+
+def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STATELINE_SWEEP_INTERVAL", "15")
+    monkeypatch.setenv("STATELINE_KEEP_CHANGES", "5000")
+    monkeypatch.setenv("STATELINE_AUDIT_RETENTION_DAYS", "30")
+    s = settings_from_env()
+    assert (s.sweep_interval, s.keep_changes, s.audit_retention_days) == (15.0, 5000, 30.0)
+    for name in ("STATELINE_SWEEP_INTERVAL", "STATELINE_KEEP_CHANGES", "STATELINE_AUDIT_RETENTION_DAYS"):
+        monkeypatch.setenv(name, "0")
+    s = settings_from_env()
+    assert (s.sweep_interval, s.keep_changes, s.audit_retention_days) == (None, None, None)

@@ -83,6 +83,13 @@ def serve(
         help="At each sweep, trim every tenant's change feed to its last N records, keeping what relays "
         "have not published (0: keep all).",
     ),
+    audit_retention_days: float = typer.Option(
+        0.0,
+        "--audit-retention-days",
+        min=0,
+        envvar="STATELINE_AUDIT_RETENTION_DAYS",
+        help="At each sweep, remove audit entries older than this many days (0: keep all).",
+    ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
     bootstrap_tenant: str = typer.Option(
         "default", "--bootstrap-tenant", help="Tenant of the admin key created when the store has no key."
@@ -130,7 +137,10 @@ def serve(
     common = {"host": host, "port": port, "log_config": None, "timeout_graceful_shutdown": 10, "access_log": False}
     if workers == 1:
         settings = ApiSettings(
-            rate_limit=rate_limit or None, sweep_interval=sweep_interval or None, keep_changes=keep_changes or None
+            rate_limit=rate_limit or None,
+            sweep_interval=sweep_interval or None,
+            keep_changes=keep_changes or None,
+            audit_retention_days=audit_retention_days or None,
         )
         app_obj = create_app(db, settings=settings)
         try:
@@ -145,6 +155,7 @@ def serve(
     os.environ["STATELINE_RATE_LIMIT"] = str(rate_limit)
     os.environ["STATELINE_SWEEP_INTERVAL"] = str(sweep_interval)
     os.environ["STATELINE_KEEP_CHANGES"] = str(keep_changes)
+    os.environ["STATELINE_AUDIT_RETENTION_DAYS"] = str(audit_retention_days)
     os.environ["STATELINE_LOG_LEVEL"] = log_level
     try:
         uvicorn.run("stateline.api.server:app_from_env", factory=True, workers=workers, **common)  # type: ignore[arg-type]

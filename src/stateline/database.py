@@ -111,16 +111,30 @@ class Database:
             self._gates = Gates(self.store)
         return self._gates
 
-    def start_sweeper(self, interval: float = 60.0, *, batch: int = 1000, keep_changes: int | None = None) -> Sweeper:
-        """Remove expired items (and with ``keep_changes``, all but the last change records of each
-        tenant) every ``interval`` seconds on a background thread (see ``Sweeper``); ``close()`` stops
-        it. One per database: a second call while it runs raises ``InvalidArgument``."""
+    def start_sweeper(
+        self,
+        interval: float = 60.0,
+        *,
+        batch: int = 1000,
+        keep_changes: int | None = None,
+        audit_retention_days: float | None = None,
+    ) -> Sweeper:
+        """Remove expired items (with ``keep_changes``, all but the last change records of each tenant;
+        with ``audit_retention_days``, older audit entries) every ``interval`` seconds on a background
+        thread (see ``Sweeper``); ``close()`` stops it. One per database: a second call while it runs
+        raises ``InvalidArgument``."""
         from stateline.sweeper import Sweeper
 
         with self._lock:
             if self._sweeper is not None and self._sweeper.running:
                 raise InvalidArgument("sweeper", "this database already runs one")
-            self._sweeper = Sweeper(self.store, interval=interval, batch=batch, keep_changes=keep_changes).start()
+            self._sweeper = Sweeper(
+                self.store,
+                interval=interval,
+                batch=batch,
+                keep_changes=keep_changes,
+                audit_retention_days=audit_retention_days,
+            ).start()
             return self._sweeper
 
     def close(self) -> None:

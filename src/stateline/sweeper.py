@@ -1,4 +1,4 @@
-"""The sweeper: a background thread that removes expired items, and old change records, on a schedule."""
+"""The sweeper: a background thread that removes expired items, old change records and old audit entries."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Self
 
+from stateline.audit import AuditLog
 from stateline.errors import InvalidArgument, StatelineError
 from stateline.store.protocol import MAX_INT, Store
 from stateline.types import RELAY_CURSORS, SYSTEM_TENANT
@@ -24,10 +25,12 @@ _PAGE = 1000
 
 @dataclass(frozen=True)
 class Swept:
-    """What one run removed: expired ``items`` and ``changes`` records of the change feed."""
+    """What one run removed: expired ``items``, ``changes`` records of the change feed and ``audit``
+    entries past their retention."""
 
     items: int
     changes: int
+    audit: int = 0
 
 
 class Sweeper:
@@ -39,12 +42,14 @@ class Sweeper:
     on disk after it expires. Likewise the change feed keeps a record of every commit until it is
     trimmed: with ``keep_changes=N`` each tenant keeps its last N records, and never one that a
     relay of this store has not published yet (the relays' cursors are read at each run; delete
-    the cursor of a relay you retire). Readers further behind get ``ChangesTrimmed``.
+    the cursor of a relay you retire). Readers further behind get ``ChangesTrimmed``. With
+    ``audit_retention_days=D`` each tenant's audit log drops entries older than D days
+    (``AuditLog.cleanup``: the chain stays verifiable from the oldest kept entry).
 
     Each ``Store.sweep`` / ``Store.trim_changes`` call is one short write, so writers wait at most
     one batch; a run ends when nothing is left or it removed ``max_per_run`` items and as many
     records, and the rest waits for the next run. Retention reads the revision of every tenant at
-    each run (two store calls per tenant).
+    each run (two store calls per tenant), audit retention one call or a few.
 
     ``start()`` runs it on a daemon thread; ``stop()`` ends it. Any number of sweepers may run on
     one store, in one process or several: removing something twice removes it once. A failing run
@@ -62,6 +67,7 @@ class Sweeper:
         batch: int = 1000,
         max_per_run: int = 1_000_000,
         keep_changes: int | None = None,
+        audit_retention_days: float | None = None,
         on_swept: Callable[[int], object] | None = None,
         on_trimmed: Callable[[int], object] | None = None,
     ) -> None:
@@ -77,6 +83,12 @@ class Sweeper:
             raise InvalidArgument("max_per_run", f"must be an integer of at least batch ({batch}), got {max_per_run!r}")
         if keep_changes is not None and (type(keep_changes) is not int or not 1 <= keep_changes <= MAX_INT):
             raise InvalidArgument("keep_changes", f"must be a positive integer or None, got {keep_changes!r}")
+        if audit_retention_days is not None and (
+            type(audit_retention_days) not in (int, float) or not 0 < audit_retention_days <= 100 * 365
+        ):
+            raise InvalidArgument(
+                "audit_retention_days", f"must be a number of days above 0, or None, got {audit_retention_days!r}"
+            )
         for name, fn in (("on_swept", on_swept), ("on_trimmed", on_trimmed)):
             if fn is not None and not callable(fn):
                 raise InvalidArgument(name, "must be callable")
@@ -85,12 +97,14 @@ class Sweeper:
         self.batch = batch
         self.max_per_run = max_per_run
         self.keep_changes = keep_changes
+        self.audit_retention_days = audit_retention_days
         self.on_swept = on_swept
         self.on_trimmed = on_trimmed
-        #: items and change records removed, runs ended (with or without failure), runs that failed,
+        #: items, change records and audit entries removed, runs ended (with or without failure), runs that failed,
         #: the last failure
         self.swept = 0
         self.trimmed = 0
+        self.audit_removed = 0
         self.runs = 0
         self.failures = 0
         self.last_error: str | None = None
@@ -104,7 +118,7 @@ class Sweeper:
         return self._thread is not None and self._thread.is_alive()
 
     def run_once(self) -> Swept:
-        """Run now: remove expired items, then (with ``keep_changes``) old change records, in batches.
+        """Run now: remove expired items, then (if asked) old change records and old audit entries.
 
         Returns what was removed. Raises what the store raises (``Unavailable``...), after counting
         the failure; what the failed run removed before it stays removed and counted.
@@ -113,11 +127,13 @@ class Sweeper:
 
     def _sweep(self, *, stoppable: bool) -> Swept:
         with self._lock:
-            removed = [0, 0]
+            removed = [0, 0, 0]
             try:
                 self._sweep_items(removed, stoppable)
                 if self.keep_changes is not None:
                     self._trim_feeds(removed, stoppable)
+                if self.audit_retention_days is not None:
+                    self._clean_audit(removed, stoppable)
             except BaseException as exc:
                 self.failures += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
@@ -125,10 +141,11 @@ class Sweeper:
             finally:
                 self.swept += removed[0]
                 self.trimmed += removed[1]
+                self.audit_removed += removed[2]
                 self.runs += 1
                 self._report(self.on_swept, removed[0])
                 self._report(self.on_trimmed, removed[1])
-            return Swept(removed[0], removed[1])
+            return Swept(removed[0], removed[1], removed[2])
 
     def _stopped(self, stoppable: bool) -> bool:
         return stoppable and self._stop.is_set()
@@ -143,25 +160,32 @@ class Sweeper:
     def _trim_feeds(self, removed: list[int], stoppable: bool) -> None:
         assert self.keep_changes is not None
         published = self._published()
-        after: str | None = None
-        while True:
-            tenants = self.store.tenants(after=after, limit=_PAGE)
-            for tenant in tenants:
-                keep_from = self.store.revision(tenant) - self.keep_changes + 1
-                if tenant in published:
-                    keep_from = min(keep_from, published[tenant] + 1)
-                while True:
-                    if removed[1] >= self.max_per_run or self._stopped(stoppable):
-                        return
-                    n = self.store.trim_changes(
-                        tenant, max(keep_from, 0), min(self.batch, self.max_per_run - removed[1])
-                    )
-                    removed[1] += n
-                    if n < self.batch:
-                        break
-            if len(tenants) < _PAGE:
+        for tenant in self._tenants():
+            keep_from = self.store.revision(tenant) - self.keep_changes + 1
+            if tenant in published:
+                keep_from = min(keep_from, published[tenant] + 1)
+            while True:
+                if removed[1] >= self.max_per_run or self._stopped(stoppable):
+                    return
+                n = self.store.trim_changes(tenant, max(keep_from, 0), min(self.batch, self.max_per_run - removed[1]))
+                removed[1] += n
+                if n < self.batch:
+                    break
+
+    def _clean_audit(self, removed: list[int], stoppable: bool) -> None:
+        assert self.audit_retention_days is not None
+        for tenant in self._tenants():
+            if self._stopped(stoppable):
                 return
-            after = tenants[-1]
+            removed[2] += AuditLog(self.store, tenant).cleanup(self.audit_retention_days)
+
+    def _tenants(self) -> list[str]:
+        out: list[str] = []
+        while True:
+            page = self.store.tenants(after=out[-1] if out else None, limit=_PAGE)
+            out.extend(page)
+            if len(page) < _PAGE:
+                return out
 
     def _published(self) -> dict[str, int]:
         """Per tenant, the lowest revision any relay of this store has published up to."""
@@ -214,11 +238,12 @@ class Sweeper:
             except Exception:
                 log.exception("sweeper: a run failed; trying again in %g s", self.interval)
                 continue
-            if done.items or done.changes:
+            if done.items or done.changes or done.audit:
                 log.debug(
-                    "sweeper: removed %d expired item(s) and %d change record(s) in %.3f s",
+                    "sweeper: removed %d expired item(s), %d change record(s) and %d audit entries in %.3f s",
                     done.items,
                     done.changes,
+                    done.audit,
                     time.perf_counter() - started,
                 )
 

@@ -74,7 +74,8 @@ class ApiSettings:
     ``inline_store`` calls the store on the event loop (default: only for ``memory://``).
     ``sweep_interval`` is how often the service removes expired items from the store while it runs
     (seconds; ``None``: never, for a deployment that sweeps elsewhere); with ``keep_changes`` those
-    runs also trim each tenant's change feed to its last ``keep_changes`` records (``None``: keep all).
+    runs also trim each tenant's change feed to its last ``keep_changes`` records (``None``: keep all)
+    and, with ``audit_retention_days``, remove older audit entries (``None``: keep all).
     """
 
     max_body_bytes: int = 2 * 1024 * 1024
@@ -89,6 +90,7 @@ class ApiSettings:
     ui: bool = True
     sweep_interval: float | None = 60.0
     keep_changes: int | None = None
+    audit_retention_days: float | None = None
 
 
 class TenantRateLimiter:
@@ -154,6 +156,7 @@ class ApiContext:
                 self.store,
                 interval=settings.sweep_interval,
                 keep_changes=settings.keep_changes,
+                audit_retention_days=settings.audit_retention_days,
                 on_swept=self.metrics.swept.inc,
                 on_trimmed=self.metrics.trimmed.inc,
             )

@@ -29,7 +29,8 @@ def bootstrap_admin_key(db: Database, tenant: str) -> str | None:
 
 def settings_from_env() -> ApiSettings:
     """Service settings from ``STATELINE_RATE_LIMIT`` (0: off), ``STATELINE_SWEEP_INTERVAL`` (seconds,
-    0: off), ``STATELINE_KEEP_CHANGES`` (0: keep all) and ``STATELINE_MAX_BODY_BYTES``."""
+    0: off), ``STATELINE_KEEP_CHANGES`` and ``STATELINE_AUDIT_RETENTION_DAYS`` (0: keep all) and
+    ``STATELINE_MAX_BODY_BYTES``."""
     s = ApiSettings()
     rate = os.environ.get("STATELINE_RATE_LIMIT")
     if rate is not None:
@@ -40,6 +41,9 @@ def settings_from_env() -> ApiSettings:
     keep = os.environ.get("STATELINE_KEEP_CHANGES")
     if keep is not None:
         s.keep_changes = int(keep) or None
+    days = os.environ.get("STATELINE_AUDIT_RETENTION_DAYS")
+    if days is not None:
+        s.audit_retention_days = float(days) or None
     body = os.environ.get("STATELINE_MAX_BODY_BYTES")
     if body is not None:
         s.max_body_bytes = int(body)
