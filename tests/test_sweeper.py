@@ -6,14 +6,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
 import stateline
 from stateline import ChangesTrimmed, Database, FakeClock, InvalidArgument, Put, Store, Sweeper, Swept, Unavailable
 from stateline.api.server import settings_from_env
 from stateline.audit import AuditLog
+from stateline.cli import app
 from stateline.store.memory import MemoryStore
 from stateline.types import RELAY_CURSORS, SYSTEM_TENANT
 
@@ -297,3 +300,20 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
         monkeypatch.setenv(name, "0")
     s = settings_from_env()
     assert (s.sweep_interval, s.keep_changes, s.audit_retention_days) == (None, None, None)
+
+
+def test_the_sweep_command_runs_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    with stateline.open(url) as db:
+        db.store.commit("a", ops=[Put("ns", "gone", 1, ttl=0.001), Put("ns", "stay", 1)])
+        _commits(db.store, "a", 5)
+        AuditLog(db.store, "a").log("u", "write", "doc")
+    time.sleep(0.01)
+    runner = CliRunner()
+    done = runner.invoke(app, ["sweep", "--url", url, "--keep-changes", "2", "--audit-retention-days", "30"])
+    assert done.exit_code == 0, done.output
+    assert "removed 1 expired item(s), 5 change record(s), 0 audit entries" in done.output
+    with stateline.open(url) as db:
+        assert [i.key for i in db.store.scan("a", "ns")] == ["k", "stay"]
+        assert db.store.first_change("a") == db.store.revision("a") - 1
+    assert runner.invoke(app, ["sweep", "--url", url, "--keep-changes", "-1"]).exit_code != 0

@@ -256,6 +256,31 @@ def relay(
         db.close()
 
 
+@app.command()
+def sweep(
+    url: str = URL_OPTION,
+    keep_changes: int = typer.Option(
+        0, "--keep-changes", min=0, help="Trim each tenant's change feed to its last N records (0: keep all)."
+    ),
+    audit_retention_days: float = typer.Option(
+        0.0, "--audit-retention-days", min=0, help="Remove audit entries older than this many days (0: keep all)."
+    ),
+) -> None:
+    """Remove expired items (and, if asked, old change records and audit entries) once, then exit.
+
+    What ``stateline serve`` does every minute, for deployments that run no server: from cron, say."""
+    from stateline.sweeper import Sweeper  # noqa: PLC0415
+
+    with stateline.open(url) as db:
+        done = Sweeper(
+            db.store,
+            max_per_run=10**12,
+            keep_changes=keep_changes or None,
+            audit_retention_days=audit_retention_days or None,
+        ).run_once()
+    print(f"removed {done.items} expired item(s), {done.changes} change record(s), {done.audit} audit entries")
+
+
 ONLY_OPTION = typer.Option(None, "--only", help="Run only these benchmarks (repeatable).")
 BACKEND_OPTION = typer.Option(None, "--backend", help="Only these backends (repeatable).")
 
