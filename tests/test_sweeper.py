@@ -208,19 +208,24 @@ def _commits(store: Store, tenant: str, n: int) -> None:
 def test_retention_keeps_the_last_records_and_what_relays_have_not_published(store: Store) -> None:
     _commits(store, "a", 10)
     _commits(store, "b", 3)
-    store.commit(SYSTEM_TENANT, ops=[Put(RELAY_CURSORS, "MAIN/a", 4), Put(RELAY_CURSORS, "OTHER/a", 6)])
+    _commits(store, "c", 5)
+    cursors = [Put(RELAY_CURSORS, "MAIN/a", 4), Put(RELAY_CURSORS, "OTHER/a", 6), Put(RELAY_CURSORS, "MAIN/b", 3)]
+    store.commit(SYSTEM_TENANT, ops=cursors)
     trimmed: list[int] = []
     sweeper = Sweeper(store, batch=2, keep_changes=2, on_trimmed=trimmed.append)
-    # a: keeps 9 and 10, and 5 to 8 for the relay at 4; b: keeps 2 and 3; system: its 1 record
-    assert sweeper.run_once() == Swept(0, 5)
-    assert [store.first_change(t) for t in ("a", "b", SYSTEM_TENANT)] == [5, 2, 1]
+    # a: keeps 9 and 10, and 5 to 8 for the relay at 4; b: keeps 2 and 3 (MAIN published them, but
+    # OTHER has not started on b); c: no relay has started on it, it keeps all; system: its 1 record
+    assert sweeper.run_once() == Swept(0, 4)
+    assert [store.first_change(t) for t in ("a", "b", "c", SYSTEM_TENANT)] == [5, 1, 1, 1]
     assert [c.revision for c in store.changes("a", 4)] == [5, 6, 7, 8, 9, 10]
     with pytest.raises(ChangesTrimmed):
         store.changes("a", 3)
-    store.commit(SYSTEM_TENANT, ops=[Put(RELAY_CURSORS, "MAIN/a", 10), Put(RELAY_CURSORS, "OTHER/a", 10)])
-    assert sweeper.run_once() == Swept(0, 4)  # a: 5 to 8 (both relays are past them)
-    assert [store.first_change(t) for t in ("a", "b", SYSTEM_TENANT)] == [9, 2, 1]
-    assert (sweeper.trimmed, trimmed) == (9, [5, 4])
+    cursors = [Put(RELAY_CURSORS, f"{r}/{t}", n) for r in ("MAIN", "OTHER") for t, n in (("a", 10), ("b", 3), ("c", 5))]
+    store.commit(SYSTEM_TENANT, ops=cursors)
+    # both relays are past everything: a: 5 to 8; b: 1; c: 1 to 3; system: its last 2 are kept
+    assert sweeper.run_once() == Swept(0, 8)
+    assert [store.first_change(t) for t in ("a", "b", "c", SYSTEM_TENANT)] == [9, 2, 4, 1]
+    assert (sweeper.trimmed, trimmed) == (12, [4, 8])
     item = store.get("a", "ns", "k")
     assert item is not None
     assert (store.revision("a"), item.value) == (10, 9)

@@ -41,8 +41,8 @@ class Sweeper:
     Without it, every TTL write (cache entries, sessions, rate-limit windows, idempotency keys) stays
     on disk after it expires. Likewise the change feed keeps a record of every commit until it is
     trimmed: with ``keep_changes=N`` each tenant keeps its last N records, and never one that a
-    relay of this store has not published yet (the relays' cursors are read at each run; delete
-    the cursor of a relay you retire). Readers further behind get ``ChangesTrimmed``. With
+    relay of this store has not published yet (the relays' cursors are read at each run, and a
+    tenant a relay has not started on keeps everything; delete the cursors of a relay you retire). Readers further behind get ``ChangesTrimmed``. With
     ``audit_retention_days=D`` each tenant's audit log drops entries older than D days
     (``AuditLog.cleanup``: the chain stays verifiable from the oldest kept entry).
 
@@ -159,11 +159,12 @@ class Sweeper:
 
     def _trim_feeds(self, removed: list[int], stoppable: bool) -> None:
         assert self.keep_changes is not None
-        published = self._published()
+        relays, published = self._published()
         for tenant in self._tenants():
             keep_from = self.store.revision(tenant) - self.keep_changes + 1
-            if tenant in published:
-                keep_from = min(keep_from, published[tenant] + 1)
+            if relays and tenant != SYSTEM_TENANT:  # relays skip the system tenant
+                # a relay with no cursor for the tenant yet has published none of it
+                keep_from = min(keep_from, *(published.get((r, tenant), 0) + 1 for r in relays))
             while True:
                 if removed[1] >= self.max_per_run or self._stopped(stoppable):
                     return
@@ -187,18 +188,20 @@ class Sweeper:
             if len(page) < _PAGE:
                 return out
 
-    def _published(self) -> dict[str, int]:
-        """Per tenant, the lowest revision any relay of this store has published up to."""
-        out: dict[str, int] = {}
+    def _published(self) -> tuple[set[str], dict[tuple[str, str], int]]:
+        """The relays of this store (their streams) and how far each has published each tenant."""
+        relays: set[str] = set()
+        published: dict[tuple[str, str], int] = {}
         after: str | None = None
         while True:
             page = self.store.scan(SYSTEM_TENANT, RELAY_CURSORS, after=after, limit=_PAGE)
             for item in page:
-                _stream, _, tenant = item.key.partition("/")
+                stream, _, tenant = item.key.partition("/")
                 if tenant and type(item.value) is int:
-                    out[tenant] = min(out.get(tenant, item.value), item.value)
+                    relays.add(stream)
+                    published[(stream, tenant)] = item.value
             if len(page) < _PAGE:
-                return out
+                return relays, published
             after = page[-1].key
 
     @staticmethod
