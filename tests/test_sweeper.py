@@ -13,9 +13,21 @@ import pytest
 from typer.testing import CliRunner
 
 import stateline
-from stateline import ChangesTrimmed, Database, FakeClock, InvalidArgument, Put, Store, Sweeper, Swept, Unavailable
+from stateline import (
+    ChangesTrimmed,
+    Database,
+    Delete,
+    FakeClock,
+    InvalidArgument,
+    Put,
+    Store,
+    Sweeper,
+    Swept,
+    Unavailable,
+)
 from stateline.api.server import settings_from_env
 from stateline.audit import AuditLog
+from stateline.bus import Relay
 from stateline.cli import app
 from stateline.store.memory import MemoryStore
 from stateline.types import RELAY_CURSORS, SYSTEM_TENANT
@@ -322,3 +334,18 @@ def test_the_sweep_command_runs_once(tmp_path: Path) -> None:
         assert [i.key for i in db.store.scan("a", "ns")] == ["k", "stay"]
         assert db.store.first_change("a") == db.store.revision("a") - 1
     assert runner.invoke(app, ["sweep", "--url", url, "--keep-changes", "-1"]).exit_code != 0
+
+
+def test_a_relay_that_has_published_nothing_yet_holds_retention_back(clock: FakeClock) -> None:
+    store = stateline.open_store("memory://", clock=clock)
+    _commits(store, "a", 6)
+    relay = Relay(store, "nats://127.0.0.1:1", stream="NOWHERE")  # nothing listens there: it never publishes
+    relay.start()
+    try:
+        _wait_for(lambda: store.get(SYSTEM_TENANT, RELAY_CURSORS, "NOWHERE/") is not None)
+        assert Sweeper(store, keep_changes=2).run_once() == Swept(0, 0)
+        assert store.first_change("a") == 1
+    finally:
+        relay.stop()
+    store.commit(SYSTEM_TENANT, ops=[Delete(RELAY_CURSORS, "NOWHERE/")])  # the relay retired
+    assert Sweeper(store, keep_changes=2).run_once() == Swept(0, 4)

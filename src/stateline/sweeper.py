@@ -41,8 +41,9 @@ class Sweeper:
     Without it, every TTL write (cache entries, sessions, rate-limit windows, idempotency keys) stays
     on disk after it expires. Likewise the change feed keeps a record of every commit until it is
     trimmed: with ``keep_changes=N`` each tenant keeps its last N records, and never one that a
-    relay of this store has not published yet (the relays' cursors are read at each run, and a
-    tenant a relay has not started on keeps everything; delete the cursors of a relay you retire). Readers further behind get ``ChangesTrimmed``. With
+    relay of this store has not published yet (the relays' cursors are read at each run; a relay
+    registers when it starts, and a tenant it has not started on keeps everything; delete the
+    cursors of a relay you retire). Readers further behind get ``ChangesTrimmed``. With
     ``audit_retention_days=D`` each tenant's audit log drops entries older than D days
     (``AuditLog.cleanup``: the chain stays verifiable from the oldest kept entry).
 
@@ -196,9 +197,10 @@ class Sweeper:
         while True:
             page = self.store.scan(SYSTEM_TENANT, RELAY_CURSORS, after=after, limit=_PAGE)
             for item in page:
-                stream, _, tenant = item.key.partition("/")
-                if tenant and type(item.value) is int:
+                stream, slash, tenant = item.key.partition("/")
+                if slash:  # "<stream>/" alone: a relay that has published nothing yet
                     relays.add(stream)
+                if tenant and type(item.value) is int:
                     published[(stream, tenant)] = item.value
             if len(page) < _PAGE:
                 return relays, published

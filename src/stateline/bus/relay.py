@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import threading
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import nats
 import orjson
@@ -22,6 +23,8 @@ from stateline.types import RELAY_CURSORS, SYSTEM_TENANT, Change, Put, check_key
 __all__ = ["Relay"]
 
 log = logging.getLogger("stateline.bus")
+
+T = TypeVar("T")
 
 CURSOR_NAMESPACE = RELAY_CURSORS
 _RETENTION = {
@@ -43,7 +46,8 @@ class Relay:
       acknowledged every message of a change. A crash re-publishes from the cursor; the duplicates
       are dropped, so each change is stored once, in revision order per tenant.
     * While NATS is unreachable, commits keep succeeding; the relay retries and catches up.
-    * Change-feed retention (``Sweeper(keep_changes=...)``) keeps what the relay has not published.
+    * Change-feed retention (``Sweeper(keep_changes=...)``) keeps what the relay has not published
+      (the relay registers its stream in the cursors' namespace as it starts, before connecting).
       Records trimmed by hand before it published them are skipped with an error in the log and
       counted in ``lost``: the other tenants are not held up by what cannot be recovered.
 
@@ -113,6 +117,13 @@ class Relay:
         """The last revision of ``tenant`` that JetStream acknowledged (0 if none)."""
         item = self.store.get(SYSTEM_TENANT, CURSOR_NAMESPACE, self._cursor_key(tenant))
         return 0 if item is None else int(item.value)
+
+    def _register(self) -> None:
+        """Record that this stream has a relay (an item without a tenant), so change-feed retention
+        keeps the feed of every tenant the relay has not started on, even before its first publish."""
+        key = check_key(f"{self.stream}/")
+        if self.store.get(SYSTEM_TENANT, CURSOR_NAMESPACE, key) is None:
+            self.store.commit(SYSTEM_TENANT, ops=[Put(CURSOR_NAMESPACE, key, 0)])
 
     def _save_cursor(self, tenant: str, revision: int) -> None:
         self.store.commit(SYSTEM_TENANT, ops=[Put(CURSOR_NAMESPACE, self._cursor_key(tenant), revision)])
@@ -234,6 +245,23 @@ class Relay:
             total += acked - cursor
         return total
 
+    @staticmethod
+    async def _until_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
+        """``await work``, or ``None`` as soon as ``stop`` is set (the first connection to a NATS that is
+        down retries until it is up; stopping must not wait for that)."""
+        task = asyncio.ensure_future(work)
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await task
+        return None
+
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Relay until ``stop`` is set; reconnects and retries on every NATS or store failure."""
         stop = stop or asyncio.Event()
@@ -241,7 +269,10 @@ class Relay:
         while not stop.is_set():
             nc = None
             try:
-                nc = await self._connect()
+                await asyncio.to_thread(self._register)
+                nc = await self._until_stopped(self._connect(), stop)
+                if nc is None:
+                    return
                 js = nc.jetstream(timeout=self.ack_timeout)
                 await self._ensure_stream(js)
                 self.connected = True
