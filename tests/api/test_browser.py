@@ -172,6 +172,14 @@ def test_dashboard_shows_commits_live(server: Server, tmp_path: Path) -> None:
                 page.wait_for_selector("#audit tbody tr:has-text('docs.put')", timeout=20_000)
                 shot = Path(os.environ.get("STATELINE_SCREENSHOT") or tmp_path / "dashboard.png")
                 page.screenshot(path=str(shot), full_page=True)
+
+                # Retention overtakes the dashboard: it resumes from revision 1, gets a 410, and
+                # follows from now on (it used to retry the refused resume forever).
+                with stateline.open(url) as db:
+                    db.store.trim_changes("default", db.store.revision("default"))
+                page.evaluate("state.lastId = 1; follow(); null")  # follow() runs for good: do not await it
+                assert client.put("/v1/docs/after-trim", json={"n": 1}).status_code == 201
+                page.wait_for_selector("#feed li:has-text('put docs/after-trim v1')", timeout=20_000)
                 assert page.evaluate("performance.getEntriesByType('navigation').length") == 1  # never reloaded
             finally:
                 browser.close()

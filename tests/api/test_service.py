@@ -494,3 +494,20 @@ def test_an_error_echoing_an_integer_over_64_bits_still_answers_in_the_error_sha
     error = r.json()["error"]
     assert error["code"] == "not_found"
     assert error["details"] == {"name": "p", "version": str(huge)}
+
+
+def test_errors_are_never_cached(mem_api: Api) -> None:
+    # 404 and 410 are cacheable by default: a browser served a 410 of the change feed again to the
+    # dashboard's next request (same URL, another Last-Event-ID)
+    h = mem_api.key("acme")
+    for _ in range(3):
+        mem_api.client.put("/v1/items/docs/a", json=1, headers=h)
+    mem_api.db.store.trim_changes("acme", 3)
+    for r in (
+        mem_api.client.get("/v1/items/docs/missing", headers=h),
+        mem_api.client.get("/v1/changes", params={"after": 0}, headers=h),
+        mem_api.client.get("/v1/watch", headers={**h, "Last-Event-ID": "0"}),
+        mem_api.client.get("/v1/items/docs/a"),
+    ):
+        assert r.status_code in (401, 404, 410)
+        assert r.headers["cache-control"] == "no-store"

@@ -56,8 +56,12 @@ class ErrorBody(BaseModel):
 
 
 def error_response(exc: StatelineError, headers: dict[str, str] | None = None) -> Response:
-    """The HTTP response for a stateline error (429 carries ``Retry-After``)."""
-    hdrs = dict(headers or {})
+    """The HTTP response for a stateline error (429 carries ``Retry-After``).
+
+    Never cached: 404 and 410 are cacheable by default, and a browser kept serving a 410 of the change
+    feed to the dashboard's later requests (same URL, other ``Last-Event-ID``), and could serve a
+    stale 404 for a document created since."""
+    hdrs = {"Cache-Control": "no-store", **(headers or {})}
     if isinstance(exc, RateLimited):
         hdrs["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     body = exc.to_dict()

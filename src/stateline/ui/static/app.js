@@ -109,7 +109,14 @@ async function follow() {
     try {
       const h = headers();
       if (state.lastId !== null) h["Last-Event-ID"] = String(state.lastId);
-      const res = await fetch("/v1/watch", { headers: h, signal: controller.signal });
+      const res = await fetch("/v1/watch", { headers: h, signal: controller.signal, cache: "no-store" });
+      if (res.status === 410) {
+        // retention removed changes after our last one: say so, go on from the oldest one kept
+        const body = await res.json();
+        setStatus("err", body.error.message);
+        state.lastId = body.error.details.first_available - 1;
+        continue;
+      }
       if (!res.ok) {
         setStatus("err", "watch refused: " + res.status);
         if (res.status === 401 || res.status === 403) return;
@@ -139,12 +146,20 @@ async function follow() {
 }
 
 function handleEvent(block) {
-  let id = null, data = "";
+  let id = null, data = "", kind = "change";
   for (const line of block.split("\n")) {
     if (line.startsWith("id: ")) id = line.slice(4);
+    else if (line.startsWith("event: ")) kind = line.slice(7);
     else if (line.startsWith("data: ")) data += line.slice(6);
   }
   if (!data) return;
+  if (kind === "error") {
+    // retention overtook us and the server ends the stream: reconnect from the oldest change kept
+    const body = JSON.parse(data);
+    setStatus("err", body.error.message);
+    state.lastId = body.error.details.first_available - 1;
+    return;
+  }
   const change = JSON.parse(data);
   if (id !== null) state.lastId = Number(id);
   onChange(change);
