@@ -81,12 +81,7 @@ class Database:
 
     def tenants(self) -> list[str]:
         """Every tenant that has committed at least once."""
-        out: list[str] = []
-        while True:
-            page = self.store.tenants(after=out[-1] if out else None, limit=1000)
-            out.extend(page)
-            if len(page) < 1000:
-                return out
+        return self.store.all_tenants()
 
     def subscribe(
         self,

@@ -353,17 +353,8 @@ class Streams:
     def _snapshots(self, stream: str, projection: str | None) -> list[_Snap]:
         """Kept snapshots of ``stream`` (of one projection, or of all), oldest first per projection."""
         prefix = self._snap_prefix(stream, projection)
-        out: list[_Snap] = []
-        after: str | None = None
-        while True:
-            page = self.store.scan(self.tenant, SNAPSHOT_NAMESPACE, prefix, after, 1000)
-            for item in page:
-                snap = self._snap(item)
-                if snap is not None:
-                    out.append(snap)
-            if len(page) < 1000:
-                return out
-            after = page[-1].key
+        snaps = (self._snap(item) for item in self.store.scan_all(self.tenant, SNAPSHOT_NAMESPACE, prefix))
+        return [snap for snap in snaps if snap is not None]
 
     @staticmethod
     def _snap(item: Item) -> _Snap | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -20,7 +21,6 @@ __all__ = ["Sweeper", "Swept"]
 log = logging.getLogger("stateline.sweeper")
 
 MAX_BATCH = 10_000
-_PAGE = 1000
 
 
 @dataclass(frozen=True)
@@ -130,11 +130,13 @@ class Sweeper:
         with self._lock:
             removed = [0, 0, 0]
             try:
-                self._sweep_items(removed, stoppable)
-                if self.keep_changes is not None:
-                    self._trim_feeds(removed, stoppable)
-                if self.audit_retention_days is not None:
-                    self._clean_audit(removed, stoppable)
+                self._drain(self.store.sweep, removed, 0, stoppable)
+                if self.keep_changes is not None or self.audit_retention_days is not None:
+                    tenants = self.store.all_tenants()
+                    if self.keep_changes is not None:
+                        self._trim_feeds(tenants, self.keep_changes, removed, stoppable)
+                    if self.audit_retention_days is not None:
+                        self._clean_audit(tenants, self.audit_retention_days, removed, stoppable)
             except BaseException as exc:
                 self.failures += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
@@ -151,60 +153,45 @@ class Sweeper:
     def _stopped(self, stoppable: bool) -> bool:
         return stoppable and self._stop.is_set()
 
-    def _sweep_items(self, removed: list[int], stoppable: bool) -> None:
-        while removed[0] < self.max_per_run and not self._stopped(stoppable):
-            n = self.store.sweep(min(self.batch, self.max_per_run - removed[0]))
-            removed[0] += n
+    def _drain(self, remove: Callable[[int], int], removed: list[int], slot: int, stoppable: bool) -> bool:
+        """Call ``remove(n)`` a batch at a time until it removes less than a batch; count into
+        ``removed[slot]``. False if the run's budget is spent or it was stopped."""
+        while True:
+            if removed[slot] >= self.max_per_run or self._stopped(stoppable):
+                return False
+            n = remove(min(self.batch, self.max_per_run - removed[slot]))
+            removed[slot] += n
             if n < self.batch:
-                return
+                return True
 
-    def _trim_feeds(self, removed: list[int], stoppable: bool) -> None:
-        assert self.keep_changes is not None
+    def _trim_feeds(self, tenants: list[str], keep: int, removed: list[int], stoppable: bool) -> None:
         relays, published = self._published()
-        for tenant in self._tenants():
-            keep_from = self.store.revision(tenant) - self.keep_changes + 1
+        for tenant in tenants:
+            keep_from = self.store.revision(tenant) - keep + 1
             if relays and tenant != SYSTEM_TENANT:  # relays skip the system tenant
                 # a relay with no cursor for the tenant yet has published none of it
                 keep_from = min(keep_from, *(published.get((r, tenant), 0) + 1 for r in relays))
-            while True:
-                if removed[1] >= self.max_per_run or self._stopped(stoppable):
-                    return
-                n = self.store.trim_changes(tenant, max(keep_from, 0), min(self.batch, self.max_per_run - removed[1]))
-                removed[1] += n
-                if n < self.batch:
-                    break
+            trim = functools.partial(self.store.trim_changes, tenant, max(keep_from, 0))
+            if not self._drain(trim, removed, 1, stoppable):
+                return
 
-    def _clean_audit(self, removed: list[int], stoppable: bool) -> None:
-        assert self.audit_retention_days is not None
-        for tenant in self._tenants():
+    def _clean_audit(self, tenants: list[str], days: float, removed: list[int], stoppable: bool) -> None:
+        for tenant in tenants:
             if self._stopped(stoppable):
                 return
-            removed[2] += AuditLog(self.store, tenant).cleanup(self.audit_retention_days)
-
-    def _tenants(self) -> list[str]:
-        out: list[str] = []
-        while True:
-            page = self.store.tenants(after=out[-1] if out else None, limit=_PAGE)
-            out.extend(page)
-            if len(page) < _PAGE:
-                return out
+            removed[2] += AuditLog(self.store, tenant).cleanup(days)
 
     def _published(self) -> tuple[set[str], dict[tuple[str, str], int]]:
         """The relays of this store (their streams) and how far each has published each tenant."""
         relays: set[str] = set()
         published: dict[tuple[str, str], int] = {}
-        after: str | None = None
-        while True:
-            page = self.store.scan(SYSTEM_TENANT, RELAY_CURSORS, after=after, limit=_PAGE)
-            for item in page:
-                stream, slash, tenant = item.key.partition("/")
-                if slash:  # "<stream>/" alone: a relay that has published nothing yet
-                    relays.add(stream)
-                if tenant and type(item.value) is int:
-                    published[(stream, tenant)] = item.value
-            if len(page) < _PAGE:
-                return relays, published
-            after = page[-1].key
+        for item in self.store.scan_all(SYSTEM_TENANT, RELAY_CURSORS):
+            stream, slash, tenant = item.key.partition("/")
+            if slash:  # "<stream>/" alone: a relay that has published nothing yet
+                relays.add(stream)
+            if tenant and type(item.value) is int:
+                published[(stream, tenant)] = item.value
+        return relays, published
 
     @staticmethod
     def _report(fn: Callable[[int], object] | None, n: int) -> None:

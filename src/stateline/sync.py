@@ -384,16 +384,11 @@ class StoreProvider:
         of the feed this provider had not read); the feed is followed from before the read on."""
         self._cursor = self.store.revision(self.tenant)
         out: list[tuple[str, str, dict[str, float]]] = []
-        after: str | None = None
-        while True:
-            page = self.store.scan(self.tenant, self.namespace, after=after, limit=1000)
-            for item in page:
-                key, _, origin = item.key.rpartition("@")
-                if key and origin != node:
-                    out.append((origin, key, item.value))
-            if len(page) < 1000:
-                return out
-            after = page[-1].key
+        for item in self.store.scan_all(self.tenant, self.namespace):
+            key, _, origin = item.key.rpartition("@")
+            if key and origin != node:
+                out.append((origin, key, item.value))
+        return out
 
     def close(self) -> None:
         return None

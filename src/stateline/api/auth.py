@@ -213,14 +213,8 @@ class KeyStore:
 
     def list(self, tenant: str | None = None) -> list[ApiKey]:
         """Every key (of ``tenant`` if given), revoked ones included, in id order."""
-        out: list[ApiKey] = []
-        after: str | None = None
-        while True:
-            page = self.store.scan(SYSTEM_TENANT, KEYS_NAMESPACE, after=after, limit=1000)
-            out.extend(_public(i.value) for i in page if tenant is None or i.value["tenant"] == tenant)
-            if len(page) < 1000:
-                return out
-            after = page[-1].key
+        items = self.store.scan_all(SYSTEM_TENANT, KEYS_NAMESPACE)
+        return [_public(i.value) for i in items if tenant is None or i.value["tenant"] == tenant]
 
     def revoke(self, key_id: str, *, tenant: str | None = None) -> ApiKey:
         """Revoke a key (idempotent). With ``tenant``, a key of another tenant is ``NotFound``."""

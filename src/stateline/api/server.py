@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 
@@ -27,23 +27,24 @@ def bootstrap_admin_key(db: Database, tenant: str) -> str | None:
     return token
 
 
+#: settings from the environment where 0 means off (``None``): variable, field, parser
+_ZERO_IS_OFF: tuple[tuple[str, str, Callable[[str], float]], ...] = (
+    ("STATELINE_RATE_LIMIT", "rate_limit", float),
+    ("STATELINE_SWEEP_INTERVAL", "sweep_interval", float),
+    ("STATELINE_KEEP_CHANGES", "keep_changes", int),
+    ("STATELINE_AUDIT_RETENTION_DAYS", "audit_retention_days", float),
+)
+
+
 def settings_from_env() -> ApiSettings:
     """Service settings from ``STATELINE_RATE_LIMIT`` (0: off), ``STATELINE_SWEEP_INTERVAL`` (seconds,
     0: off), ``STATELINE_KEEP_CHANGES`` and ``STATELINE_AUDIT_RETENTION_DAYS`` (0: keep all) and
     ``STATELINE_MAX_BODY_BYTES``."""
     s = ApiSettings()
-    rate = os.environ.get("STATELINE_RATE_LIMIT")
-    if rate is not None:
-        s.rate_limit = float(rate) or None
-    sweep = os.environ.get("STATELINE_SWEEP_INTERVAL")
-    if sweep is not None:
-        s.sweep_interval = float(sweep) or None
-    keep = os.environ.get("STATELINE_KEEP_CHANGES")
-    if keep is not None:
-        s.keep_changes = int(keep) or None
-    days = os.environ.get("STATELINE_AUDIT_RETENTION_DAYS")
-    if days is not None:
-        s.audit_retention_days = float(days) or None
+    for name, field, parse in _ZERO_IS_OFF:
+        raw = os.environ.get(name)
+        if raw is not None:
+            setattr(s, field, parse(raw) or None)
     body = os.environ.get("STATELINE_MAX_BODY_BYTES")
     if body is not None:
         s.max_body_bytes = int(body)

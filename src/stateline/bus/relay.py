@@ -159,12 +159,7 @@ class Relay:
         return out
 
     def _tenants(self) -> list[str]:
-        out: list[str] = []
-        while True:
-            page = self.store.tenants(after=out[-1] if out else None, limit=1000)
-            out.extend(page)
-            if len(page) < 1000:
-                return [t for t in out if t != SYSTEM_TENANT]
+        return [t for t in self.store.all_tenants() if t != SYSTEM_TENANT]
 
     def lag(self) -> dict[str, int]:
         """Revisions behind, per tenant (also exported as the ``stateline_relay_lag_revisions`` gauge)."""

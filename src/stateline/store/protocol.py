@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
@@ -479,6 +479,17 @@ class Store(ABC):
             _limit(limit),
         )
 
+    def scan_all(self, tenant: str, namespace: str, prefix: str = "") -> Iterator[Item]:
+        """Every live item of ``namespace`` whose key starts with ``prefix``, in key order, read a page
+        of 1,000 at a time as the iteration goes (``scan`` paged by its last key)."""
+        after: str | None = None
+        while True:
+            page = self.scan(tenant, namespace, prefix, after, 1000)
+            yield from page
+            if len(page) < 1000:
+                return
+            after = page[-1].key
+
     def read_stream(
         self, tenant: str, stream: str, from_seq: int = 1, to_seq: int | None = None, limit: int = MAX_LIMIT
     ) -> list[Event]:
@@ -571,6 +582,15 @@ class Store(ABC):
         """Tenants that have committed at least once, in name order, after ``after``."""
         self._open()
         return self._tenants(None if after is None else check_tenant(after), _limit(limit))
+
+    def all_tenants(self) -> list[str]:
+        """Every tenant that has committed at least once, in name order (``tenants`` paged)."""
+        out: list[str] = []
+        while True:
+            page = self.tenants(after=out[-1] if out else None, limit=1000)
+            out.extend(page)
+            if len(page) < 1000:
+                return out
 
     def stats(self, tenant: str) -> TenantStats:
         """Live items and bytes per namespace, streams and kept events of one tenant."""

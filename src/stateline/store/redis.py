@@ -46,7 +46,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from stateline.clock import Clock
-from stateline.errors import ChangesTrimmed, Conflict, InvalidArgument, StatelineError, Unavailable
+from stateline.errors import Conflict, InvalidArgument, StatelineError, Unavailable
 from stateline.store.protocol import (
     PreparedAppend,
     PreparedCommit,
@@ -856,9 +856,8 @@ class RedisStore(Store):
         out = []
         for i, body in enumerate(bodies):
             if body is None:
-                first = self._first_change(tenant)
-                if i == 0 and after_revision + 1 < first:
-                    raise ChangesTrimmed(tenant, after_revision, first)
+                if i == 0:  # trimmed: raise here, or watch would wake at once and read nothing, again
+                    self._unbroken(tenant, after_revision, [])
                 # cannot happen while the keyspace is intact: the feed has no gaps
                 raise StatelineError(f"change record {after_revision + 1 + i} of {tenant!r} is missing")
             out.append(decode_change(tenant, after_revision + 1 + i, body))
