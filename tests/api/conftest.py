@@ -39,6 +39,8 @@ class Api:
 
 def make_api(db: Database, clock: FakeClock, **settings: Any) -> Iterator[Api]:
     settings.setdefault("rate_limit", None)
+    # Freezing runs a full collection at every app start (~50 ms): only the test of it turns it on.
+    settings.setdefault("freeze_gc", False)
     app = create_app(db, settings=ApiSettings(**settings))
     with TestClient(app, raise_server_exceptions=False) as client:
         yield Api(app, client, clock, db)

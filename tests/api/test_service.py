@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 import time
@@ -511,3 +512,30 @@ def test_errors_are_never_cached(mem_api: Api) -> None:
     ):
         assert r.status_code in (401, 404, 410)
         assert r.headers["cache-control"] == "no-store"
+
+
+def test_the_service_freezes_its_startup_objects_while_it_runs(clock: FakeClock) -> None:
+    assert gc.get_freeze_count() == 0
+    with stateline.open("memory://", clock=clock) as db:
+        made_before_start = [object()]
+        for api in make_api(db, clock, freeze_gc=True):
+            assert gc.get_freeze_count() > 0
+            # out of reach of every collection, not only the young ones
+            assert not any(o is made_before_start for o in gc.get_objects())
+            made_while_serving = [object()]
+            assert any(o is made_while_serving for o in gc.get_objects())
+            assert api.client.put("/v1/docs/d", json={"a": 1}, headers=api.key("t")).status_code < 300
+        assert gc.get_freeze_count() == 0  # given back at shutdown
+        assert any(o is made_before_start for o in gc.get_objects())
+
+        for _ in make_api(db, clock, freeze_gc=False):
+            assert gc.get_freeze_count() == 0
+
+        gc.freeze()  # the process's own freeze: neither added to nor undone by the service
+        try:
+            frozen = gc.get_freeze_count()
+            for _ in make_api(db, clock, freeze_gc=True):
+                assert 0 < gc.get_freeze_count() <= frozen  # (frozen objects can still be freed)
+            assert 0 < gc.get_freeze_count() <= frozen
+        finally:
+            gc.unfreeze()

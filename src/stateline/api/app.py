@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import random
@@ -76,6 +77,11 @@ class ApiSettings:
     (seconds; ``None``: never, for a deployment that sweeps elsewhere); with ``keep_changes`` those
     runs also trim each tenant's change feed to its last ``keep_changes`` records (``None``: keep all)
     and, with ``audit_retention_days``, remove older audit entries (``None``: keep all).
+    ``freeze_gc`` takes the objects that exist when the service starts (modules, routes, validators,
+    which live as long as the process) out of the cyclic garbage collector's reach until it stops
+    (``gc.freeze``): a full collection then walks only what the service made since. Without it each
+    full collection walks them all, a pause of ~50 ms every few seconds under write load on a small
+    machine. Off: leave the collector alone, for an app sharing its process with code that manages it.
     """
 
     max_body_bytes: int = 2 * 1024 * 1024
@@ -91,6 +97,7 @@ class ApiSettings:
     sweep_interval: float | None = 60.0
     keep_changes: int | None = None
     audit_retention_days: float | None = None
+    freeze_gc: bool = True
 
 
 class TenantRateLimiter:
@@ -161,6 +168,7 @@ class ApiContext:
                 on_trimmed=self.metrics.trimmed.inc,
             )
         )
+        self._froze = False
         self._requests: dict[tuple[str, str, int], Any] = {}
         self._latency: dict[tuple[str, str], Any] = {}
         self.limiter = (
@@ -195,15 +203,23 @@ class ApiContext:
         histogram.observe(seconds)
 
     def start(self) -> None:
-        """Start background threads (at the app's startup)."""
+        """Start background threads and freeze the startup objects (at the app's startup)."""
         if self.sweeper is not None and not self.sweeper.running:
             self.sweeper.start()
+        if self.settings.freeze_gc and not self._froze and gc.get_freeze_count() == 0:
+            gc.collect()
+            gc.freeze()
+            self._froze = True
 
     def close(self) -> None:
-        """Stop background threads (the database stays open: its owner closes it)."""
+        """Stop background threads and unfreeze what ``start`` froze (the database stays open: its
+        owner closes it)."""
         if self.sweeper is not None:
             self.sweeper.stop()
         self.hub.close()
+        if self._froze:
+            gc.unfreeze()
+            self._froze = False
 
 
 def create_app(
