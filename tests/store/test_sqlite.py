@@ -556,6 +556,82 @@ def test_a_newer_schema_version_is_refused(db_path: Path, opened: Callable[..., 
         open_store(_url(db_path))
 
 
+# The two tables that schema version 1 kept WITHOUT ROWID, as version 1 declared them.
+_V1_TABLES = {
+    "sl_events": """CREATE TABLE sl_events (tenant TEXT NOT NULL, stream TEXT NOT NULL, seq INTEGER NOT NULL,
+        type TEXT NOT NULL, data BLOB NOT NULL, meta BLOB NOT NULL, revision INTEGER NOT NULL,
+        recorded_at INTEGER NOT NULL, PRIMARY KEY (tenant, stream, seq)) WITHOUT ROWID""",
+    "sl_changes": """CREATE TABLE sl_changes (tenant TEXT NOT NULL, revision INTEGER NOT NULL, body BLOB NOT NULL,
+        PRIMARY KEY (tenant, revision)) WITHOUT ROWID""",
+}
+
+
+def _schema_of(path: Path) -> list[tuple[str, str, str]]:
+    with sqlite3.connect(path) as raw:
+        rows = raw.execute("SELECT type, name, tbl_name FROM sqlite_schema ORDER BY name").fetchall()
+        ddl = raw.execute("SELECT name, sql FROM sqlite_schema WHERE type = 'table' AND name = 'sl_events'").fetchall()
+    raw.close()
+    assert "WITHOUT ROWID" not in ddl[0][1]
+    return rows
+
+
+def test_a_version_1_file_is_upgraded_in_place_with_its_data(
+    tmp_path: Path, opened: Callable[..., SQLiteStore]
+) -> None:
+    path = tmp_path / "v1.db"
+    store = opened(_url(path), clock=FakeClock())
+    for i in range(30):
+        store.commit(
+            T if i % 3 else "other",
+            ops=[Put("ns", f"k{i % 4}", {"i": i}), Append(f"s{i % 5}", [NewEvent("t", {"i": i}), NewEvent("u", i)])],
+        )
+    store.trim_changes(T, 5, 100)
+    streams = {(t, f"s{j}"): store.read_stream(t, f"s{j}") for t in (T, "other") for j in range(5)}
+    feeds = {t: store.changes(t, store.first_change(t) - 1, 1000) for t in (T, "other")}
+    store.close()
+    with sqlite3.connect(path) as raw:  # make it the file that version 1 wrote
+        for table, ddl in _V1_TABLES.items():
+            raw.execute(f"ALTER TABLE {table} RENAME TO old")
+            raw.execute(ddl)
+            raw.execute(f"INSERT INTO {table} SELECT * FROM old")
+            raw.execute("DROP TABLE old")
+        raw.execute("UPDATE sl_schema SET version = 1")
+    raw.close()
+
+    stores: list[SQLiteStore] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def open_at_once() -> None:
+        try:
+            barrier.wait()
+            stores.append(opened(_url(path), clock=FakeClock()))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_at_once) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("SELECT version FROM sl_schema").fetchall() == [(SCHEMA_VERSION,)]
+    raw.close()
+    opened(_url(tmp_path / "new.db")).close()
+    assert _schema_of(path) == _schema_of(tmp_path / "new.db")
+
+    store = stores[0]
+    assert {key: store.read_stream(*key) for key in streams} == streams
+    assert {t: store.changes(t, store.first_change(t) - 1, 1000) for t in feeds} == feeds
+    assert store.first_change(T) == 5
+    last, revision = streams[(T, "s1")][-1].seq, feeds[T][-1].revision
+    done = store.commit(T, ops=[Append("s1", [NewEvent("t", "after")])], checks=[StreamAt("s1", last)])
+    assert done.revision == store.revision(T) == revision + 1
+    assert [e.seq for e in store.read_stream(T, "s1")][-2:] == [last, last + 1]
+    assert [c.revision for c in store.changes(T, revision - 1, 10)] == [revision, revision + 1]
+
+
 def test_reopening_keeps_everything(db_path: Path, opened: Callable[..., SQLiteStore]) -> None:
     first = opened(_url(db_path))
     first.commit(T, ops=[Put("ns", "k", {"a": [1, 2]}), Append("s", [NewEvent("t", 1)])])

