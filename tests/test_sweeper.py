@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from typer.testing import CliRunner
 
@@ -19,6 +20,7 @@ from stateline import (
     Delete,
     FakeClock,
     InvalidArgument,
+    NotFound,
     Put,
     Store,
     Sweeper,
@@ -349,3 +351,53 @@ def test_a_relay_that_has_published_nothing_yet_holds_retention_back(clock: Fake
         relay.stop()
     store.commit(SYSTEM_TENANT, ops=[Delete(RELAY_CURSORS, "NOWHERE/")])  # the relay retired
     assert Sweeper(store, keep_changes=2).run_once() == Swept(0, 4)
+
+
+def test_a_retired_relay_is_named_in_a_warning_and_forgotten(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    _commits(store, "a", 10)
+    _commits(store, "b", 4)
+    cursors = [Put(RELAY_CURSORS, "OLD/", 0), Put(RELAY_CURSORS, "OLD/a", 2), Put(RELAY_CURSORS, "LIVE/a", 10)]
+    store.commit(SYSTEM_TENANT, ops=[*cursors, Put(RELAY_CURSORS, "LIVE/b", 4)])
+    assert stateline.relay_positions(store) == {"OLD": {"a": 2}, "LIVE": {"a": 10, "b": 4}}
+    sweeper = Sweeper(store, keep_changes=3)
+    with caplog.at_level(logging.WARNING, logger="stateline.sweeper"):
+        assert sweeper.run_once() == Swept(0, 2)  # a keeps 3 to 10 for OLD; b: OLD has not started on it
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "up to 5 more records in 2 tenant(s) for relay 'OLD'" in warning
+    assert "stateline relays forget OLD" in warning
+    assert "LIVE" not in warning  # published up to the head: holds nothing back
+
+    with pytest.raises(NotFound, match="GONE"):
+        stateline.forget_relay(store, "GONE")
+    for bad in ("", "OLD/a", None, 7):
+        with pytest.raises(InvalidArgument):
+            stateline.forget_relay(store, bad)  # type: ignore[arg-type]
+    assert stateline.relay_positions(store)["OLD"] == {"a": 2}  # refused calls removed nothing
+
+    assert stateline.forget_relay(store, "OLD") == 2
+    assert stateline.relay_positions(store) == {"LIVE": {"a": 10, "b": 4}}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stateline.sweeper"):
+        assert sweeper.run_once() == Swept(0, 5 + 1)
+    assert caplog.records == []
+    assert [store.first_change(t) for t in ("a", "b")] == [8, 2]
+
+
+def test_the_relays_commands_list_and_forget(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    runner = CliRunner()
+    assert "no relays" in runner.invoke(app, ["relays", "list", "--url", url]).output
+    with stateline.open(url) as db:
+        _commits(db.store, "a", 5)
+        _commits(db.store, "b", 2)
+        db.store.commit(SYSTEM_TENANT, ops=[Put(RELAY_CURSORS, "OLD/", 0), Put(RELAY_CURSORS, "OLD/a", 3)])
+    listed = runner.invoke(app, ["relays", "list", "--url", url])
+    assert listed.exit_code == 0, listed.output
+    assert orjson.loads(listed.output) == {"stream": "OLD", "tenants_published": 1, "behind": {"a": 2, "b": 2}}
+    missing = runner.invoke(app, ["relays", "forget", "NOPE", "--url", url])
+    assert isinstance(missing.exception, NotFound)  # `stateline` prints it as "error not_found: ..."
+    forgot = runner.invoke(app, ["relays", "forget", "OLD", "--url", url])
+    assert forgot.exit_code == 0, forgot.output
+    assert "forgot relay 'OLD' (2 cursor(s))" in forgot.output
+    with stateline.open(url) as db:
+        assert stateline.relay_positions(db.store) == {}

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
         Slot,
     )
     from stateline.streams import Appended, CheckIssue, CheckReport, Loaded, Projection, Streams
-    from stateline.sweeper import Sweeper, Swept
+    from stateline.sweeper import Sweeper, Swept, forget_relay, relay_positions
 
 from stateline.clock import Clock, FakeClock, SystemClock
 from stateline.database import DEFAULT_URL, Database, Tenant, open, open_store
@@ -189,8 +189,10 @@ __all__ = [
     "VersionIs",
     "WaitFor",
     "Written",
+    "forget_relay",
     "open",
     "open_store",
+    "relay_positions",
 ]
 
 _LAZY = {
@@ -208,6 +210,8 @@ _LAZY = {
     "Streams": "stateline.streams",
     "Sweeper": "stateline.sweeper",
     "Swept": "stateline.sweeper",
+    "forget_relay": "stateline.sweeper",
+    "relay_positions": "stateline.sweeper",
     "AddToken": "stateline.cases",
     "CancelScope": "stateline.cases",
     "Case": "stateline.cases",

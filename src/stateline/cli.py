@@ -57,6 +57,8 @@ def get(key: str, namespace: str = "docs", url: str = URL_OPTION, tenant: str = 
 
 keys_app = typer.Typer(no_args_is_help=True, help="Manage API keys (stored hashed; a key's secret is shown once).")
 app.add_typer(keys_app, name="keys")
+relays_app = typer.Typer(no_args_is_help=True, help="The relays to NATS that change-feed retention waits for.")
+app.add_typer(relays_app, name="relays")
 
 
 @app.command()
@@ -254,6 +256,35 @@ def relay(
     finally:
         bus.stop()
         db.close()
+
+
+@relays_app.command("list")
+def relays_list(url: str = URL_OPTION) -> None:
+    """Each relay of the store, with how many revisions of each tenant it has yet to publish."""
+    from stateline.sweeper import relay_positions  # noqa: PLC0415
+    from stateline.types import SYSTEM_TENANT  # noqa: PLC0415
+
+    with stateline.open(url) as db:
+        positions = relay_positions(db.store)
+        tenants = db.store.all_tenants() if positions else []
+        heads = {t: db.store.revision(t) for t in tenants if t != SYSTEM_TENANT}  # relays skip it
+    if not positions:
+        console.print("no relays")
+    for stream, published in sorted(positions.items()):
+        behind = {t: head - published.get(t, 0) for t, head in heads.items() if head > published.get(t, 0)}
+        line = {"stream": stream, "tenants_published": len(published), "behind": behind}
+        console.print(orjson.dumps(line).decode(), highlight=False, soft_wrap=True)
+
+
+@relays_app.command("forget")
+def relays_forget(stream: str, url: str = URL_OPTION) -> None:
+    """Let go of a retired relay (by its JetStream stream), so that retention no longer keeps
+    records for it. Only for a relay that will not run again."""
+    from stateline.sweeper import forget_relay  # noqa: PLC0415
+
+    with stateline.open(url) as db:
+        n = forget_relay(db.store, stream)
+    console.print(f"forgot relay {stream!r} ({n} cursor(s)): change-feed retention no longer waits for it")
 
 
 @app.command()

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Self
 
 from stateline.audit import AuditLog
-from stateline.errors import InvalidArgument, StatelineError
-from stateline.store.protocol import MAX_INT, Store
-from stateline.types import RELAY_CURSORS, SYSTEM_TENANT
+from stateline.errors import InvalidArgument, NotFound, StatelineError
+from stateline.store.protocol import MAX_INT, MAX_OPS, Store
+from stateline.types import RELAY_CURSORS, SYSTEM_TENANT, Delete
 
-__all__ = ["Sweeper", "Swept"]
+__all__ = ["Sweeper", "Swept", "forget_relay", "relay_positions"]
 
 log = logging.getLogger("stateline.sweeper")
 
@@ -42,8 +42,9 @@ class Sweeper:
     on disk after it expires. Likewise the change feed keeps a record of every commit until it is
     trimmed: with ``keep_changes=N`` each tenant keeps its last N records, and never one that a
     relay of this store has not published yet (the relays' cursors are read at each run; a relay
-    registers when it starts, and a tenant it has not started on keeps everything; delete the
-    cursors of a relay you retire). Readers further behind get ``ChangesTrimmed``. With
+    registers when it starts, and a tenant it has not started on keeps everything; a run logs a
+    warning for each relay that holds records back, and ``forget_relay`` lets go of a relay you
+    retire). Readers further behind get ``ChangesTrimmed``. With
     ``audit_retention_days=D`` each tenant's audit log drops entries older than D days
     (``AuditLog.cleanup``: the chain stays verifiable from the oldest kept entry).
 
@@ -165,33 +166,39 @@ class Sweeper:
                 return True
 
     def _trim_feeds(self, tenants: list[str], keep: int, removed: list[int], stoppable: bool) -> None:
-        relays, published = self._published()
-        for tenant in tenants:
-            keep_from = self.store.revision(tenant) - keep + 1
-            if relays and tenant != SYSTEM_TENANT:  # relays skip the system tenant
-                # a relay with no cursor for the tenant yet has published none of it
-                keep_from = min(keep_from, *(published.get((r, tenant), 0) + 1 for r in relays))
-            trim = functools.partial(self.store.trim_changes, tenant, max(keep_from, 0))
-            if not self._drain(trim, removed, 1, stoppable):
-                return
+        positions = relay_positions(self.store)
+        held: dict[str, list[int]] = {}  # relay -> [tenants it holds back, most records kept for it]
+        try:
+            for tenant in tenants:
+                keep_from = self.store.revision(tenant) - keep + 1
+                if tenant != SYSTEM_TENANT:  # relays skip the system tenant
+                    for relay, published in positions.items():
+                        # a relay with no cursor for the tenant yet has published none of it
+                        start = published.get(tenant, 0) + 1
+                        if start < keep_from:
+                            h = held.setdefault(relay, [0, 0])
+                            h[0] += 1
+                            h[1] = max(h[1], keep_from - start)
+                            keep_from = start
+                trim = functools.partial(self.store.trim_changes, tenant, max(keep_from, 0))
+                if not self._drain(trim, removed, 1, stoppable):
+                    return
+        finally:
+            for relay, (n, most) in held.items():
+                log.warning(
+                    "sweeper: change-feed retention keeps up to %d more records in %d tenant(s) for relay %r, "
+                    "which has not published them; if that relay is retired: stateline relays forget %s",
+                    most,
+                    n,
+                    relay,
+                    relay,
+                )
 
     def _clean_audit(self, tenants: list[str], days: float, removed: list[int], stoppable: bool) -> None:
         for tenant in tenants:
             if self._stopped(stoppable):
                 return
             removed[2] += AuditLog(self.store, tenant).cleanup(days)
-
-    def _published(self) -> tuple[set[str], dict[tuple[str, str], int]]:
-        """The relays of this store (their streams) and how far each has published each tenant."""
-        relays: set[str] = set()
-        published: dict[tuple[str, str], int] = {}
-        for item in self.store.scan_all(SYSTEM_TENANT, RELAY_CURSORS):
-            stream, slash, tenant = item.key.partition("/")
-            if slash:  # "<stream>/" alone: a relay that has published nothing yet
-                relays.add(stream)
-            if tenant and type(item.value) is int:
-                published[(stream, tenant)] = item.value
-        return relays, published
 
     @staticmethod
     def _report(fn: Callable[[int], object] | None, n: int) -> None:
@@ -244,3 +251,40 @@ class Sweeper:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def relay_positions(store: Store) -> dict[str, dict[str, int]]:
+    """The relays of ``store``, by JetStream stream, each with the last revision of every tenant that
+    JetStream acknowledged (tenants it has not published any of are absent). Change-feed retention
+    keeps every record after these, and every record of a tenant a relay has not started on."""
+    if not isinstance(store, Store):
+        raise InvalidArgument("store", f"must be a Store, got {type(store).__name__}")
+    positions: dict[str, dict[str, int]] = {}
+    for item in store.scan_all(SYSTEM_TENANT, RELAY_CURSORS):
+        stream, slash, tenant = item.key.partition("/")
+        if slash:  # "<stream>/" alone: a relay that has published nothing yet
+            published = positions.setdefault(stream, {})
+            if tenant and type(item.value) is int:
+                published[tenant] = item.value
+    return positions
+
+
+def forget_relay(store: Store, stream: str) -> int:
+    """Let go of the relay of JetStream stream ``stream``, retired: remove its cursors, so that
+    change-feed retention no longer keeps records it has not published. Returns how many cursors
+    were removed; raises ``NotFound`` if ``store`` has no relay of that stream.
+
+    Forget only a relay that will not run again: started again, it registers anew and publishes each
+    tenant from its oldest kept record (counting what retention removed meanwhile as ``lost``), so
+    JetStream gets again what it had published before, outside its duplicate window.
+    """
+    if not isinstance(store, Store):
+        raise InvalidArgument("store", f"must be a Store, got {type(store).__name__}")
+    if type(stream) is not str or not stream or "/" in stream:
+        raise InvalidArgument("stream", f"must be the name of a relay's JetStream stream, got {stream!r}")
+    keys = [item.key for item in store.scan_all(SYSTEM_TENANT, RELAY_CURSORS) if item.key.startswith(stream + "/")]
+    if not keys:
+        raise NotFound(f"no relay of stream {stream!r} in this store")
+    for i in range(0, len(keys), MAX_OPS):
+        store.commit(SYSTEM_TENANT, ops=[Delete(RELAY_CURSORS, key) for key in keys[i : i + MAX_OPS]])
+    return len(keys)
