@@ -266,8 +266,8 @@ def relays_list(url: str = URL_OPTION) -> None:
 
     with stateline.open(url) as db:
         positions = relay_positions(db.store)
-        tenants = db.store.all_tenants() if positions else []
-        heads = {t: db.store.revision(t) for t in tenants if t != SYSTEM_TENANT}  # relays skip it
+        heads = db.store.all_revisions() if positions else {}
+        heads.pop(SYSTEM_TENANT, None)  # relays skip it
     if not positions:
         console.print("no relays")
     for stream, published in sorted(positions.items()):

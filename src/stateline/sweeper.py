@@ -50,8 +50,9 @@ class Sweeper:
 
     Each ``Store.sweep`` / ``Store.trim_changes`` call is one short write, so writers wait at most
     one batch; a run ends when nothing is left or it removed ``max_per_run`` items and as many
-    records, and the rest waits for the next run. Retention reads the revision of every tenant at
-    each run (two store calls per tenant), audit retention one call or a few.
+    records, and the rest waits for the next run. Retention reads the revisions of all tenants at
+    each run (one store call per 1,000 tenants) and trims each (one call or more), audit retention
+    one call or a few per tenant.
 
     ``start()`` runs it on a daemon thread; ``stop()`` ends it. Any number of sweepers may run on
     one store, in one process or several: removing something twice removes it once. A failing run
@@ -133,11 +134,11 @@ class Sweeper:
             try:
                 self._drain(self.store.sweep, removed, 0, stoppable)
                 if self.keep_changes is not None or self.audit_retention_days is not None:
-                    tenants = self.store.all_tenants()
+                    revisions = self.store.all_revisions()
                     if self.keep_changes is not None:
-                        self._trim_feeds(tenants, self.keep_changes, removed, stoppable)
+                        self._trim_feeds(revisions, self.keep_changes, removed, stoppable)
                     if self.audit_retention_days is not None:
-                        self._clean_audit(tenants, self.audit_retention_days, removed, stoppable)
+                        self._clean_audit(list(revisions), self.audit_retention_days, removed, stoppable)
             except BaseException as exc:
                 self.failures += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
@@ -165,12 +166,12 @@ class Sweeper:
             if n < self.batch:
                 return True
 
-    def _trim_feeds(self, tenants: list[str], keep: int, removed: list[int], stoppable: bool) -> None:
+    def _trim_feeds(self, revisions: dict[str, int], keep: int, removed: list[int], stoppable: bool) -> None:
         positions = relay_positions(self.store)
         held: dict[str, list[int]] = {}  # relay -> [tenants it holds back, most records kept for it]
         try:
-            for tenant in tenants:
-                keep_from = self.store.revision(tenant) - keep + 1
+            for tenant, head in revisions.items():
+                keep_from = head - keep + 1
                 if tenant != SYSTEM_TENANT:  # relays skip the system tenant
                     for relay, published in positions.items():
                         # a relay with no cursor for the tenant yet has published none of it

@@ -26,6 +26,7 @@ import stateline
 from stateline import Append, Change, FakeClock, InvalidArgument, NewEvent, Put, Store, Sweeper
 from stateline.bus import Relay, consume, envelope_of, subject_of
 from stateline.bus.envelope import alias_messages
+from stateline.store.memory import MemoryStore
 from tests.conftest import Backend, require_service
 from tests.faultproxy import FaultProxy
 
@@ -208,8 +209,8 @@ def test_retention_running_beside_a_relay_loses_nothing(jetstream: JetStreamTarg
     sweeper = Sweeper(store, interval=0.005, batch=7, keep_changes=3)
     for i in range(100):  # before the relay ever ran: retention may take none of it
         store.commit("acme", ops=[Put("docs", "k", i)])
+    relay.start()  # registered when it returns
     sweeper.start()
-    relay.start()
     try:
         for i in range(1000):
             store.commit(("acme", "umbrella")[i % 2], ops=[Put("docs", f"k{i % 10}", i)])
@@ -221,6 +222,40 @@ def test_retention_running_beside_a_relay_loses_nothing(jetstream: JetStreamTarg
     assert relay.lost == 0
     assert sweeper.trimmed > 0
     _assert_exactly_once_in_order(_read_stream(jetstream, 1100), {"acme": 600, "umbrella": 500})
+
+
+class _CountingStore(MemoryStore):
+    """A memory store that counts the change-feed reads made of each tenant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: dict[str, int] = {}
+
+    def _changes(self, tenant: str, after_revision: int, limit: int) -> list[Change]:
+        self.reads[tenant] = self.reads.get(tenant, 0) + 1
+        return super()._changes(tenant, after_revision, limit)
+
+
+def test_an_idle_relay_reads_only_the_feeds_that_moved(jetstream: JetStreamTarget) -> None:
+    store = _CountingStore()
+    tenants = [f"t{i:03d}" for i in range(60)]
+    for t in tenants:
+        store.commit(t, ops=[Put("docs", "k", t)])
+    relay = Relay(
+        store, NATS_URL, stream=jetstream.stream, prefix=jetstream.prefix, alias_prefix=jetstream.alias_prefix
+    )
+    relay.start()
+    try:
+        _wait_for(lambda: relay.published == 60)
+        store.reads.clear()
+        time.sleep(0.3)  # dozens of polls
+        assert store.reads == {}  # nothing moved, nothing read
+        store.commit("t007", ops=[Put("docs", "k", 2)])
+        _wait_for(lambda: relay.published == 61)
+        assert set(store.reads) == {"t007"}
+    finally:
+        relay.stop()
+    _assert_exactly_once_in_order(_read_stream(jetstream, 61), {**dict.fromkeys(tenants, 1), "t007": 2})
 
 
 def test_relay_keeps_commits_flowing_through_a_nats_outage(jetstream: JetStreamTarget) -> None:

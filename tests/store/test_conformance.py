@@ -921,9 +921,31 @@ def test_a_tenant_whose_commits_all_failed_is_not_listed(store: Store) -> None:
     with pytest.raises(InvalidArgument):
         store.commit(U, ops=[Put("ns", "k", "text"), Incr("ns", "k")])
     assert store.tenants() == []
+    assert store.tenant_revisions() == []
     assert store.revision(U) == 0
     store.commit(T, ops=[Put("ns", "k", 1)])
     assert store.tenants() == [T]
+    assert store.all_revisions() == {T: 1}
+
+
+def test_tenant_revisions_pages_tenants_with_their_last_revision(store: Store) -> None:
+    names = [f"t{i:04d}" for i in range(1203)]  # over one page of all_revisions
+    for i, name in enumerate(names):
+        store.commit(name, ops=[Put("ns", "k", i)])
+    for i in range(0, 1203, 100):
+        store.commit(names[i], ops=[Append("s", [NewEvent("e")])])
+    store.trim_changes(names[0], 2)  # a trimmed feed keeps its revision
+    expected = {name: 2 if i % 100 == 0 else 1 for i, name in enumerate(names)}
+    assert store.all_revisions() == expected
+    assert list(store.all_revisions()) == names == store.all_tenants()
+    assert store.tenant_revisions(limit=3) == [(n, expected[n]) for n in names[:3]]
+    assert store.tenant_revisions(after="t0099", limit=2) == [("t0100", 2), ("t0101", 1)]
+    assert store.tenant_revisions(after=names[-1]) == []
+    assert store.tenants(after="t0099", limit=2) == ["t0100", "t0101"]
+    assert all(store.revision(n) == r for n, r in store.tenant_revisions(after="t0595", limit=10))
+    for bad in ({"limit": 0}, {"limit": "3"}, {"after": ""}, {"after": 7}):
+        with pytest.raises(InvalidArgument):
+            store.tenant_revisions(**bad)  # type: ignore[arg-type]
 
 
 def test_trim_then_append_in_one_commit_applies_in_order(store: Store) -> None:

@@ -170,8 +170,8 @@ class InstrumentedStore(Store):
         finally:
             self._latency["watch"].observe(time.perf_counter() - started)
 
-    def _tenants(self, after: str | None, limit: int) -> list[str]:
-        return self._call("tenants", lambda: self.inner._tenants(after, limit))
+    def _tenant_revisions(self, after: str | None, limit: int) -> list[tuple[str, int]]:
+        return self._call("tenants", lambda: self.inner._tenant_revisions(after, limit))
 
     def _stats(self, tenant: str) -> TenantStats:
         return self._call("stats", lambda: self.inner._stats(tenant), tenant)

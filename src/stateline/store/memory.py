@@ -439,9 +439,9 @@ class MemoryStore(Store):
         t = self._data.get(tenant)
         return 0 if t is None else t.revision
 
-    def _tenants(self, after: str | None, limit: int) -> list[str]:
+    def _tenant_revisions(self, after: str | None, limit: int) -> list[tuple[str, int]]:
         with self._lock:
-            return sorted(n for n in self._data if after is None or n > after)[:limit]
+            return sorted((n, t.revision) for n, t in self._data.items() if after is None or n > after)[:limit]
 
     def _stats(self, tenant: str) -> TenantStats:
         with self._lock:

@@ -1239,8 +1239,8 @@ class PostgresStore(Store):
             if not self._closed:
                 time.sleep(_POLL_DOWN)
 
-    def _tenants(self, after: str | None, limit: int) -> list[str]:
-        return [r[0] for r in self._read(self._q.tenants, (after, after, limit))]
+    def _tenant_revisions(self, after: str | None, limit: int) -> list[tuple[str, int]]:
+        return [(r[0], r[1]) for r in self._read(self._q.tenants, (after, after, limit))]
 
     def _stats(self, tenant: str) -> TenantStats:
         rows = self._read(self._q.stats, (tenant, self.clock.now_us(), tenant, tenant, tenant))
@@ -1831,7 +1831,7 @@ class _Queries:
             "EXISTS (SELECT FROM pg_stat_activity WHERE pid = %s)"
         )
         self.tenants = (
-            f"SELECT tenant FROM {s}.tenants WHERE revision > 0 AND (%s::text IS NULL OR tenant > %s) "
+            f"SELECT tenant, revision FROM {s}.tenants WHERE revision > 0 AND (%s::text IS NULL OR tenant > %s) "
             "ORDER BY tenant LIMIT %s"
         )
         self.stats = (

@@ -580,17 +580,30 @@ class Store(ABC):
 
     def tenants(self, after: str | None = None, limit: int = 1000) -> list[str]:
         """Tenants that have committed at least once, in name order, after ``after``."""
+        return [tenant for tenant, _ in self.tenant_revisions(after, limit)]
+
+    def tenant_revisions(self, after: str | None = None, limit: int = 1000) -> list[tuple[str, int]]:
+        """``(tenant, last committed revision)`` of the tenants that have committed at least once, in
+        name order, after ``after``: one read for a page of tenants, where ``revision`` is one each
+        (a poller that only needs to know which tenants moved reads them this way)."""
         self._open()
-        return self._tenants(None if after is None else check_tenant(after), _limit(limit))
+        return self._tenant_revisions(None if after is None else check_tenant(after), _limit(limit))
 
     def all_tenants(self) -> list[str]:
         """Every tenant that has committed at least once, in name order (``tenants`` paged)."""
-        out: list[str] = []
+        return list(self.all_revisions())
+
+    def all_revisions(self) -> dict[str, int]:
+        """Every tenant that has committed at least once, in name order, with its last committed
+        revision (``tenant_revisions`` paged)."""
+        out: dict[str, int] = {}
+        after: str | None = None
         while True:
-            page = self.tenants(after=out[-1] if out else None, limit=1000)
-            out.extend(page)
+            page = self.tenant_revisions(after=after, limit=1000)
+            out.update(page)
             if len(page) < 1000:
                 return out
+            after = page[-1][0]
 
     def stats(self, tenant: str) -> TenantStats:
         """Live items and bytes per namespace, streams and kept events of one tenant."""
@@ -661,7 +674,7 @@ class Store(ABC):
     def _trim_changes(self, tenant: str, before_revision: int, limit: int) -> int: ...
 
     @abstractmethod
-    def _tenants(self, after: str | None, limit: int) -> list[str]: ...
+    def _tenant_revisions(self, after: str | None, limit: int) -> list[tuple[str, int]]: ...
 
     @abstractmethod
     def _stats(self, tenant: str) -> TenantStats: ...

@@ -900,8 +900,8 @@ class RedisStore(Store):
                 # the server refuses XREAD (an old server or a proxy): poll instead, from now on
                 self._poll = True
 
-    def _tenants(self, after: str | None, limit: int) -> list[str]:
-        out: list[str] = []
+    def _tenant_revisions(self, after: str | None, limit: int) -> list[tuple[str, int]]:
+        out: list[tuple[str, int]] = []
         start = b"(" + after.encode() if after is not None else b"-"
         with self._io("tenants"):
             while len(out) < limit:
@@ -909,12 +909,12 @@ class RedisStore(Store):
                 names = [_bstr(n) for n in self._r.zrangebylex(self._tenants_key, start, b"+", start=0, num=batch)]
                 if not names:
                     break
-                pipe = self._r.pipeline(transaction=False)
+                pipe = self._r.pipeline(transaction=False)  # not MGET: each tenant's keys have their own slot
                 for n in names:
-                    pipe.exists(self._t(n) + "rev")
-                for n, ok in zip(names, pipe.execute(), strict=True):
-                    if ok and len(out) < limit:
-                        out.append(n)
+                    pipe.get(self._t(n) + "rev")
+                for n, rev in zip(names, pipe.execute(), strict=True):
+                    if rev and int(rev) > 0 and len(out) < limit:
+                        out.append((n, int(rev)))
                 if len(names) < batch:
                     break
                 start = b"(" + names[-1].encode()
@@ -955,7 +955,7 @@ class RedisStore(Store):
         after: str | None = None
         with self._io("sweep"):
             while removed < limit:
-                page = self._tenants(after, 1000)
+                page = [tenant for tenant, _ in self._tenant_revisions(after, 1000)]
                 for tenant in page:
                     t = self._t(tenant)
                     removed += int(self._sweep_script(keys=[t + "exp"], args=[now, limit - removed, t]))

@@ -1091,14 +1091,14 @@ class SQLiteStore(Store):
                 self._watchers -= 1
             self._put_back(conn)
 
-    def _tenants(self, after: str | None, limit: int) -> list[str]:
+    def _tenant_revisions(self, after: str | None, limit: int) -> list[tuple[str, int]]:
         if after is None:
-            rows = self._read_all("SELECT tenant FROM sl_tenants ORDER BY tenant LIMIT ?", (limit,))
+            rows = self._read_all("SELECT tenant, revision FROM sl_tenants ORDER BY tenant LIMIT ?", (limit,))
         else:
             rows = self._read_all(
-                "SELECT tenant FROM sl_tenants WHERE tenant > ? ORDER BY tenant LIMIT ?", (after, limit)
+                "SELECT tenant, revision FROM sl_tenants WHERE tenant > ? ORDER BY tenant LIMIT ?", (after, limit)
             )
-        return [r[0] for r in rows]
+        return [(r[0], r[1]) for r in rows]
 
     def _stats(self, tenant: str) -> TenantStats:
         conn = self._take()
