@@ -401,3 +401,27 @@ def test_the_relays_commands_list_and_forget(tmp_path: Path) -> None:
     assert "forgot relay 'OLD' (2 cursor(s))" in forgot.output
     with stateline.open(url) as db:
         assert stateline.relay_positions(db.store) == {}
+
+
+def test_retention_trims_only_the_feeds_that_moved(clock: FakeClock) -> None:
+    trims: list[str] = []
+
+    class Counting(MemoryStore):
+        def _trim_changes(self, tenant: str, before_revision: int, limit: int) -> int:
+            trims.append(tenant)
+            return super()._trim_changes(tenant, before_revision, limit)
+
+    store = Counting(clock=clock)
+    for t in ("a", "b", "c"):
+        _commits(store, t, 6)
+    _commits(store, "d", 2)  # under the limit: nothing to trim, never asked
+    sweeper = Sweeper(store, keep_changes=3)
+    assert sweeper.run_once() == Swept(0, 9)
+    assert sorted(trims) == ["a", "b", "c"]
+    trims.clear()
+    assert sweeper.run_once() == Swept(0, 0)
+    assert trims == []
+    _commits(store, "b", 2)
+    assert sweeper.run_once() == Swept(0, 2)
+    assert trims == ["b"]
+    assert [store.first_change(t) for t in ("a", "b", "c", "d")] == [4, 6, 4, 1]

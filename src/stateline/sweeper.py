@@ -51,8 +51,8 @@ class Sweeper:
     Each ``Store.sweep`` / ``Store.trim_changes`` call is one short write, so writers wait at most
     one batch; a run ends when nothing is left or it removed ``max_per_run`` items and as many
     records, and the rest waits for the next run. Retention reads the revisions of all tenants at
-    each run (one store call per 1,000 tenants) and trims each (one call or more), audit retention
-    one call or a few per tenant.
+    each run (one store call per 1,000 tenants) and trims the tenants whose feed has records to let
+    go since its last run (one call or more each), audit retention one call or a few per tenant.
 
     ``start()`` runs it on a daemon thread; ``stop()`` ends it. Any number of sweepers may run on
     one store, in one process or several: removing something twice removes it once. A failing run
@@ -111,6 +111,7 @@ class Sweeper:
         self.runs = 0
         self.failures = 0
         self.last_error: str | None = None
+        self._trimmed_below: dict[str, int] = {}  # tenant -> the revision below which its feed is trimmed
         self._lock = threading.Lock()  # one run at a time (the thread and run_once)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -181,9 +182,12 @@ class Sweeper:
                             h[0] += 1
                             h[1] = max(h[1], keep_from - start)
                             keep_from = start
-                trim = functools.partial(self.store.trim_changes, tenant, max(keep_from, 0))
+                if keep_from <= self._trimmed_below.get(tenant, 1):
+                    continue  # nothing below keep_from is left: this sweeper removed it, or it never was
+                trim = functools.partial(self.store.trim_changes, tenant, keep_from)
                 if not self._drain(trim, removed, 1, stoppable):
                     return
+                self._trimmed_below[tenant] = keep_from
         finally:
             for relay, (n, most) in held.items():
                 log.warning(
