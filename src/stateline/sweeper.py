@@ -287,7 +287,7 @@ def forget_relay(store: Store, stream: str) -> int:
         raise InvalidArgument("store", f"must be a Store, got {type(store).__name__}")
     if type(stream) is not str or not stream or "/" in stream:
         raise InvalidArgument("stream", f"must be the name of a relay's JetStream stream, got {stream!r}")
-    keys = [item.key for item in store.scan_all(SYSTEM_TENANT, RELAY_CURSORS) if item.key.startswith(stream + "/")]
+    keys = [item.key for item in store.scan_all(SYSTEM_TENANT, RELAY_CURSORS, stream + "/")]
     if not keys:
         raise NotFound(f"no relay of stream {stream!r} in this store")
     for i in range(0, len(keys), MAX_OPS):

@@ -135,7 +135,7 @@ class Relay:
         so an idle relay polls with one read per 1,000 tenants."""
         out: list[tuple[str, int, list[Change]]] = []
         revisions = self._revisions()
-        self._load_cursors([t for t in revisions if t not in self._cursors])
+        self._cursors.update(self._saved_cursors([t for t in revisions if t not in self._cursors]))
         for tenant, head in revisions.items():
             cursor = self._cursors[tenant]
             if head <= cursor:
@@ -161,13 +161,15 @@ class Relay:
                 out.append((tenant, cursor, changes))
         return out
 
-    def _load_cursors(self, tenants: list[str]) -> None:
-        """Read the saved cursors of ``tenants`` (a relay starting on many tenants reads them 1,000 a call)."""
+    def _saved_cursors(self, tenants: list[str]) -> dict[str, int]:
+        """The saved cursors of ``tenants``, read 1,000 a call (a relay starting on many tenants)."""
+        out: dict[str, int] = {}
         for i in range(0, len(tenants), 1000):
             chunk = tenants[i : i + 1000]
             items = self.store.get_many(SYSTEM_TENANT, [(CURSOR_NAMESPACE, self._cursor_key(t)) for t in chunk])
             for tenant, item in zip(chunk, items, strict=True):
-                self._cursors[tenant] = 0 if item is None else int(item.value)
+                out[tenant] = 0 if item is None else int(item.value)
+        return out
 
     def _revisions(self) -> dict[str, int]:
         """Every tenant's last revision (one read per 1,000 tenants), but the system tenant's."""
@@ -178,8 +180,11 @@ class Relay:
     def lag(self) -> dict[str, int]:
         """Revisions behind, per tenant (also exported as the ``stateline_relay_lag_revisions`` gauge)."""
         out = {}
-        for tenant, head in self._revisions().items():
-            behind = head - self._cursors.get(tenant, self.cursor(tenant))
+        revisions = self._revisions()
+        # the relay's thread alone writes its cursors: read the missing ones without caching them
+        saved = self._saved_cursors([t for t in revisions if t not in self._cursors])
+        for tenant, head in revisions.items():
+            behind = head - self._cursors.get(tenant, saved.get(tenant, 0))
             out[tenant] = behind
             self._lag.labels(tenant).set(behind)
         return out
