@@ -1,7 +1,9 @@
 """HTTP throughput of stateline's routes beside a bare Starlette endpoint and a default FastAPI + pydantic one.
 
 Every server is its own uvicorn process with the same settings (``UVICORN``: one worker, 127.0.0.1, log
-level warning, no access log, the same event loop and HTTP implementation); the load comes from ``wrk``
+level warning, no access log, the same event loop and HTTP implementation: by default uvicorn's choice,
+as ``stateline serve`` runs, which is httptools and uvloop when installed; ``--http h11`` for the
+pure-Python parser on asyncio's loop); the load comes from ``wrk``
 (Debian: ``apt-get install wrk``) with one thread and ``--connections`` keep-alive connections. Every
 contender gets byte-for-byte the same requests (same paths, the same ``Authorization`` header, which
 the peers ignore), so that no one parses less than another. Figures are requests/s answered 2xx; runs
@@ -26,6 +28,7 @@ stores the ratios show the cost of the store's round trips on top of the service
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import re
 import secrets
@@ -54,6 +57,27 @@ PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 #: the server settings of every contender
 UVICORN: dict[str, Any] = {"host": "127.0.0.1", "log_level": "warning", "access_log": False}
+#: ``--http``: uvicorn's HTTP implementation and event loop for every contender
+HTTP_MODES: dict[str, dict[str, str]] = {
+    "auto": {"http": "auto", "loop": "auto"},
+    "h11": {"http": "h11", "loop": "asyncio"},
+}
+
+
+def _server_options() -> dict[str, Any]:
+    """``UVICORN`` with the HTTP implementation chosen by the parent (children inherit the environment)."""
+    return {**UVICORN, **HTTP_MODES[os.environ.get("STATELINE_BENCH_HTTP", "auto")]}
+
+
+def _implementation(mode: str) -> str:
+    """What uvicorn runs in ``mode``: its HTTP parser and event loop."""
+    if mode == "h11":
+        return "h11 on asyncio"
+    parser = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    return f"{parser} on {loop}"
+
+
 DOC_BODY = {"n": 1, "name": "bench", "tags": ["a", "b"], "limits": {"rps": 100}}
 CASE_BODY = {"mutations": [{"type": "increment_step_count"}]}
 TX_BODY = {"ops": [{"op": "incr", "namespace": "bench", "key": "hits"}]}
@@ -204,7 +228,7 @@ def serve(kind: str, port: int, url: str, sample_path: str) -> None:
         sample = orjson.loads(Path(sample_path).read_bytes())
         bare, fast = _peer_apps(sample)
         app = bare if kind == "bare" else fast
-    uvicorn.run(app, port=port, **UVICORN)
+    uvicorn.run(app, port=port, **_server_options())
 
 
 # ---------------------------------------------------------------- the load
@@ -469,6 +493,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs per contender (median reported)")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--backends", default="memory,sqlite", help="any of " + ",".join(BACKENDS))
+    parser.add_argument(
+        "--http",
+        choices=sorted(HTTP_MODES),
+        default="auto",
+        help="uvicorn's HTTP implementation for every contender: auto (as stateline serve: httptools and "
+        "uvloop when installed) or h11 (pure Python, asyncio's loop)",
+    )
     parser.add_argument("--pg", default=PG_DSN, help="PostgreSQL DSN (a schema of its own is made and dropped)")
     parser.add_argument("--redis", default=REDIS_URL, help="Redis URL (a key prefix of its own, deleted after)")
     parser.add_argument(
@@ -491,12 +522,17 @@ def main() -> None:
         args.seconds, args.runs = 2.0, 1
     if args.no_audit:
         os.environ["STATELINE_BENCH_NO_AUDIT"] = "1"
+    os.environ["STATELINE_BENCH_HTTP"] = args.http
+    args.implementation = _implementation(args.http)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise SystemExit(f"unknown backends {unknown}: use any of {', '.join(BACKENDS)}")
     audit = "audit commits OFF (measurement aid)" if args.no_audit else "every write audited (group commit)"
-    print(f"wrk -t1 -c{args.connections}, {args.seconds:g} s runs, median of {args.runs}; rate limit off; {audit}")
+    print(
+        f"wrk -t1 -c{args.connections}, {args.seconds:g} s runs, median of {args.runs}; rate limit off; {audit}; "
+        f"uvicorn with {args.implementation}"
+    )
     for backend in backends:
         with tempfile.TemporaryDirectory() as tmpdir:
             tmp = Path(tmpdir)
@@ -554,6 +590,7 @@ def run_backend(backend: str, url: str, tmp: Path, args: argparse.Namespace) -> 
                     p99_ms=p99["stateline"],
                     peer_p50_ms=p50[peer],
                     peer_p99_ms=p99[peer],
+                    notes=f"uvicorn with {args.implementation}",
                     **common,
                 )
         lat = sse_latency(ours.base, token, 20 if args.quick else 60)
@@ -592,7 +629,7 @@ def _serve_memory(port: int, sample_path: str) -> None:
     Path(os.environ["STATELINE_BENCH_TOKEN"]).write_text(token)
     app = create_app(db, settings=ApiSettings(rate_limit=None))
     _maybe_without_audit(app)
-    uvicorn.run(app, port=port, **UVICORN)
+    uvicorn.run(app, port=port, **_server_options())
 
 
 if __name__ == "__main__":
