@@ -93,7 +93,7 @@ def end_to_end_latency(store: Store, samples: int) -> list[float]:
         time.sleep(0.01)
     latencies: list[float] = []
 
-    async def consume(sent: dict[int, float], done: asyncio.Event) -> None:
+    async def consume(sent: dict[int, float], ready: asyncio.Event, done: asyncio.Event) -> None:
         nc = await nats.connect(NATS_URL)
         js = nc.jetstream()
 
@@ -106,14 +106,17 @@ def end_to_end_latency(store: Store, samples: int) -> list[float]:
                 done.set()
 
         await js.subscribe(f"benchlat{tag}.>", cb=on_msg, deliver_policy=nats.js.api.DeliverPolicy.NEW)
+        ready.set()
         await done.wait()
         await nc.close()
 
     async def main() -> None:
         sent: dict[int, float] = {}
-        done = asyncio.Event()
-        task = asyncio.create_task(consume(sent, done))
-        await asyncio.sleep(0.5)
+        ready, done = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(consume(sent, ready, done))
+        # commits start once the consumer exists (it takes new messages only): a fixed pause lost the
+        # first samples on a loaded machine, and the run then waited for samples that never came
+        await asyncio.wait_for(ready.wait(), 30)
         for i in range(samples):
             t = time.perf_counter()
             c = await asyncio.to_thread(store.commit, "lat", [], [Put("docs", "k", i)])
