@@ -60,7 +60,8 @@ def prefix() -> Iterator[str]:
     yield name
     client = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=10)
     try:
-        keys = list(client.scan_iter(match=f"{name}:*", count=1000))
+        # also the keys of prefixes derived from this one (``<name>-<suffix>``, one per Hypothesis example)
+        keys = list(client.scan_iter(match=f"{name}*", count=1000))
         for i in range(0, len(keys), 500):
             client.unlink(*keys[i : i + 500])
     finally:
