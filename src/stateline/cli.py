@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import orjson
 import typer
 from rich.console import Console
 
 import stateline
 from stateline.database import DEFAULT_URL
-from stateline.errors import StatelineError
+from stateline.errors import NotFound, StatelineError
 from stateline.types import Put
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Durable, multi-tenant state.")
@@ -310,6 +312,241 @@ def sweep(
             audit_retention_days=audit_retention_days or None,
         ).run_once()
     print(f"removed {done.items} expired item(s), {done.changes} change record(s), {done.audit} audit entries")
+
+
+def _line(obj: object) -> None:
+    """One JSON document per line on stdout (plain: never wrapped, easy to pipe into ``jq``)."""
+    print(orjson.dumps(obj).decode(), flush=True)
+
+
+def _time_us(value: str | None, option: str) -> int | None:
+    """An ISO 8601 time (UTC when it names no zone) or µs since the epoch, as µs since the epoch."""
+    if value is None:
+        return None
+    if value.isdigit():
+        return int(value)
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is neither an ISO 8601 time (2026-12-07T10:00:00Z) nor µs since the epoch", param_hint=option
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return round(when.timestamp() * 1_000_000)
+
+
+@app.command()
+def inspect(
+    url: str = URL_OPTION,
+    tenant: str | None = typer.Option(None, "--tenant", "-t", help="This tenant's counts (default: list tenants)."),
+    streams: bool = typer.Option(False, "--streams", help="List the tenant's streams with their bounds instead."),
+    prefix: str = typer.Option("", "--prefix", help="With --streams: only streams whose name starts with this."),
+    limit: int = typer.Option(1000, "--limit", min=1, help="With --streams: at most this many."),
+) -> None:
+    """What a store holds: its tenants, one tenant's items, streams and change feed, or its streams.
+
+    Prints JSON lines. Without ``--tenant``: each tenant and its revision. With it: the tenant's
+    revision, live items and bytes per namespace, streams, kept events and the oldest change record
+    still kept. With ``--streams``: each stream of the tenant with its first kept and last seq."""
+    from stateline.types import SYSTEM_TENANT  # noqa: PLC0415
+
+    with stateline.open(url) as db:
+        if tenant is None:
+            if streams:
+                raise typer.BadParameter("--streams needs --tenant", param_hint="--streams")
+            for name, revision in sorted(db.store.all_revisions().items()):
+                if name != SYSTEM_TENANT:
+                    _line({"tenant": name, "revision": revision})
+            return
+        t = db.tenant(tenant)
+        if streams:
+            after: str | None = None
+            left = limit
+            while left > 0:
+                want = min(1000, left)
+                page = t.store.list_streams(tenant, prefix=prefix, after=after, limit=want)
+                for info in page:
+                    _line({"stream": info.stream, "first_seq": info.first_seq, "last_seq": info.last_seq})
+                if len(page) < want:
+                    break
+                left -= want
+                after = page[-1].stream
+            return
+        stats = t.stats()
+        _line(
+            {
+                "tenant": tenant,
+                "revision": stats.revision,
+                "namespaces": {ns: {"items": n.items, "bytes": n.bytes} for ns, n in sorted(stats.namespaces.items())},
+                "streams": stats.streams,
+                "events": stats.events,
+                "first_change": t.first_change() if stats.revision else None,
+            }
+        )
+
+
+@app.command()
+def replay(
+    stream: str = typer.Argument(..., help="The stream, e.g. cases:<id>:events or runs:<run id>."),
+    url: str = URL_OPTION,
+    tenant: str = TENANT_OPTION,
+    from_seq: int = typer.Option(1, "--from", min=1, help="First seq."),
+    to_seq: int | None = typer.Option(None, "--to", min=1, help="Last seq (default: the end)."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="At most this many events."),
+) -> None:
+    """Print a stream's events in order, one JSON line each (stream, seq, type, data, meta, revision, recorded_at)."""
+    with stateline.open(url) as db:
+        t = db.tenant(tenant)
+        info = t.stream_info(stream)
+        if info.last_seq == 0:
+            console.print(f"stream {stream!r} of tenant {tenant!r} has no events", style="yellow")
+            raise typer.Exit(1)
+        seq, last = max(from_seq, info.first_seq), info.last_seq if to_seq is None else min(to_seq, info.last_seq)
+        left = limit
+        while seq <= last and (left is None or left > 0):
+            page = t.read_stream(stream, seq, last, 1000 if left is None else min(1000, left))
+            if not page:
+                break
+            for e in page:
+                _line(e.to_dict())
+            seq = page[-1].seq + 1
+            if left is not None:
+                left -= len(page)
+
+
+@app.command()
+def changes(
+    url: str = URL_OPTION,
+    tenant: str = TENANT_OPTION,
+    after: int = typer.Option(0, "--after", min=0, help="Start after this revision."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="At most this many records."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new commits as they come (Ctrl-C ends)."),
+) -> None:
+    """Print a tenant's change feed from ``--after``, one JSON line per commit (revision, time, meta, ops)."""
+    left = limit
+    with stateline.open(url) as db:
+        t = db.tenant(tenant)
+        try:
+            while left is None or left > 0:
+                n = 1000 if left is None else min(1000, left)
+                page = t.watch(after, timeout=5.0, limit=n) if follow else t.changes(after, limit=n)
+                for c in page:
+                    _line(c.to_dict())
+                if page:
+                    after = page[-1].revision
+                    if left is not None:
+                        left -= len(page)
+                elif not follow:
+                    break
+        except KeyboardInterrupt:
+            pass
+
+
+CASE_OPTION = typer.Option(None, "--case", help="Only this case (repeatable).")
+
+
+@app.command()
+def verify(
+    url: str = URL_OPTION,
+    tenant: str = TENANT_OPTION,
+    case: list[str] | None = CASE_OPTION,
+    audit: bool = typer.Option(False, "--audit", help="Only the audit log."),
+) -> None:
+    """Check the tenant's hash chains: its audit log and every case's receipts (or only those asked for).
+
+    Prints one JSON line per chain checked; exits with 0 when every chain is intact, 1 when one is not
+    (the line says where and why), 2 when a case asked for does not exist."""
+    if case and audit:
+        raise typer.BadParameter("give --case or --audit, not both (neither: everything)", param_hint="--audit")
+    broken = 0
+    with stateline.open(url) as db:
+        t = db.tenant(tenant)
+        if not case:
+            a = t.audit.verify()
+            broken += not a.ok
+            _line(
+                {
+                    "chain": "audit",
+                    "ok": a.ok,
+                    "checked": a.checked,
+                    "first_bad_seq": a.first_bad_seq,
+                    "reason": a.reason,
+                }
+            )
+        if not audit:
+            ids = case or _all_case_ids(t)
+            for cid in ids:
+                try:
+                    v = t.cases.verify(cid)
+                except NotFound as exc:
+                    console.print(f"[red]error[/red] {exc.code}: {exc.message}")
+                    raise typer.Exit(2) from None
+                broken += not v.ok
+                _line(
+                    {
+                        "chain": "case",
+                        "case_id": v.case_id,
+                        "ok": v.ok,
+                        "checked": v.checked,
+                        "first_bad_seq": v.first_bad_seq,
+                        "reason": v.reason,
+                        "detail": v.detail or None,
+                    }
+                )
+    if broken:
+        raise typer.Exit(1)
+
+
+def _all_case_ids(t: stateline.Tenant) -> list[str]:
+    ids: list[str] = []
+    after: str | None = None
+    while True:
+        page = t.cases.list_ids(after=after, limit=1000)
+        ids += page
+        if len(page) < 1000:
+            return ids
+        after = page[-1]
+
+
+@app.command("audit")
+def audit_query(
+    url: str = URL_OPTION,
+    tenant: str = TENANT_OPTION,
+    user: str | None = typer.Option(
+        None, "--user", help="Only entries by this user (for writes over HTTP: key:<key id>)."
+    ),
+    action: str | None = typer.Option(None, "--action", help="Only this action, e.g. docs.put."),
+    resource_type: str | None = typer.Option(None, "--resource-type", help="Only this type of resource."),
+    resource_id: str | None = typer.Option(None, "--resource-id", help="Only this resource."),
+    since: str | None = typer.Option(None, "--since", help="From this time: ISO 8601 (UTC if no zone) or µs."),
+    until: str | None = typer.Option(None, "--until", help="Up to this time (inclusive), same forms."),
+    limit: int = typer.Option(100, "--limit", min=1, help="At most this many entries."),
+    oldest: bool = typer.Option(False, "--oldest", help="Oldest first (default: newest first)."),
+) -> None:
+    """Query the tenant's audit log: one JSON line per entry matching every filter given."""
+    from_ts, to_ts = _time_us(since, "--since"), _time_us(until, "--until")
+    with stateline.open(url) as db:
+        log = db.tenant(tenant).audit
+        left, after = limit, None
+        while left > 0:
+            page = log.query(
+                user=user,
+                action=action,
+                resource_type=resource_type,
+                resource_id=resource_id,
+                from_ts=from_ts,
+                to_ts=to_ts,
+                after=after,
+                limit=min(left, 1000),
+                order="oldest" if oldest else "newest",
+            )
+            for e in page.entries:
+                _line(e)
+            left -= len(page.entries)
+            if page.next_after is None:
+                break
+            after = page.next_after
 
 
 ONLY_OPTION = typer.Option(None, "--only", help="Run only these benchmarks (repeatable).")

@@ -274,6 +274,18 @@ class Event:
     revision: int
     recorded_at: int
 
+    def to_dict(self) -> dict[str, Any]:
+        """The event as JSON."""
+        return {
+            "stream": self.stream,
+            "seq": self.seq,
+            "type": self.type,
+            "data": self.data,
+            "meta": self.meta,
+            "revision": self.revision,
+            "recorded_at": self.recorded_at,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class ChangeOp:
@@ -294,6 +306,25 @@ class ChangeOp:
     events: tuple[Event, ...] = ()
     before_seq: int = 0
 
+    def to_dict(self) -> dict[str, Any]:
+        """The op as JSON, with only the fields of its kind (the HTTP change feed's shape)."""
+        if self.op == "append":
+            return {
+                "op": "append",
+                "stream": self.stream,
+                "events": [e.to_dict() for e in self.events],
+            }
+        if self.op == "trim":
+            return {"op": "trim", "stream": self.stream, "before_seq": self.before_seq}
+        return {
+            "op": self.op,
+            "namespace": self.namespace,
+            "key": self.key,
+            "version": self.version,
+            "value": self.value,
+            "expires_at": self.expires_at,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class Change:
@@ -304,6 +335,15 @@ class Change:
     committed_at: int
     meta: dict[str, JSON]
     ops: tuple[ChangeOp, ...]
+
+    def to_dict(self, ops: tuple[ChangeOp, ...] | None = None) -> dict[str, Any]:
+        """The record as JSON (the HTTP change feed's shape); ``ops`` replaces its ops (those a filter kept)."""
+        return {
+            "revision": self.revision,
+            "committed_at": self.committed_at,
+            "meta": self.meta,
+            "ops": [o.to_dict() for o in (self.ops if ops is None else ops)],
+        }
 
 
 @dataclass(slots=True)

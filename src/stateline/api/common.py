@@ -249,37 +249,9 @@ def item_dict(item: Item) -> dict[str, Any]:
 
 def event_dict(e: Event) -> dict[str, Any]:
     """An event as JSON."""
-    return {
-        "stream": e.stream,
-        "seq": e.seq,
-        "type": e.type,
-        "data": e.data,
-        "meta": e.meta,
-        "revision": e.revision,
-        "recorded_at": e.recorded_at,
-    }
-
-
-def _op_dict(o: ChangeOp) -> dict[str, Any]:
-    if o.op == "append":
-        return {"op": "append", "stream": o.stream, "events": [event_dict(e) for e in o.events]}
-    if o.op == "trim":
-        return {"op": "trim", "stream": o.stream, "before_seq": o.before_seq}
-    return {
-        "op": o.op,
-        "namespace": o.namespace,
-        "key": o.key,
-        "version": o.version,
-        "value": o.value,
-        "expires_at": o.expires_at,
-    }
+    return e.to_dict()
 
 
 def change_dict(c: Change, ops: tuple[ChangeOp, ...] | None = None) -> dict[str, Any]:
     """A change record as JSON (``ops`` restricts it to the ops a filter kept)."""
-    return {
-        "revision": c.revision,
-        "committed_at": c.committed_at,
-        "meta": c.meta,
-        "ops": [_op_dict(o) for o in (c.ops if ops is None else ops)],
-    }
+    return c.to_dict(ops)
