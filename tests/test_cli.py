@@ -210,3 +210,8 @@ def test_audit_query_filters_and_orders(url: str) -> None:
     code, out = run("audit", "--url", url, "-t", "acme", "--since", "yesterday")
     assert code == 2
     assert "ISO 8601" in out
+
+
+def test_version() -> None:
+    code, out = run("--version")
+    assert (code, out.strip()) == (0, f"stateline {stateline.__version__}")

@@ -17,6 +17,23 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Durable, mul
 console = Console()
 
 URL_OPTION = typer.Option(DEFAULT_URL, "--url", envvar="STATELINE_URL", help="Store URL.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"stateline {stateline.__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Durable, multi-tenant state."""
+
+
 TENANT_OPTION = typer.Option("default", "--tenant", "-t", help="Tenant name.")
 
 
