@@ -1746,12 +1746,16 @@ class _Queries:
             f"CROSS JOIN LATERAL {_one_stream(s, 'k.tenant')} st"
         )
         # one tenant's items (key not null), streams (key null; ns: the stream, version: its last seq) and
-        # revision (ns and key null; version: the revision), all in one snapshot
+        # revision (ns and key null; version: the revision), all in one snapshot. The arrays go in through
+        # sub-selects so that the planner estimates them alike whatever they hold: given the arrays
+        # themselves, it costs a custom plan below the generic one and plans the statement again at
+        # every execution (~0.3 ms of server time where the lookups take ~0.07).
         self.read_one = (
             "SELECT i.ns, i.key, CASE WHEN k.want THEN i.value END, i.version, i.created_at, i.expires_at "
-            f"FROM unnest(%s::text[], %s::text[], %s::bool[]) AS k(ns, key, want) CROSS JOIN LATERAL {_one_item(s)} i "
+            "FROM unnest((SELECT %s::text[]), (SELECT %s::text[]), (SELECT %s::bool[])) AS k(ns, key, want) "
+            f"CROSS JOIN LATERAL {_one_item(s)} i "
             "UNION ALL SELECT st.stream, NULL, NULL, st.last_seq, NULL, NULL "
-            f"FROM unnest(%s::text[]) AS k(stream) CROSS JOIN LATERAL {_one_stream(s)} st "
+            f"FROM unnest((SELECT %s::text[])) AS k(stream) CROSS JOIN LATERAL {_one_stream(s)} st "
             f"UNION ALL SELECT NULL, NULL, NULL, t.revision, NULL, NULL FROM {s}.tenants t WHERE t.tenant = %s"
         )
         self.notify_many = "SELECT pg_notify(%s, u) FROM unnest(%s::text[]) AS u"
