@@ -37,6 +37,7 @@ def url(tmp_path: Path) -> str:
         t.audit.log(user="alice", action="docs.put", resource_type="doc", resource_id="greeting")
         t.audit.log(user="bob", action="cases.commit", resource_type="case", resource_id="order-1")
         t.audit.log(user="alice", action="cases.commit", resource_type="case", resource_id="order-2")
+        t.streams.append("orders", [{"type": "placed", "data": {"n": i}} for i in range(3)])
         db.tenant("beta").docs.put("x", 1)
     return url
 
@@ -173,12 +174,23 @@ def test_verify_passes_intact_chains_and_names_the_tampered_one(url: str) -> Non
     [audit] = lines(out)
     assert (audit["chain"], audit["ok"], audit["first_bad_seq"]) == ("audit", False, 2)
 
-    code, out = run("verify", "--url", url, "-t", "acme", "--case", "nope")
+    # a stream of the streams layer: checked only when asked for; a gap is named
+    code, out = run("verify", "--url", url, "-t", "acme", "--stream", "orders", "--case", "order-2")
+    assert code == 0, out
+    assert [(x["chain"], x["ok"]) for x in lines(out)] == [("case", True), ("stream", True)]
+    with sqlite3.connect(db_path(url)) as con:
+        con.execute("DELETE FROM sl_events WHERE tenant = 'acme' AND stream = 'streams:orders' AND seq = 2")
+    code, out = run("verify", "--url", url, "-t", "acme", "--stream", "orders")
+    assert code == 1, out
+    [checked] = lines(out)
+    assert (checked["ok"], checked["issues"][0]["kind"], checked["issues"][0]["seq"]) == (False, "gap", 3)  # type: ignore[index]
+
+    # what does not exist is named, the rest is still checked, and the exit code says so
+    code, out = run("verify", "--url", url, "-t", "acme", "--case", "nope", "--case", "order-2", "--stream", "nope")
     assert code == 2
-    assert "does not exist" in out
-    code, out = run("verify", "--url", url, "-t", "acme", "--case", "order-2", "--audit")
-    assert code == 2
-    assert "not both" in out
+    assert "'nope' does not exist" in out
+    assert "no stream 'nope'" in out
+    assert [x.get("case_id") for x in lines(out)] == ["order-2"]
 
 
 def test_audit_query_filters_and_orders(url: str) -> None:
