@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import stateline
 from stateline import Put
-from stateline.cli import app
+from stateline.cli import app, main
 from stateline.runs import StepSpec
 
 runner = CliRunner()
@@ -227,3 +227,21 @@ def test_audit_query_filters_and_orders(url: str) -> None:
 def test_version() -> None:
     code, out = run("--version")
     assert (code, out.strip()) == (0, f"stateline {stateline.__version__}")
+
+
+def test_store_errors_end_the_command_with_their_code(
+    url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+
+    with stateline.open(url) as db:
+        db.tenant("acme").trim_changes(3)
+    monkeypatch.setattr("sys.argv", ["stateline", "changes", "--url", url, "-t", "acme"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2
+    assert "changes_trimmed" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["stateline", "inspect", "--url", url, "-t", "no such tenant"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2
+    assert "invalid_argument" in capsys.readouterr().out
