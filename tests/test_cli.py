@@ -232,7 +232,6 @@ def test_version() -> None:
 def test_store_errors_end_the_command_with_their_code(
     url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-
     with stateline.open(url) as db:
         db.tenant("acme").trim_changes(3)
     monkeypatch.setattr("sys.argv", ["stateline", "changes", "--url", url, "-t", "acme"])
