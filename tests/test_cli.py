@@ -244,3 +244,22 @@ def test_store_errors_end_the_command_with_their_code(
         main()
     assert exited.value.code == 2
     assert "invalid_argument" in capsys.readouterr().out
+
+
+def test_backup_copies_a_sqlite_store_and_refuses_others(url: str, tmp_path: Path) -> None:
+    dest = tmp_path / "copy.db"
+    code, out = run("backup", str(dest), "--url", url)
+    assert code == 0, out
+    assert f"to {dest}" in out
+    _, original = run("inspect", "--url", url, "-t", "acme")
+    _, copied = run("inspect", "--url", f"sqlite:///{dest}", "-t", "acme")
+    assert lines(copied) == lines(original)
+    code, out = run("verify", "--url", f"sqlite:///{dest}", "-t", "acme")
+    assert code == 0, out
+
+    code, out = run("backup", str(dest), "--url", url)  # never overwrites
+    assert code != 0
+    code, out = run("backup", str(tmp_path / "other.db"), "--url", "memory://")
+    assert code == 2
+    assert "no file to copy" in out
+    assert not (tmp_path / "other.db").exists()

@@ -587,6 +587,30 @@ def audit_query(
             after = page.next_after
 
 
+@app.command()
+def backup(
+    dest: str = typer.Argument(..., help="The new file to write (never overwritten)."),
+    url: str = URL_OPTION,
+) -> None:
+    """Copy a SQLite store to a new file, consistent as of one moment, while it is in use.
+
+    The copy is compacted and complete once it has its name (until then it is ``DEST.partial-*``).
+    For PostgreSQL, back up the store's schema with ``pg_dump --schema``; Redis keeps what its
+    RDB/AOF settings give."""
+    from stateline.store.sqlite import SQLiteStore  # noqa: PLC0415
+
+    with stateline.open(url) as db:
+        store = db.store
+        if not isinstance(store, SQLiteStore):
+            why = {
+                "memory": "memory:// lives in one process and has no file to copy",
+                "postgresql": "for PostgreSQL, use pg_dump --schema with the store's schema",
+            }.get(store.scheme, f"{store.scheme}:// keeps what its server's persistence settings give")
+            raise typer.BadParameter(f"backup copies SQLite stores; {why}", param_hint="--url")
+        size = store.backup(dest)
+    print(f"backed up {url} to {dest} ({size:,} bytes)")
+
+
 ONLY_OPTION = typer.Option(None, "--only", help="Run only these benchmarks (repeatable).")
 BACKEND_OPTION = typer.Option(None, "--backend", help="Only these backends (repeatable).")
 

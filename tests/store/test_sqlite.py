@@ -729,3 +729,123 @@ def test_checks_of_several_keys_look_each_key_up(
     assert [(getattr(f.check, "key", None), f.found) for f in caught.value.failures] == [(f"k{checked - 1:03d}", 1)]
     assert store.get(T, "ns", "x") is None
     assert store.commit(T, checks=[*checks, Absent("ns", "x")], ops=[Put("ns", "x", 1)]).versions[("ns", "x")] == 1
+
+
+# ------------------------------------------------------------------ backup
+
+
+def test_a_backup_taken_during_commits_is_one_whole_revision(
+    db_path: Path, opened: Callable[..., SQLiteStore], tmp_path: Path
+) -> None:
+    store = opened(_url(db_path))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer(w: int) -> None:
+        i = 0
+        try:
+            while not stop.is_set():
+                i += 1
+                store.commit(
+                    T,
+                    ops=[
+                        Put("kv", f"w{w}", i),
+                        Incr("kv", "total"),
+                        Append("log", [NewEvent("wrote", {"w": w, "i": i})]),
+                    ],
+                )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        while store.revision(T) < 200:
+            time.sleep(0.005)
+        size = store.backup(str(tmp_path / "copy.db"))
+        at_backup = store.revision(T)
+        while store.revision(T) < at_backup + 50:  # the writers went on during and after it
+            time.sleep(0.005)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert size == (tmp_path / "copy.db").stat().st_size
+    assert not list(tmp_path.glob("copy.db.partial-*"))
+
+    copy = opened(_url(tmp_path / "copy.db"))
+    r = copy.revision(T)
+    assert 200 <= r <= at_backup
+    feed = copy.changes(T, 0, 10_000)
+    assert [c.revision for c in feed] == list(range(1, r + 1))  # the feed up to r, nothing after
+    assert [c.ops for c in feed] == [c.ops for c in store.changes(T, 0, r)]
+    # every item and stream is as the feed up to r leaves it
+    last: dict[str, int] = {}
+    for c in feed:
+        for op in c.ops:
+            if op.op == "put":
+                last[op.key] = op.value  # type: ignore[assignment]
+    assert {k: copy.get(T, "kv", k).value for k in last} == last  # type: ignore[union-attr]
+    assert copy.get(T, "kv", "total").value == r  # type: ignore[union-attr]
+    assert copy.stream_info(T, "log").last_seq == r
+    assert copy.commit(T, ops=[Put("kv", "after", 1)]).revision == r + 1  # a working store
+
+
+def test_a_backup_refuses_what_it_cannot_do_and_writes_nothing(
+    db_path: Path, opened: Callable[..., SQLiteStore], tmp_path: Path
+) -> None:
+    store = opened(_url(db_path))
+    store.commit(T, ops=[Put("kv", "k", 1)])
+    taken = tmp_path / "taken.db"
+    taken.write_bytes(b"keep me")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for dest, message in [
+        (str(taken), "exists"),
+        (str(tmp_path / "nowhere" / "copy.db"), "does not exist"),
+        (str(db_path), "exists"),
+        ("", "new file"),
+        (":memory:", "new file"),
+        (123, "new file"),
+    ]:
+        with pytest.raises(InvalidArgument, match=message):
+            store.backup(dest)  # type: ignore[arg-type]
+    assert taken.read_bytes() == b"keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no copy, no partial file
+    store.close()
+    with pytest.raises(Unavailable):
+        store.backup(str(tmp_path / "late.db"))
+    assert not (tmp_path / "late.db").exists()
+
+
+BACKUP = """
+import sys
+from stateline import open_store
+store = open_store(sys.argv[1])
+print("starting", flush=True)
+store.backup(sys.argv[2])
+print("done", flush=True)
+"""
+
+
+def test_a_backup_killed_midway_leaves_no_file_under_its_name(
+    db_path: Path, opened: Callable[..., SQLiteStore], tmp_path: Path
+) -> None:
+    store = opened(_url(db_path, "synchronous=NORMAL"))
+    for b in range(40):
+        store.commit(T, ops=[Put("big", f"k{b:03d}-{i:04d}", "x" * 1000) for i in range(1000)])
+    dest = tmp_path / "copy.db"
+    proc = _child(BACKUP, _url(db_path), str(dest))
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("copy.db.partial-*")):  # VACUUM INTO has begun writing the copy
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert not dest.exists()
+    # the next backup is not disturbed by the partial file left behind
+    assert store.backup(str(dest)) == dest.stat().st_size
+    assert opened(_url(dest)).get(T, "big", "k039-0999").value == "x" * 1000  # type: ignore[union-attr]

@@ -1150,6 +1150,64 @@ class SQLiteStore(Store):
     def _ping(self) -> None:
         self._read_one("SELECT 1", ())
 
+    def backup(self, dest: str) -> int:
+        """Write a consistent copy of the store, as it is at one moment, to the new file ``dest``.
+
+        Commits of this and other processes go on meanwhile. The copy is compacted, written beside
+        ``dest`` under a ``.partial-*`` name, flushed to disk and only then given its name, so
+        ``dest`` is either absent or complete (an interrupted backup leaves only the partial file,
+        which may be deleted). An existing ``dest`` is refused. Returns the copy's size in bytes.
+        To restore: stop every process that uses the store and put the copy in its place (with no
+        ``-wal`` or ``-shm`` file of the old one beside it), or open the copy where it is.
+        """
+        if type(dest) is not str or not dest or dest == ":memory:" or dest.startswith("file:"):
+            raise InvalidArgument("dest", "must be the path of a new file")
+        if self._closed:
+            raise Unavailable("the store is closed")
+        target = os.path.abspath(dest)
+        folder = os.path.dirname(target)
+        if not os.path.isdir(folder):
+            raise InvalidArgument("dest", f"folder {folder!r} does not exist")
+        if os.path.lexists(target):
+            raise InvalidArgument("dest", f"{dest!r} exists; a backup never overwrites a file")
+        if os.path.abspath(self.path) == target:
+            raise InvalidArgument("dest", "is the store's own file")
+        partial = f"{target}.partial-{os.getpid()}-{os.urandom(4).hex()}"
+        conn = self._connect()
+        try:
+            conn.execute("VACUUM INTO ?", (partial,))  # one read transaction: a snapshot of one revision
+        except sqlite3.Error as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+            raise _translate(exc) from None
+        finally:
+            conn.close()
+        # SQLite does not flush the file VACUUM INTO writes; flush it before it takes its name
+        fd = os.open(partial, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        try:
+            os.link(partial, target)  # fails if dest appeared meanwhile: never overwrite
+        except FileExistsError:
+            os.unlink(partial)
+            raise InvalidArgument("dest", f"{dest!r} exists; a backup never overwrites a file") from None
+        except OSError:  # a file system without hard links
+            if os.path.lexists(target):
+                os.unlink(partial)
+                raise InvalidArgument("dest", f"{dest!r} exists; a backup never overwrites a file") from None
+            os.rename(partial, target)
+        else:
+            os.unlink(partial)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return size
+
     def _close(self) -> None:
         with self._cond:
             self._cond.notify_all()
