@@ -263,3 +263,26 @@ def test_backup_copies_a_sqlite_store_and_refuses_others(url: str, tmp_path: Pat
     assert code == 2
     assert "no file to copy" in out
     assert not (tmp_path / "other.db").exists()
+
+
+def test_replay_and_changes_page_through_long_histories(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'long.db'}?synchronous=NORMAL"
+    with stateline.open(url) as db:
+        t = db.tenant("acme")
+        for i in range(0, 2_345, 500):
+            t.streams.append("long", [{"type": "n", "data": {"i": j}} for j in range(i, min(2_345, i + 500))])
+        for i in range(1_200):
+            t.commit(ops=[Put("kv", "k", i)])
+        revision = t.revision()
+    _, out = run("replay", "streams:long", "--url", url, "-t", "acme")
+    assert [e["data"]["i"] for e in lines(out)] == list(range(2_345))  # type: ignore[index]
+    _, out = run("replay", "streams:long", "--url", url, "-t", "acme", "--from", "1000", "--limit", "1500")
+    assert [e["seq"] for e in lines(out)] == list(range(1_000, 2_346))
+    _, out = run(
+        "replay", "streams:long", "--url", url, "-t", "acme", "--from", "900", "--to", "2100", "--limit", "1150"
+    )
+    assert [e["seq"] for e in lines(out)] == list(range(900, 2_050))
+    _, out = run("changes", "--url", url, "-t", "acme")
+    assert [c["revision"] for c in lines(out)] == list(range(1, revision + 1))
+    _, out = run("changes", "--url", url, "-t", "acme", "--after", "5", "--limit", "1100")
+    assert [c["revision"] for c in lines(out)] == list(range(6, 1_106))

@@ -849,3 +849,31 @@ def test_a_backup_killed_midway_leaves_no_file_under_its_name(
     # the next backup is not disturbed by the partial file left behind
     assert store.backup(str(dest)) == dest.stat().st_size
     assert opened(_url(dest)).get(T, "big", "k039-0999").value == "x" * 1000  # type: ignore[union-attr]
+
+
+def test_a_backup_never_overwrites_a_file_that_appears_while_it_runs(
+    db_path: Path, opened: Callable[..., SQLiteStore], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = opened(_url(db_path))
+    store.commit(T, ops=[Put("kv", "k", 1)])
+    dest = tmp_path / "copy.db"
+    link = os.link
+
+    def someone_else_first(src: str, dst: str) -> None:
+        Path(dst).write_bytes(b"theirs")
+        link(src, dst)
+
+    monkeypatch.setattr(sqlite_adapter.os, "link", someone_else_first)
+    with pytest.raises(InvalidArgument, match="exists"):
+        store.backup(str(dest))
+    assert dest.read_bytes() == b"theirs"
+    assert not list(tmp_path.glob("copy.db.partial-*"))
+
+    def no_hard_links(src: str, dst: str) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(sqlite_adapter.os, "link", no_hard_links)
+    dest.unlink()
+    assert store.backup(str(dest)) == dest.stat().st_size  # renamed into place instead
+    assert not list(tmp_path.glob("copy.db.partial-*"))
+    assert opened(_url(dest)).get(T, "kv", "k").value == 1  # type: ignore[union-attr]

@@ -1170,8 +1170,6 @@ class SQLiteStore(Store):
             raise InvalidArgument("dest", f"folder {folder!r} does not exist")
         if os.path.lexists(target):
             raise InvalidArgument("dest", f"{dest!r} exists; a backup never overwrites a file")
-        if os.path.abspath(self.path) == target:
-            raise InvalidArgument("dest", "is the store's own file")
         partial = f"{target}.partial-{os.getpid()}-{os.urandom(4).hex()}"
         conn = self._connect()
         try:
