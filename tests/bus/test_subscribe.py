@@ -1,0 +1,97 @@
+"""In-process subscriptions: predicate filters, refused arguments, and a store whose watch fails for a while."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import pytest
+
+import stateline
+from stateline import InvalidArgument, Put, Unavailable
+from stateline.bus.subscribe import Subscription
+from stateline.store.memory import MemoryStore
+from stateline.types import Change
+
+
+class FlakyStore(MemoryStore):
+    """A memory store whose watch fails while ``down`` is set (commits still work)."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.down = threading.Event()
+        self.failed = threading.Event()
+
+    def _watch(self, tenant: str, after_revision: int, timeout: float, limit: int) -> list[Change]:
+        if self.down.is_set():
+            self.failed.set()
+            raise Unavailable("watch is down")
+        return super()._watch(tenant, after_revision, timeout, limit)
+
+
+def test_a_predicate_filter_picks_the_changes() -> None:
+    db = stateline.Database(MemoryStore())
+    got: list[int] = []
+    done = threading.Event()
+
+    def callback(change: Change) -> None:
+        got.append(change.revision)
+        if change.revision == 6:
+            done.set()
+
+    even = db.subscribe("acme", lambda c: c.revision % 2 == 0, callback, after=0)
+    try:
+        for i in range(6):
+            db.store.commit("acme", ops=[Put("kv", "k", i)])
+        assert done.wait(10)
+    finally:
+        even.close()
+    assert got == [2, 4, 6]
+    assert even.delivered == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"callback": "not callable"}, "callback"),
+        ({"filter": 42}, "filter"),
+        ({"after": -1}, "after"),
+        ({"after": "1"}, "after"),
+        ({"tenant": "no such tenant!"}, "tenant"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_thread_starts(kwargs: dict[str, Any], field: str) -> None:
+    args: dict[str, Any] = {"store": MemoryStore(), "tenant": "acme", "callback": print, **kwargs}
+    before = threading.active_count()
+    with pytest.raises(InvalidArgument) as caught:
+        Subscription(**args)
+    assert caught.value.field == field
+    assert threading.active_count() == before
+
+
+def test_a_subscription_rides_out_a_store_outage_without_skipping(caplog: pytest.LogCaptureFixture) -> None:
+    store = FlakyStore()
+    got: list[int] = []
+    done = threading.Event()
+
+    def callback(change: Change) -> None:
+        got.append(change.revision)
+        if change.revision == 5:
+            done.set()
+
+    with caplog.at_level(logging.WARNING, logger="stateline.bus"):
+        sub = Subscription(store, "acme", callback, after=0, poll_timeout=0.05)
+        try:
+            store.commit("acme", ops=[Put("kv", "k", 0)])
+            store.down.set()
+            assert store.failed.wait(10)
+            for i in range(1, 5):  # committed while the subscription cannot watch
+                store.commit("acme", ops=[Put("kv", "k", i)])
+            store.down.clear()
+            assert done.wait(10)
+        finally:
+            sub.close()
+    assert got == [1, 2, 3, 4, 5]
+    assert sub.error is None
+    assert any("retrying" in r.getMessage() for r in caplog.records)
