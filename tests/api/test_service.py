@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import stateline
 from stateline import FakeClock
-from stateline.api import ApiSettings, create_app
+from stateline.api import ApiSettings, create_app, routes_changes
 from stateline.api.idempotency import HttpIdempotency
 from stateline.errors import Conflict, Unavailable
 from tests.conftest import Backend
@@ -539,3 +539,44 @@ def test_the_service_freezes_its_startup_objects_while_it_runs(clock: FakeClock)
             assert 0 < gc.get_freeze_count() <= frozen
         finally:
             gc.unfreeze()
+
+
+def test_sse_watch_keeps_quiet_streams_alive_and_ends_when_retention_overtakes_it(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = stateline.open("memory://", clock=clock)
+    made = make_api(db, clock, heartbeat_seconds=0.05)
+    api = next(made)
+    c, h = api.client, api.key("acme")
+    try:
+        c.put("/v1/items/docs/a", json=0, headers=h)
+        start = db.store.revision("acme")
+        later = threading.Timer(0.4, lambda: c.put("/v1/items/docs/a", json=1, headers=h))
+        later.start()
+        r = c.get("/v1/watch", params={"after": start, "limit": 1, "namespace": "docs"}, headers=h)
+        later.join()
+        quiet, _, _ = r.text.partition("event: change")
+        assert ": keep-alive" in quiet  # sent while nothing happened
+        assert [orjson.loads(e["data"])["ops"][0]["value"] for e in _sse(r.text)] == [1]
+
+        # a client whose next records were trimmed while it read gets an error event, and the stream ends
+        for i in range(3):
+            c.put("/v1/items/other/b", json=i, headers=h)
+        real_page = routes_changes._page
+        trimmed = threading.Event()
+
+        async def trim_first(*args: Any, **kwargs: Any) -> Any:
+            if not trimmed.is_set():
+                trimmed.set()
+                db.store.trim_changes("acme", db.store.revision("acme"))
+            return await real_page(*args, **kwargs)
+
+        monkeypatch.setattr(routes_changes, "_page", trim_first)
+        r = c.get("/v1/watch", params={"after": start}, headers=h)
+        assert r.status_code == 200
+        [error] = [e for e in _sse(r.text) if e.get("event") == "error"]
+        assert orjson.loads(error["data"])["error"]["code"] == "changes_trimmed"
+        assert "event: change" not in r.text
+    finally:
+        made.close()
+        db.close()
