@@ -83,7 +83,8 @@ def make_tracer_provider(service_name: str = "stateline") -> TracerProvider | No
     """A tracer provider of its own (the global one is left alone) that exports over OTLP, or ``None``
     when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._TRACES_ENDPOINT``) is not set: recording spans
     nobody receives is pure cost, so the service then only propagates trace ids (to logs, commit
-    meta and audit entries). Exporting needs ``opentelemetry-exporter-otlp-proto-http`` installed.
+    meta and audit entries). Exporting needs ``opentelemetry-exporter-otlp-proto-http`` installed
+    (the ``otlp`` extra).
     """
     if not otlp_configured():
         return None
@@ -91,7 +92,10 @@ def make_tracer_provider(service_name: str = "stateline") -> TracerProvider | No
     try:
         exporter_mod = importlib.import_module("opentelemetry.exporter.otlp.proto.http.trace_exporter")
     except ImportError:
-        _log.warning("OTLP endpoint configured but opentelemetry-exporter-otlp-proto-http is not installed")
+        _log.warning(
+            "an OTLP endpoint is configured but its exporter is not installed (pip install 'stateline[otlp]'): "
+            "spans are not exported"
+        )
         return provider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: PLC0415  # only with OTLP
 

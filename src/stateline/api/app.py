@@ -146,6 +146,7 @@ class ApiContext:
         self.settings = settings
         self.source = db
         self.metrics = Metrics(registry)
+        self._own_tracer_provider = tracer_provider is None
         self.tracer_provider = tracer_provider if tracer_provider is not None else make_tracer_provider()
         self.tracer = None if self.tracer_provider is None else self.tracer_provider.get_tracer("stateline.api")
         self.store = InstrumentedStore(db.store, self.metrics, self.tracer)
@@ -212,11 +213,13 @@ class ApiContext:
             self._froze = True
 
     def close(self) -> None:
-        """Stop background threads and unfreeze what ``start`` froze (the database stays open: its
-        owner closes it)."""
+        """Stop background threads, export the spans still queued and unfreeze what ``start`` froze
+        (the database stays open: its owner closes it)."""
         if self.sweeper is not None:
             self.sweeper.stop()
         self.hub.close()
+        if self._own_tracer_provider and self.tracer_provider is not None:
+            self.tracer_provider.shutdown()  # exports the spans still queued (a passed-in provider is its owner's)
         if self._froze:
             gc.unfreeze()
             self._froze = False
