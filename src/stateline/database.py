@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
@@ -69,6 +70,7 @@ class Database:
         self._lock = threading.Lock()
         self._gates: Gates | None = None
         self._sweeper: Sweeper | None = None
+        self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
 
     def tenant(self, name: str) -> Tenant:
         """The handle of one tenant; every read and write through it stays inside that tenant."""
@@ -95,7 +97,9 @@ class Database:
         ``filter`` (a namespace/stream prefix, a predicate, or ``None`` for all). See ``Subscription``."""
         from stateline.bus.subscribe import Subscription
 
-        return Subscription(self.store, tenant, callback, filter, after=after)
+        sub = Subscription(self.store, tenant, callback, filter, after=after)
+        self._subscriptions.add(sub)
+        return sub
 
     @property
     def gates(self) -> Gates:
@@ -133,10 +137,15 @@ class Database:
             return self._sweeper
 
     def close(self) -> None:
-        """Stop the sweeper if one runs, then close the store; closing twice is allowed."""
+        """Stop the sweeper and the subscriptions made here, then close the store; closing twice is allowed."""
         if self._sweeper is not None:
             self._sweeper.stop()
+        subs = list(self._subscriptions)
+        for sub in subs:
+            sub.close(wait=False)
         self.store.close()
+        for sub in subs:
+            sub.close()
 
     def __enter__(self) -> Self:
         return self

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -95,3 +96,29 @@ def test_a_subscription_rides_out_a_store_outage_without_skipping(caplog: pytest
     assert got == [1, 2, 3, 4, 5]
     assert sub.error is None
     assert any("retrying" in r.getMessage() for r in caplog.records)
+
+
+def test_closing_the_database_ends_its_subscriptions(caplog: pytest.LogCaptureFixture) -> None:
+    db = stateline.Database(MemoryStore())
+    subs = [db.subscribe("acme", None, lambda c: None) for _ in range(3)]
+    assert all(s.running for s in subs)
+    with caplog.at_level(logging.INFO, logger="stateline.bus"):
+        started = time.monotonic()
+        db.close()
+        took = time.monotonic() - started
+    assert not any(s.running for s in subs)
+    assert took < 5
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_subscription_ends_quietly_when_its_store_is_closed(caplog: pytest.LogCaptureFixture) -> None:
+    store = MemoryStore()
+    with caplog.at_level(logging.INFO, logger="stateline.bus"):
+        sub = Subscription(store, "acme", lambda c: None, poll_timeout=0.05)
+        store.close()  # by its owner, without closing the subscription first
+        deadline = time.monotonic() + 10
+        while sub.running:
+            assert time.monotonic() < deadline, "the subscription outlived its store"
+            time.sleep(0.01)
+    assert sub.error is None
+    assert [r.getMessage() for r in caplog.records] == ["subscription to acme ended: its store was closed"]

@@ -38,7 +38,8 @@ class Subscription:
     that raises is logged and the next change is delivered. While the store is unavailable the
     subscription retries; it never skips a change: if retention (``Store.trim_changes``) removed
     changes it had not delivered, it stops, logs it and keeps the ``ChangesTrimmed`` in ``error``.
-    ``close()`` stops it.
+    ``close()`` stops it; so does closing its store (``Database.close`` closes the subscriptions
+    made through it).
     """
 
     def __init__(
@@ -78,6 +79,9 @@ class Subscription:
             except StatelineError as exc:
                 if self._stop.is_set():
                     return
+                if self.store.closed:  # for good: nothing to retry
+                    log.info("subscription to %s ended: its store was closed", self.tenant)
+                    return
                 log.warning("subscription to %s: %s; retrying", self.tenant, exc)
                 self._stop.wait(min(1.0, self.poll_timeout))
                 continue
@@ -97,10 +101,11 @@ class Subscription:
         """Whether it still delivers (not closed, not stopped by ``error``)."""
         return self._thread.is_alive()
 
-    def close(self) -> None:
-        """Stop delivering; returns once the thread has ended (or after 10 s)."""
+    def close(self, wait: bool = True) -> None:
+        """Stop delivering; with ``wait``, return once the thread has ended (or after 10 s)."""
         self._stop.set()
-        self._thread.join(10)
+        if wait:
+            self._thread.join(10)
 
     def __enter__(self) -> Subscription:
         return self

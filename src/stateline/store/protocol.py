@@ -620,6 +620,11 @@ class Store(ABC):
         self._open()
         self._ping()
 
+    @property
+    def closed(self) -> bool:
+        """Whether ``close`` was called."""
+        return self._closed
+
     def close(self) -> None:
         """Release connections; later calls raise ``Unavailable``. Closing twice is allowed."""
         with self._close_lock:
