@@ -119,6 +119,17 @@ def test_a_failing_run_is_counted_logged_and_tried_again(clock: FakeClock, caplo
     assert any("connection refused" in r.getMessage() for r in caplog.records)
 
 
+def test_a_sweeper_ends_quietly_when_its_store_is_closed(caplog: pytest.LogCaptureFixture) -> None:
+    store = stateline.open_store("memory://")
+    caplog.set_level(logging.INFO, logger="stateline.sweeper")
+    sweeper = Sweeper(store, interval=0.02).start()
+    store.close()  # by its owner, without stopping the sweeper first
+    _wait_for(lambda: not sweeper.running)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == [
+        "sweeper ended: its store was closed"
+    ]
+
+
 def test_a_failing_callback_does_not_stop_the_thread(clock: FakeClock) -> None:
     store = stateline.open_store("memory://", clock=clock)
     calls = threading.Event()

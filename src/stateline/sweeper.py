@@ -54,12 +54,12 @@ class Sweeper:
     each run (one store call per 1,000 tenants) and trims the tenants whose feed has records to let
     go since its last run (one call or more each), audit retention one call or a few per tenant.
 
-    ``start()`` runs it on a daemon thread; ``stop()`` ends it. Any number of sweepers may run on
-    one store, in one process or several: removing something twice removes it once. A failing run
-    (the store unavailable, say) is logged, counted in ``failures`` and tried again at the next
-    interval; the thread never dies of it. ``on_swept(n)`` and ``on_trimmed(n)`` are called after
-    each run that removed ``n > 0`` items or records (metrics). ``run_once()`` runs now, on the
-    calling thread.
+    ``start()`` runs it on a daemon thread; ``stop()`` ends it, and so does closing its store. Any
+    number of sweepers may run on one store, in one process or several: removing something twice
+    removes it once. A failing run (the store unavailable, say) is logged, counted in ``failures``
+    and tried again at the next interval; the thread never dies of it. ``on_swept(n)`` and
+    ``on_trimmed(n)`` are called after each run that removed ``n > 0`` items or records (metrics).
+    ``run_once()`` runs now, on the calling thread.
     """
 
     def __init__(
@@ -236,6 +236,9 @@ class Sweeper:
                 done = self._sweep(stoppable=True)
             except StatelineError as exc:
                 if self._stop.is_set():
+                    return
+                if self.store.closed:  # for good: nothing to try again
+                    log.info("sweeper ended: its store was closed")
                     return
                 log.warning("sweeper: %s; trying again in %g s", exc, self.interval)
                 continue
