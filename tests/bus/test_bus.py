@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import signal
@@ -176,6 +177,29 @@ def test_relay_delivers_10000_commits_exactly_once_in_order(jetstream: JetStream
     messages = _read_stream(jetstream, 10_000)
     _assert_exactly_once_in_order(messages, {"acme": 3334, "umbrella": 3333, "initech": 3333})
     assert relay.cursor("acme") == 3334
+
+
+def test_a_relay_ends_quietly_when_its_store_is_closed(
+    jetstream: JetStreamTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = stateline.open_store("memory://")
+    relay = Relay(
+        store, NATS_URL, stream=jetstream.stream, prefix=jetstream.prefix, alias_prefix=jetstream.alias_prefix
+    )
+    caplog.set_level(logging.INFO, logger="stateline.bus")
+    relay.start()
+    try:
+        for i in range(3):
+            store.commit("acme", ops=[Put("docs", "k", i)])
+        _wait_for(lambda: relay.cursor("acme") == 3)
+        assert relay.running
+        store.close()  # by its owner, without stopping the relay first
+        _wait_for(lambda: not relay.running)
+    finally:
+        relay.stop()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert "relay ended: its store was closed" in [r.getMessage() for r in caplog.records]
+    assert len(_read_stream(jetstream, 3)) == 3
 
 
 def test_relay_skips_and_counts_what_was_trimmed_before_it_published(

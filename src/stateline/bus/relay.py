@@ -277,7 +277,8 @@ class Relay:
         return None
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Relay until ``stop`` is set; reconnects and retries on every NATS or store failure."""
+        """Relay until ``stop`` is set or its store is closed; reconnects and retries on every NATS or
+        store failure."""
         stop = stop or asyncio.Event()
         backoff = 0.1
         while not stop.is_set():
@@ -296,8 +297,11 @@ class Relay:
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(stop.wait(), self.poll_interval)
             except (OSError, TimeoutError, nats.errors.Error, StatelineError) as exc:
-                self.errors += 1
                 self.connected = False
+                if self.store.closed:  # for good: nothing to retry
+                    log.info("relay ended: its store was closed")
+                    return
+                self.errors += 1
                 log.warning("relay: %s: %s; retrying in %.1fs", type(exc).__name__, exc, backoff)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), backoff)
@@ -330,6 +334,11 @@ class Relay:
         self._thread = threading.Thread(target=main, name="stateline-relay", daemon=True)
         self._thread.start()
         ready.wait(10)
+
+    @property
+    def running(self) -> bool:
+        """Whether the background relay runs (started; not stopped; its store not closed)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the background relay (after its current batch) and wait for it."""
