@@ -12,6 +12,8 @@ import pytest
 
 from stateline import Put, Unavailable
 from stateline.api.hub import ChangeHub
+from stateline.api.instrument import InstrumentedStore
+from stateline.observability import Metrics
 from stateline.store.memory import MemoryStore
 from stateline.types import Change
 
@@ -120,3 +122,27 @@ def test_close_releases_every_waiter_and_stops_the_threads() -> None:
     assert took < 10
     assert watch_threads("a") == watch_threads("b") == []
     assert asyncio.run(hub.wait("a", 0, timeout=30)) == 0  # a closed hub answers at once
+
+
+def test_the_hub_releases_its_waiters_when_the_store_is_closed_under_it(caplog: pytest.LogCaptureFixture) -> None:
+    inner = FlakyStore()
+    store = InstrumentedStore(inner, Metrics(None), None)
+    hub = ChangeHub(store, poll_seconds=0.02, idle_seconds=5)
+
+    async def scenario() -> int:
+        waiting = asyncio.create_task(hub.wait("acme", 0, timeout=30))
+        await asyncio.sleep(0.05)
+        inner.close()  # the wrapped store, by its owner
+        assert store.closed
+        return await waiting
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="stateline.api.hub"):
+            assert asyncio.run(asyncio.wait_for(scenario(), 10)) == 0
+        deadline = time.monotonic() + 10
+        while watch_threads("acme"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        hub.close()
+    assert caplog.records == []

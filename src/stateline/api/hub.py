@@ -106,6 +106,8 @@ class ChangeHub:
                 known = max(known, exc.first_available - 1)
                 continue
             except StatelineError as exc:
+                if self.store.closed:  # for good: release the waiters and end
+                    break
                 _log.warning("change watch failed", extra={"tenant": tenant, "code": exc.code})
                 self._closed.wait(self.poll_seconds)
                 continue

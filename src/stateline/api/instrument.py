@@ -59,6 +59,11 @@ class InstrumentedStore(Store):
         self._get_latency = self._latency["get"]
 
     @property
+    def closed(self) -> bool:
+        """Whether this wrapper or the store it wraps was closed."""
+        return self._closed or self.inner.closed
+
+    @property
     def inner_scheme(self) -> str:
         """The scheme of the wrapped adapter (``memory``, ``sqlite``, ...)."""
         return self.inner.scheme
