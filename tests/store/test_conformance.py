@@ -661,8 +661,10 @@ def test_bad_read_arguments(store: Store) -> None:
 
 def test_closed_store_raises_unavailable(backend: Backend) -> None:
     store = backend.open(max_value_bytes=2000)  # a handle of its own, even on memory://
+    assert not store.closed
     store.close()
     store.close()
+    assert store.closed
     with pytest.raises(Unavailable):
         store.get(T, "ns", "k")
     with pytest.raises(Unavailable):
