@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -15,6 +16,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import stateline
 from stateline import Append, Conflict, FakeClock, InvalidArgument, NewEvent, NotFound, Put, Store, Tenant, Unavailable
 from stateline.cases import (
     GENESIS_HASH,
@@ -706,6 +708,69 @@ def test_verify_catches_a_receipt_the_state_does_not_know(tenant: Tenant, store:
     v = tenant.cases.verify("c1")
     assert v.ok is False
     assert v.reason in {"unexpected", "state_edited"}
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@dataclass
+class _MemoryBackend:
+    kind: str = "memory"
+    url: str = "memory://"
+
+
+@given(data=st.data())
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_verify_never_passes_a_tampered_history_and_never_raises(data: st.DataObject) -> None:
+    store = stateline.open_store("memory://")
+    tenant = stateline.Database(store).tenant(T)
+    _history(tenant, commits=4)  # receipts 1..5
+    tamper = Tamper(_MemoryBackend(), store)  # type: ignore[arg-type]
+    stream = receipts_stream("c1")
+    how = data.draw(st.sampled_from(["edit", "add_field", "delete", "swap", "retype", "state", "state_field"]))
+    seq = data.draw(st.integers(1, 5))
+    if how == "edit":
+        receipt = _receipt_data(store, "c1", seq)
+        field = data.draw(st.sampled_from(sorted(receipt)))
+        value = data.draw(_JSON.filter(lambda v: v != receipt[field]))
+        tamper.set_event_data(stream, seq, {**receipt, field: value})
+    elif how == "add_field":
+        receipt = _receipt_data(store, "c1", seq)
+        field = data.draw(st.text(min_size=1, max_size=6).filter(lambda f: f not in receipt))
+        tamper.set_event_data(stream, seq, {**receipt, field: data.draw(_JSON)})
+    elif how == "delete":
+        tamper.delete_event(stream, seq)
+    elif how == "swap":
+        other = data.draw(st.integers(1, 5).filter(lambda o: o != seq))
+        a, b = _receipt_data(store, "c1", seq), _receipt_data(store, "c1", other)
+        tamper.set_event_data(stream, seq, b)
+        tamper.set_event_data(stream, other, a)
+    elif how == "retype":
+        events = store._data[T].streams[stream].events  # type: ignore[attr-defined]
+        i = next(i for i, e in enumerate(events) if e[0] == seq)
+        events[i] = (events[i][0], data.draw(st.text(max_size=8).filter(lambda t: t != "receipt")), *events[i][2:])
+    elif how == "state":
+        item = store.get(T, "cases", "c1")
+        assert item is not None
+        tamper.set_item("cases", "c1", data.draw(_JSON.filter(lambda v: v != item.value)))
+    else:
+        item = store.get(T, "cases", "c1")
+        assert item is not None
+        state = dict(item.value)
+        field = data.draw(st.sampled_from(sorted(state)))
+        if data.draw(st.booleans()):
+            del state[field]
+        else:
+            state[field] = data.draw(_JSON.filter(lambda v: v != item.value[field]))
+        tamper.set_item("cases", "c1", state)
+    v = tenant.cases.verify("c1")
+    assert not v.ok, (how, seq)
+    assert v.reason is not None
+    assert not tenant.cases.verify("c1")  # the same answer again: reading changed nothing
 
 
 def test_receipt_from_event_refuses_malformed_data(tenant: Tenant, store: Store) -> None:
