@@ -6,6 +6,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -13,6 +14,8 @@ import orjson
 import psycopg
 import pytest
 import redis
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 import stateline
 from stateline import Append, FakeClock, InvalidArgument, NewEvent, Store, Tenant, Trim
@@ -469,3 +472,63 @@ def test_an_entry_too_large_to_store_is_refused_alone() -> None:
         assert db.tenant("acme").revision() == 0
         assert audit.log("u", "x", "doc", "r").seq == 1
         assert audit.verify().ok
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@dataclass
+class _MemoryBackend:
+    kind: str = "memory"
+    url: str = "memory://"
+
+
+@given(data=st.data())
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_verify_never_passes_a_tampered_log_and_never_raises(data: st.DataObject) -> None:
+    clock = FakeClock()
+    store = stateline.open_store("memory://", clock=clock)
+    audit = stateline.Database(store).tenant("acme").audit
+    _fill(audit, clock, 5)
+    backend: Any = _MemoryBackend()
+    events = store._data["acme"].streams[STREAM].events  # type: ignore[attr-defined]
+    how = data.draw(st.sampled_from(["edit", "add_field", "delete", "swap", "retype", "head", "checkpoint"]))
+    seq = data.draw(st.integers(1, 5))
+    if how == "edit":
+        field = data.draw(st.sampled_from(sorted(orjson.loads(events[seq - 1][2]))))
+        value = data.draw(_JSON)
+        assume(orjson.loads(events[seq - 1][2])[field] != value)
+        _edit_event(backend, store, "acme", seq, lambda d: d.__setitem__(field, value))
+    elif how == "add_field":
+        field = data.draw(st.text(min_size=1, max_size=6))
+        assume(field not in orjson.loads(events[seq - 1][2]))
+        value = data.draw(_JSON)
+        _edit_event(backend, store, "acme", seq, lambda d: d.__setitem__(field, value))
+    elif how == "delete":
+        _delete_event(backend, store, "acme", seq)
+    elif how == "swap":
+        other = data.draw(st.integers(1, 5).filter(lambda o: o != seq))
+        a, b = events[seq - 1], events[other - 1]
+        events[seq - 1], events[other - 1] = (a[0], b[1], b[2], *a[3:]), (b[0], a[1], a[2], *b[3:])
+    elif how == "retype":
+        new_type = data.draw(st.text(max_size=8).filter(lambda t: t != "audit.entry"))
+        events[seq - 1] = (events[seq - 1][0], new_type, *events[seq - 1][2:])
+    else:
+        name = how  # the chain's head, or the checkpoint that retention leaves
+        if name == "checkpoint":
+            assert audit.cleanup(2.5) == 3  # entries 1..3 are older than 2.5 days: 4 and 5 stay
+            assert audit.verify().ok
+        link = store.get("acme", "audit", name)
+        assert link is not None
+        field = data.draw(st.sampled_from(sorted(link.value)))
+        value = data.draw(_JSON)
+        assume(link.value[field] != value)
+        recs = store._data["acme"].spaces["audit"].recs  # type: ignore[attr-defined]
+        recs[name].value = orjson.dumps({**link.value, field: value})
+    v = audit.verify()
+    assert not v.ok, (how, seq)
+    assert v.reason

@@ -79,6 +79,17 @@ def _hash(tenant: str, seq: int, body: dict[str, Any], prev: str) -> str:
 
 
 _FIELDS = ("ts", "user", "action", "resource_type", "resource_id", "details", "ip", "trace_id")
+_STORED = frozenset((*_FIELDS, "prev", "hash"))  # the keys of a stored entry, no more, no less
+
+
+def _is_link(value: object) -> bool:
+    """Whether ``value`` is a well-formed chain head or checkpoint: ``{"seq": int, "hash": str, "ts": int}``."""
+    return (
+        type(value) is dict
+        and type(value.get("seq")) is int
+        and type(value.get("hash")) is str
+        and type(value.get("ts")) is int
+    )
 
 
 def _opt_text(value: object, field: str, max_len: int) -> str | None:
@@ -548,14 +559,15 @@ class AuditLog:
     # ------------------------------------------------------------ verification
 
     def verify(self) -> AuditVerification:
-        """Check the whole kept chain; the result names the first bad seq and why, if any."""
+        """Check the whole kept chain; the result names the first bad seq and why, if any. Never raises
+        for a damaged log, whatever was edited in the backend."""
         info = self._store.stream_info(self.tenant, STREAM)
         first, last = info.first_seq, info.last_seq
         cp = self._store.get(self.tenant, NAMESPACE, "checkpoint")
         head = self._store.get(self.tenant, NAMESPACE, "head")
         if first == 1:
             prev, prev_ts = GENESIS, 0
-        elif cp is None or cp.value.get("seq") != first - 1:
+        elif cp is None or not _is_link(cp.value) or cp.value["seq"] != first - 1:
             return AuditVerification(False, 0, first, f"entries before seq {first} were removed without a checkpoint")
         else:
             prev, prev_ts = cp.value["hash"], cp.value["ts"]
@@ -569,7 +581,7 @@ class AuditLog:
                 if e.seq != expected:
                     return AuditVerification(False, checked, expected, f"entry {expected} is missing")
                 d = e.data
-                if not isinstance(d, dict) or e.type != EVENT_TYPE or any(f not in d for f in _FIELDS):
+                if not isinstance(d, dict) or e.type != EVENT_TYPE or d.keys() != _STORED or type(d["ts"]) is not int:
                     return AuditVerification(False, checked, e.seq, "entry is malformed")
                 if d.get("prev") != prev:
                     return AuditVerification(
@@ -583,7 +595,11 @@ class AuditLog:
                 prev, prev_ts = d["hash"], d["ts"]
                 expected += 1
                 checked += 1
-        if last > 0 and (head is None or head.value.get("seq") != last or head.value.get("hash") != prev):
-            seq = last + 1 if head is not None and head.value.get("seq", 0) > last else last
+        if last > 0 and (
+            head is None
+            or not _is_link(head.value)
+            or (head.value["seq"], head.value["hash"], head.value["ts"]) != (last, prev, prev_ts)
+        ):
+            seq = last + 1 if head is not None and _is_link(head.value) and head.value["seq"] > last else last
             return AuditVerification(False, checked, seq, "the chain head does not match the newest entry")
         return AuditVerification(True, checked)
