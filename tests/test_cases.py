@@ -820,6 +820,7 @@ def _malformed(snap: dict[str, Any]) -> list[tuple[str, Any]]:
         ("not an object", [snap]),
         ("missing key", edit(lambda s: s.pop("state"))),
         ("extra key", edit(lambda s: s.update(extra=1))),
+        ("extra state key", edit(lambda s: s["state"].update(version=3))),
         ("future schema", edit(lambda s: s.update(schema_version=2))),
         ("bool schema", edit(lambda s: s.update(schema_version=True))),
         ("bad id", edit(lambda s: s.update(case_id="a:b"))),
@@ -860,6 +861,58 @@ def test_restore_refuses_malformed_data(tenant: Tenant, store: Store) -> None:
     with pytest.raises(InvalidArgument, match="buffer"):
         case.restore(snap)
     assert len(case.pending) == 1
+
+
+def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix]
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+@given(data=st.data())
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_restore_of_a_randomly_damaged_snapshot_refuses_it_or_restores_a_sound_case(data: st.DataObject) -> None:
+    store = stateline.open_store("memory://")
+    tenant = stateline.Database(store).tenant(T)
+    case = tenant.cases.create("c1", {"order": {"id": 7, "items": [1, 2]}})
+    case.enter_scope("p").enter_scope("s", "p").add_token("x", "s", data={"k": [1]}).increment_step_count().commit()
+    snap = orjson.loads(orjson.dumps(case.snapshot()))
+    path = data.draw(st.sampled_from(_paths(snap)[1:]))
+    parent = snap
+    for p in path[:-1]:
+        parent = parent[p]
+    how = data.draw(st.sampled_from(["replace", "delete", "add_beside"]))
+    if how == "replace":
+        parent[path[-1]] = data.draw(_JSON)
+    elif how == "delete":
+        del parent[path[-1]]
+    elif isinstance(parent, dict):
+        key = data.draw(st.text(max_size=5))
+        parent[key] = data.draw(_JSON)
+    else:
+        parent.append(data.draw(_JSON))
+    before = store.revision(T)
+    try:
+        copy = tenant.cases.restore(snap, "c2")
+    except InvalidArgument as exc:
+        refused: InvalidArgument | None = exc
+    else:
+        refused = None
+    if refused is not None:
+        assert refused.field.startswith("data"), refused
+        assert store.revision(T) == before  # nothing written
+        assert not tenant.cases.exists("c2")
+        return
+    # accepted: a sound case, which reopens as restored and verifies
+    assert tenant.cases.verify("c2").ok
+    assert tenant.cases.open("c2").state() == copy.state()
+    copy.put_ctx("after", 1).commit()
+    assert tenant.cases.verify("c2").ok
 
 
 # ------------------------------------------------------------------ JSON Patch

@@ -856,9 +856,9 @@ def _validate_state(data: object, field: str = "data") -> dict[str, JSON]:
         st = orjson.loads(codec.encode(data, field))
     except InvalidArgument:
         raise
-    missing = STATE_KEYS - set(st)
-    if missing:
-        raise InvalidArgument(field, f"missing {sorted(missing)}")
+    missing, extra = STATE_KEYS - set(st), set(st) - STATE_KEYS
+    if missing or extra:
+        raise InvalidArgument(field, f"missing {sorted(missing)}" if missing else f"unexpected {sorted(extra)}")
 
     def bad(where: str, problem: str) -> InvalidArgument:
         return InvalidArgument(f"{field}.{where}", problem)
