@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,8 +21,11 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+from hypothesis import strategies as st
 
-from stateline import Database, FakeClock, Store, Tenant, open_store
+from stateline import Database, FakeClock, Store, Tenant, Unavailable, open_store
+from stateline.store.memory import MemoryStore
+from stateline.types import Change
 
 BACKENDS = ["memory", "sqlite", "redis", "postgresql"]
 # STATELINE_TEST_BACKENDS=memory,sqlite narrows a local run; CI always runs every backend.
@@ -53,6 +57,30 @@ def require_service(name: str) -> None:
     if IN_CI:
         pytest.fail(f"CI=true and {what} is not reachable", pytrace=False)
     pytest.skip(f"needs {what}")
+
+
+# Any JSON value, small: what tamper and damage tests write over stored data.
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+class FlakyWatchStore(MemoryStore):
+    """A memory store whose ``watch`` fails while ``down`` is set (commits still work); ``failed`` is
+    set at the first failure."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.down = threading.Event()
+        self.failed = threading.Event()
+
+    def _watch(self, tenant: str, after_revision: int, timeout: float, limit: int) -> list[Change]:
+        if self.down.is_set():
+            self.failed.set()
+            raise Unavailable("watch is down")
+        return super()._watch(tenant, after_revision, timeout, limit)
 
 
 @dataclass

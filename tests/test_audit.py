@@ -6,7 +6,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -21,7 +20,7 @@ import stateline
 from stateline import Append, FakeClock, InvalidArgument, NewEvent, Store, Tenant, Trim
 from stateline.audit import _FIELDS, GENESIS, MAX_MANY, STREAM, AuditLog, _hash
 from stateline.errors import PayloadTooLarge, Unavailable
-from tests.conftest import Backend
+from tests.conftest import JSON_VALUES, Backend
 
 DAY = 86400.0
 
@@ -474,19 +473,6 @@ def test_an_entry_too_large_to_store_is_refused_alone() -> None:
         assert audit.verify().ok
 
 
-_JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-    max_leaves=6,
-)
-
-
-@dataclass
-class _MemoryBackend:
-    kind: str = "memory"
-    url: str = "memory://"
-
-
 @given(data=st.data())
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_verify_never_passes_a_tampered_log_and_never_raises(data: st.DataObject) -> None:
@@ -494,19 +480,19 @@ def test_verify_never_passes_a_tampered_log_and_never_raises(data: st.DataObject
     store = stateline.open_store("memory://", clock=clock)
     audit = stateline.Database(store).tenant("acme").audit
     _fill(audit, clock, 5)
-    backend: Any = _MemoryBackend()
+    backend = Backend("memory", "memory://", clock)
     events = store._data["acme"].streams[STREAM].events  # type: ignore[attr-defined]
     how = data.draw(st.sampled_from(["edit", "add_field", "delete", "swap", "retype", "head", "checkpoint"]))
     seq = data.draw(st.integers(1, 5))
     if how == "edit":
         field = data.draw(st.sampled_from(sorted(orjson.loads(events[seq - 1][2]))))
-        value = data.draw(_JSON)
+        value = data.draw(JSON_VALUES)
         assume(orjson.loads(events[seq - 1][2])[field] != value)
         _edit_event(backend, store, "acme", seq, lambda d: d.__setitem__(field, value))
     elif how == "add_field":
         field = data.draw(st.text(min_size=1, max_size=6))
         assume(field not in orjson.loads(events[seq - 1][2]))
-        value = data.draw(_JSON)
+        value = data.draw(JSON_VALUES)
         _edit_event(backend, store, "acme", seq, lambda d: d.__setitem__(field, value))
     elif how == "delete":
         _delete_event(backend, store, "acme", seq)
@@ -525,7 +511,7 @@ def test_verify_never_passes_a_tampered_log_and_never_raises(data: st.DataObject
         link = store.get("acme", "audit", name)
         assert link is not None
         field = data.draw(st.sampled_from(sorted(link.value)))
-        value = data.draw(_JSON)
+        value = data.draw(JSON_VALUES)
         assume(link.value[field] != value)
         # The checkpoint keeps the time of an entry that is gone, which no hash covers: an earlier
         # time there is undetectable, and harmless (every kept entry's own time is hashed).

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -39,7 +38,7 @@ from stateline.cases import (
     json_diff,
     state_hash,
 )
-from tests.conftest import Backend
+from tests.conftest import JSON_VALUES, Backend
 
 T = "acme"
 
@@ -710,38 +709,25 @@ def test_verify_catches_a_receipt_the_state_does_not_know(tenant: Tenant, store:
     assert v.reason in {"unexpected", "state_edited"}
 
 
-_JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-    max_leaves=6,
-)
-
-
-@dataclass
-class _MemoryBackend:
-    kind: str = "memory"
-    url: str = "memory://"
-
-
 @given(data=st.data())
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_verify_never_passes_a_tampered_history_and_never_raises(data: st.DataObject) -> None:
     store = stateline.open_store("memory://")
     tenant = stateline.Database(store).tenant(T)
     _history(tenant, commits=4)  # receipts 1..5
-    tamper = Tamper(_MemoryBackend(), store)  # type: ignore[arg-type]
+    tamper = Tamper(Backend("memory", "memory://", FakeClock()), store)
     stream = receipts_stream("c1")
     how = data.draw(st.sampled_from(["edit", "add_field", "delete", "swap", "retype", "state", "state_field"]))
     seq = data.draw(st.integers(1, 5))
     if how == "edit":
         receipt = _receipt_data(store, "c1", seq)
         field = data.draw(st.sampled_from(sorted(receipt)))
-        value = data.draw(_JSON.filter(lambda v: v != receipt[field]))
+        value = data.draw(JSON_VALUES.filter(lambda v: v != receipt[field]))
         tamper.set_event_data(stream, seq, {**receipt, field: value})
     elif how == "add_field":
         receipt = _receipt_data(store, "c1", seq)
         field = data.draw(st.text(min_size=1, max_size=6).filter(lambda f: f not in receipt))
-        tamper.set_event_data(stream, seq, {**receipt, field: data.draw(_JSON)})
+        tamper.set_event_data(stream, seq, {**receipt, field: data.draw(JSON_VALUES)})
     elif how == "delete":
         tamper.delete_event(stream, seq)
     elif how == "swap":
@@ -756,7 +742,7 @@ def test_verify_never_passes_a_tampered_history_and_never_raises(data: st.DataOb
     elif how == "state":
         item = store.get(T, "cases", "c1")
         assert item is not None
-        tamper.set_item("cases", "c1", data.draw(_JSON.filter(lambda v: v != item.value)))
+        tamper.set_item("cases", "c1", data.draw(JSON_VALUES.filter(lambda v: v != item.value)))
     else:
         item = store.get(T, "cases", "c1")
         assert item is not None
@@ -765,7 +751,7 @@ def test_verify_never_passes_a_tampered_history_and_never_raises(data: st.DataOb
         if data.draw(st.booleans()):
             del state[field]
         else:
-            state[field] = data.draw(_JSON.filter(lambda v: v != item.value[field]))
+            state[field] = data.draw(JSON_VALUES.filter(lambda v: v != item.value[field]))
         tamper.set_item("cases", "c1", state)
     v = tenant.cases.verify("c1")
     assert not v.ok, (how, seq)
@@ -888,14 +874,14 @@ def test_restore_of_a_randomly_damaged_snapshot_refuses_it_or_restores_a_sound_c
         parent = parent[p]
     how = data.draw(st.sampled_from(["replace", "delete", "add_beside"]))
     if how == "replace":
-        parent[path[-1]] = data.draw(_JSON)
+        parent[path[-1]] = data.draw(JSON_VALUES)
     elif how == "delete":
         del parent[path[-1]]
     elif isinstance(parent, dict):
         key = data.draw(st.text(max_size=5))
-        parent[key] = data.draw(_JSON)
+        parent[key] = data.draw(JSON_VALUES)
     else:
-        parent.append(data.draw(_JSON))
+        parent.append(data.draw(JSON_VALUES))
     before = store.revision(T)
     try:
         copy = tenant.cases.restore(snap, "c2")

@@ -6,31 +6,14 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Any
 
 import pytest
 
-from stateline import Put, Unavailable
+from stateline import Put
 from stateline.api.hub import ChangeHub
 from stateline.api.instrument import InstrumentedStore
 from stateline.observability import Metrics
-from stateline.store.memory import MemoryStore
-from stateline.types import Change
-
-
-class FlakyStore(MemoryStore):
-    """A memory store whose watch fails while ``down`` is set (commits still work)."""
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.down = threading.Event()
-        self.failed = 0
-
-    def _watch(self, tenant: str, after_revision: int, timeout: float, limit: int) -> list[Change]:
-        if self.down.is_set():
-            self.failed += 1
-            raise Unavailable("watch is down")
-        return super()._watch(tenant, after_revision, timeout, limit)
+from tests.conftest import FlakyWatchStore
 
 
 def watch_threads(tenant: str) -> list[threading.Thread]:
@@ -38,7 +21,7 @@ def watch_threads(tenant: str) -> list[threading.Thread]:
 
 
 def test_many_waiters_share_one_thread_and_all_wake_on_a_commit() -> None:
-    store = FlakyStore()
+    store = FlakyWatchStore()
     hub = ChangeHub(store, poll_seconds=0.05, idle_seconds=5)
 
     async def scenario() -> list[int]:
@@ -59,7 +42,7 @@ def test_many_waiters_share_one_thread_and_all_wake_on_a_commit() -> None:
 
 
 def test_a_tenants_thread_exits_when_nobody_waits_and_comes_back() -> None:
-    store = FlakyStore()
+    store = FlakyWatchStore()
     hub = ChangeHub(store, poll_seconds=0.02, idle_seconds=0.1)
     try:
         assert asyncio.run(hub.wait("idle", 0, timeout=0.05)) == 0  # nothing happened: timed out
@@ -81,7 +64,7 @@ def test_a_tenants_thread_exits_when_nobody_waits_and_comes_back() -> None:
 
 
 def test_waiters_ride_out_a_store_that_cannot_watch(caplog: pytest.LogCaptureFixture) -> None:
-    store = FlakyStore()
+    store = FlakyWatchStore()
     store.commit("acme", (), [Put("kv", "k", 0)])
     hub = ChangeHub(store, poll_seconds=0.02, idle_seconds=5)
 
@@ -101,12 +84,12 @@ def test_waiters_ride_out_a_store_that_cannot_watch(caplog: pytest.LogCaptureFix
             assert asyncio.run(scenario()) == 2
     finally:
         hub.close()
-    assert store.failed >= 1
+    assert store.failed.is_set()
     assert any(r.getMessage() == "change watch failed" for r in caplog.records)
 
 
 def test_close_releases_every_waiter_and_stops_the_threads() -> None:
-    store = FlakyStore()
+    store = FlakyWatchStore()
     hub = ChangeHub(store, poll_seconds=0.05, idle_seconds=5)
 
     async def scenario() -> tuple[list[int], float]:
@@ -125,7 +108,7 @@ def test_close_releases_every_waiter_and_stops_the_threads() -> None:
 
 
 def test_the_hub_releases_its_waiters_when_the_store_is_closed_under_it(caplog: pytest.LogCaptureFixture) -> None:
-    inner = FlakyStore()
+    inner = FlakyWatchStore()
     store = InstrumentedStore(inner, Metrics(None), None)
     hub = ChangeHub(store, poll_seconds=0.02, idle_seconds=5)
 

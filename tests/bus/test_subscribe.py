@@ -10,25 +10,11 @@ from typing import Any
 import pytest
 
 import stateline
-from stateline import InvalidArgument, Put, Unavailable
+from stateline import InvalidArgument, Put
 from stateline.bus.subscribe import Subscription
 from stateline.store.memory import MemoryStore
 from stateline.types import Change
-
-
-class FlakyStore(MemoryStore):
-    """A memory store whose watch fails while ``down`` is set (commits still work)."""
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.down = threading.Event()
-        self.failed = threading.Event()
-
-    def _watch(self, tenant: str, after_revision: int, timeout: float, limit: int) -> list[Change]:
-        if self.down.is_set():
-            self.failed.set()
-            raise Unavailable("watch is down")
-        return super()._watch(tenant, after_revision, timeout, limit)
+from tests.conftest import FlakyWatchStore
 
 
 def test_a_predicate_filter_picks_the_changes() -> None:
@@ -72,7 +58,7 @@ def test_bad_arguments_are_refused_before_any_thread_starts(kwargs: dict[str, An
 
 
 def test_a_subscription_rides_out_a_store_outage_without_skipping(caplog: pytest.LogCaptureFixture) -> None:
-    store = FlakyStore()
+    store = FlakyWatchStore()
     got: list[int] = []
     done = threading.Event()
 
