@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import typer
@@ -12,6 +14,10 @@ import stateline
 from stateline.database import DEFAULT_URL
 from stateline.errors import NotFound, StatelineError
 from stateline.types import Put
+
+if TYPE_CHECKING:
+    from stateline.cases import Verification
+    from stateline.streams import CheckReport
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Durable, multi-tenant state.")
 console = Console()
@@ -494,46 +500,45 @@ def verify(
                     "reason": a.reason,
                 }
             )
-        for cid in _all_case_ids(t) if everything else case or ():
+        named: list[tuple[Callable[[str], Any], Callable[[Any], dict[str, Any]], str]] = [
+            (t.cases.verify, _case_line, cid) for cid in (_all_case_ids(t) if everything else case or ())
+        ]
+        named += [(t.streams.check, _stream_line, name) for name in stream or ()]
+        for check, line, name in named:
             try:
-                v = t.cases.verify(cid)
+                result = check(name)
             except NotFound as exc:
                 console.print(f"[red]error[/red] {exc.code}: {exc.message}")
                 missing += 1
                 continue
-            broken += not v.ok
-            _line(
-                {
-                    "chain": "case",
-                    "case_id": v.case_id,
-                    "ok": v.ok,
-                    "checked": v.checked,
-                    "first_bad_seq": v.first_bad_seq,
-                    "reason": v.reason,
-                    "detail": v.detail or None,
-                }
-            )
-        for name in stream or ():
-            try:
-                r = t.streams.check(name)
-            except NotFound as exc:
-                console.print(f"[red]error[/red] {exc.code}: {exc.message}")
-                missing += 1
-                continue
-            broken += not r.ok
-            _line(
-                {
-                    "chain": "stream",
-                    "stream": r.stream,
-                    "ok": r.ok,
-                    "checked": r.events,
-                    "first_seq": r.first_seq,
-                    "last_seq": r.last_seq,
-                    "issues": [{"kind": x.kind, "seq": x.seq, "detail": x.detail} for x in r.issues],
-                }
-            )
+            broken += not result.ok
+            _line(line(result))
     if missing or broken:
         raise typer.Exit(2 if missing else 1)
+
+
+def _case_line(v: Verification) -> dict[str, Any]:
+    return {
+        "chain": "case",
+        "case_id": v.case_id,
+        "ok": v.ok,
+        "checked": v.checked,
+        "first_bad_seq": v.first_bad_seq,
+        "reason": v.reason,
+        "detail": v.detail or None,
+    }
+
+
+def _stream_line(r: CheckReport) -> dict[str, Any]:
+    return {
+        "chain": "stream",
+        "stream": r.stream,
+        "ok": r.ok,
+        "checked": r.events,
+        "first_seq": r.first_seq,
+        "last_seq": r.last_seq,
+        "issues": [{"kind": x.kind, "seq": x.seq, "detail": x.detail} for x in r.issues],
+    }
 
 
 def _all_case_ids(t: stateline.Tenant) -> list[str]:
