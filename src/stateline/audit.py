@@ -16,7 +16,7 @@ import orjson
 from stateline import codec
 from stateline.errors import Conflict, InvalidArgument, PayloadTooLarge, Unavailable
 from stateline.store.protocol import PreparedAppend, PreparedCommit, PreparedEvent, PreparedPut, Store
-from stateline.types import Absent, Event, Put, StreamAt, Trim, VersionIs, check_tenant
+from stateline.types import Absent, Event, Put, StreamAt, Trim, VersionIs, check_list, check_tenant
 
 __all__ = ["GENESIS", "MAX_BATCH", "MAX_MANY", "AuditEntry", "AuditLog", "AuditPage", "AuditVerification"]
 
@@ -122,6 +122,12 @@ def _ip(value: str) -> str:
     return out
 
 
+class _Body(dict[str, Any]):
+    """The fields of one entry as ``entry_body`` validated them: what ``append_bodies`` takes."""
+
+    __slots__ = ()
+
+
 @dataclass(slots=True)
 class _Pending:
     """Entries of one caller waiting for a group commit: ``result`` or ``error`` once the leader is done."""
@@ -198,9 +204,7 @@ class AuditLog:
         """Append several entries (at most ``MAX_MANY``), in order, all in one commit; each is a mapping
         with the arguments of ``log`` (``user``, ``action``, ``resource_type`` and optionally
         ``resource_id``, ``details``, ``ip``, ``trace_id``). Nothing is written if any is invalid."""
-        if isinstance(entries, str | bytes | Mapping):
-            raise InvalidArgument("entries", "must be a list of entries")
-        entries = list(entries)
+        entries = check_list(entries, "entries")
         if len(entries) > MAX_MANY:
             raise InvalidArgument("entries", f"at most {MAX_MANY} entries a call")
         bodies = []
@@ -240,15 +244,15 @@ class AuditLog:
 
         Raises ``InvalidArgument`` (or ``PayloadTooLarge``) naming the bad field; writes nothing."""
         size = [0]
-        body: dict[str, Any] = {
-            "user": _text(user, "user"),
-            "action": _text(action, "action"),
-            "resource_type": _text(resource_type, "resource_type"),
-            "resource_id": _opt_text(resource_id, "resource_id", 1024),
-            "details": self._details(details, size),
-            "ip": None if ip is None else _ip(_text(ip, "ip", 64)),
-            "trace_id": _opt_text(trace_id, "trace_id", 256),
-        }
+        body = _Body(
+            user=_text(user, "user"),
+            action=_text(action, "action"),
+            resource_type=_text(resource_type, "resource_type"),
+            resource_id=_opt_text(resource_id, "resource_id", 1024),
+            details=self._details(details, size),
+            ip=None if ip is None else _ip(_text(ip, "ip", 64)),
+            trace_id=_opt_text(trace_id, "trace_id", 256),
+        )
         limit = self._store.max_value_bytes
         if size[0] + _MAX_FIELDS_BYTES > limit:
             # the stored entry may not fit: measure it now, so that it fails alone, not in a batch
@@ -278,6 +282,14 @@ class AuditLog:
         queue order); callers arriving meanwhile wait and are appended by the next leader. If that
         commit fails, every caller whose entries were in it gets the error (nothing of theirs was
         written)."""
+        bodies = check_list(bodies, "bodies")
+        if type(entries) is not bool:
+            raise InvalidArgument("entries", f"must be true or false, got {entries!r:.80}")
+        if not bodies:
+            return []
+        for i, body in enumerate(bodies):
+            if type(body) is not _Body:
+                raise InvalidArgument(f"bodies[{i}]", f"must be made by entry_body, got {type(body).__name__}")
         pending = _Pending(bodies, entries)
         with self._cond:
             self._queue.append(pending)
@@ -524,8 +536,8 @@ class AuditLog:
         The hash of the last removed entry is recorded as the checkpoint in the same commit, so
         ``verify`` still checks the chain from the oldest kept entry.
         """
-        if type(retention_days) not in (int, float) or math.isnan(retention_days) or retention_days < 0:
-            raise InvalidArgument("retention_days", f"must be a non-negative number, got {retention_days!r}")
+        if type(retention_days) not in (int, float) or not math.isfinite(retention_days) or retention_days < 0:
+            raise InvalidArgument("retention_days", f"must be a finite non-negative number, got {retention_days!r}")
         cutoff = self._store.clock.now_us() - round(retention_days * 86400 * 1_000_000)
         for _ in range(1000):
             info = self._store.stream_info(self.tenant, STREAM)

@@ -45,6 +45,7 @@ from stateline.types import (
     StreamAt,
     VersionIs,
     check_key,
+    check_list,
     check_tenant,
 )
 
@@ -319,9 +320,7 @@ class Documents:
     def get_many(self, keys: Iterable[str], *, collection: str | None = None) -> builtins.list[Document | None]:
         """The documents at ``keys`` (``None`` where absent), in the order asked, in one round trip."""
         ns = _namespace(collection)
-        if isinstance(keys, str | bytes):
-            raise InvalidArgument("keys", "must be an iterable of keys, not a single string")
-        pairs = [(ns, check_key(k, f"keys[{i}]")) for i, k in enumerate(keys)]
+        pairs = [(ns, check_key(k, f"keys[{i}]")) for i, k in enumerate(check_list(keys, "keys"))]
         return [None if it is None else _document(it) for it in self.store.get_many(self.tenant, pairs)]
 
     def put(
@@ -675,9 +674,7 @@ class Transaction:
         """Several documents in one round trip, each recorded like ``get``."""
         self._check_open()
         ns = _namespace(collection)
-        if isinstance(keys, str | bytes):
-            raise InvalidArgument("keys", "must be an iterable of keys, not a single string")
-        wanted = [check_key(k, f"keys[{i}]") for i, k in enumerate(keys)]
+        wanted = [check_key(k, f"keys[{i}]") for i, k in enumerate(check_list(keys, "keys"))]
         fetch = [(ns, k) for k in wanted if (ns, k) not in self._writes]
         fetched: dict[str, Item | None] = {}
         if fetch:

@@ -44,6 +44,7 @@ from stateline.types import (
     Put,
     VersionIs,
     check_key,
+    check_list,
     check_tenant,
 )
 
@@ -174,6 +175,13 @@ def _check_seconds(value: object, field_name: str, *, minimum: float = 0.0, maxi
             field_name, f"must be {'positive and ' if positive else ''}at most {maximum:g}, got {v!r}"
         )
     return v
+
+
+def _check_kinds(kinds: object) -> set[str] | None:
+    """The step kinds a worker takes (``None``: every kind)."""
+    if kinds is None:
+        return None
+    return {_check_id(k, "kinds[]") for k in check_list(kinds, "kinds")}
 
 
 def _check_int(value: object, field_name: str, minimum: int, maximum: int) -> int:
@@ -800,12 +808,11 @@ class Runs:
         worker_id = check_key(worker_id, "worker_id")
         lease = _check_seconds(lease, "lease", maximum=MAX_LEASE_SECONDS, positive=True)
         limit = _check_int(limit, "limit", 1, MAX_CLAIM_LIMIT)
-        if kinds is None:
+        wanted = _check_kinds(kinds)
+        if wanted is None:
             kind_list = None
         else:
-            if isinstance(kinds, str | bytes):
-                raise InvalidArgument("kinds", "must be a list of kinds, not a string")
-            kind_list = sorted({_check_id(k, "kinds[]") for k in kinds})
+            kind_list = sorted(wanted)
             if not kind_list:
                 return []
         out: list[Claim] = []
@@ -1171,13 +1178,7 @@ class Runs:
         claimed this way is not held back by a failure of its run that happened meanwhile.)"""
         if lease is not None:
             lease = _check_seconds(lease, "lease", maximum=MAX_LEASE_SECONDS, positive=True)
-        if kinds is None:
-            wanted = None
-        else:
-            if isinstance(kinds, str | bytes):
-                raise InvalidArgument("kinds", "must be a list of kinds, not a string")
-            wanted = {_check_id(k, "kinds[]") for k in kinds}
-        return self._complete(step, lease_token, result, usage, (lease, wanted))
+        return self._complete(step, lease_token, result, usage, (lease, _check_kinds(kinds)))
 
     def _complete(
         self,

@@ -18,7 +18,7 @@ import orjson
 from stateline.clock import Clock, SystemClock
 from stateline.errors import ChangesTrimmed, InvalidArgument
 from stateline.store.protocol import Store
-from stateline.types import Put, check_key, check_namespace, check_tenant
+from stateline.types import Put, check_key, check_list, check_namespace, check_tenant
 
 __all__ = [
     "CausalResolver",
@@ -91,10 +91,13 @@ class VectorClock:
     counters: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.counters, Mapping):
+            raise InvalidArgument(
+                "counters", f"must be a mapping of node -> counter, got {type(self.counters).__name__}"
+            )
         clean = {}
         for node, n in self.counters.items():
-            if type(node) is not str or not node:
-                raise InvalidArgument("node", "must be a non-empty string")
+            _check_node(node)
             if type(n) is not int or n < 0:
                 raise InvalidArgument("counter", f"must be a non-negative integer, got {n!r}")
             if n:
@@ -102,7 +105,7 @@ class VectorClock:
         object.__setattr__(self, "counters", clean)
 
     def get(self, node: str) -> int:
-        return self.counters.get(node, 0)
+        return self.counters.get(_check_node(node), 0)
 
     def increment(self, node: str) -> VectorClock:
         """This clock with ``node``'s counter one higher."""
@@ -110,12 +113,12 @@ class VectorClock:
 
     def merge(self, other: VectorClock) -> VectorClock:
         """The element-wise maximum (the least clock after both)."""
-        nodes = self.counters.keys() | other.counters.keys()
+        nodes = self.counters.keys() | _check_clock(other, "other").counters.keys()
         return VectorClock({n: max(self.get(n), other.get(n)) for n in nodes})
 
     def compare(self, other: VectorClock) -> Ordering:
         """``BEFORE`` if this clock happened before ``other``, ``AFTER``, ``EQUAL`` or ``CONCURRENT``."""
-        nodes = self.counters.keys() | other.counters.keys()
+        nodes = self.counters.keys() | _check_clock(other, "other").counters.keys()
         less = any(self.get(n) < other.get(n) for n in nodes)
         more = any(self.get(n) > other.get(n) for n in nodes)
         if less and more:
@@ -130,6 +133,26 @@ class VectorClock:
         return dict(self.counters)
 
 
+def _check_node(node: object) -> str:
+    if type(node) is not str or not node:
+        raise InvalidArgument("node", f"must be a non-empty string, got {node!r:.80}")
+    return node
+
+
+def _check_clock(clock: object, field_name: str) -> VectorClock:
+    if not isinstance(clock, VectorClock):
+        raise InvalidArgument(field_name, f"must be a VectorClock, got {type(clock).__name__}")
+    return clock
+
+
+def _check_number(value: object, field_name: str, low: float, high: float, *, open_low: bool = False) -> float:
+    """``value`` if it is a number in ``[low, high]`` (``(low, high]`` with ``open_low``)."""
+    if type(value) not in (int, float) or not low <= value <= high or (open_low and value == low):  # type: ignore[operator]
+        interval = f"{'(' if open_low else '['}{low}, {high}]"
+        raise InvalidArgument(field_name, f"must be a number in {interval}, got {value!r:.80}")
+    return float(value)  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------- resolvers
 
 
@@ -142,6 +165,14 @@ class Versioned:
     node: str = ""
     version: int = 0
     clock: VectorClock = field(default_factory=VectorClock)
+
+    def __post_init__(self) -> None:
+        for name in ("timestamp", "version"):
+            if type(getattr(self, name)) is not int:
+                raise InvalidArgument(name, f"must be an integer, got {getattr(self, name)!r:.80}")
+        if type(self.node) is not str:
+            raise InvalidArgument("node", f"must be a string, got {self.node!r:.80}")
+        _check_clock(self.clock, "clock")
 
 
 class Resolver(Protocol):
@@ -225,26 +256,36 @@ class ConflictHistory:
     def __init__(
         self, *, keep: int = 100, storm_threshold: int = 10, storm_window: float = 60.0, clock: Clock | None = None
     ) -> None:
-        if keep < 1 or storm_threshold < 1 or storm_window <= 0:
-            raise InvalidArgument("history", "keep and storm_threshold must be >= 1 and storm_window > 0")
+        for name, n in (("keep", keep), ("storm_threshold", storm_threshold)):
+            if type(n) is not int or n < 1:
+                raise InvalidArgument(name, f"must be an integer >= 1, got {n!r:.80}")
         self.keep = keep
         self.storm_threshold = storm_threshold
-        self.storm_window_us = int(storm_window * 1_000_000)
+        self.storm_window_us = int(_check_number(storm_window, "storm_window", 0, 365 * 86400, open_low=True) * 1e6)
         self.clock = clock or SystemClock()
         self._records: dict[str, deque[ConflictRecord]] = {}
         self._lock = threading.Lock()
 
     def record(self, entity: str, winner: Versioned, losers: Iterable[Versioned]) -> ConflictRecord:
-        rec = ConflictRecord(entity, self.clock.now_us(), winner, tuple(losers))
+        entity = check_key(entity, "entity")
+        if not isinstance(winner, Versioned):
+            raise InvalidArgument("winner", f"must be a Versioned, got {type(winner).__name__}")
+        lost = check_list(losers, "losers")
+        for i, v in enumerate(lost):
+            if not isinstance(v, Versioned):
+                raise InvalidArgument(f"losers[{i}]", f"must be a Versioned, got {type(v).__name__}")
+        rec = ConflictRecord(entity, self.clock.now_us(), winner, lost)
         with self._lock:
             self._records.setdefault(entity, deque(maxlen=self.keep)).append(rec)
         return rec
 
     def history(self, entity: str) -> list[ConflictRecord]:
+        entity = check_key(entity, "entity")
         with self._lock:
             return list(self._records.get(entity, ()))
 
     def storm(self, entity: str) -> bool:
+        entity = check_key(entity, "entity")
         since = self.clock.now_us() - self.storm_window_us
         with self._lock:
             recent = sum(1 for r in self._records.get(entity, ()) if r.at > since)
@@ -493,7 +534,7 @@ class SharedState:
         self.provider = provider
         self.gamma = float(gamma)
         self.push_interval = float(push_interval)
-        self.node_id = node_id or uuid.uuid4().hex[:12]
+        self.node_id = uuid.uuid4().hex[:12] if node_id is None else check_key(node_id, "node_id")
         self._local: dict[str, dict[str, float]] = {}
         self._pending: dict[str, dict[str, float]] = {}
         self._lock = threading.Lock()
@@ -508,7 +549,10 @@ class SharedState:
 
     def get(self, key: str) -> Mapping[str, float] | None:
         """The local vector of ``key`` (or ``None``); never touches the network."""
-        return self._local.get(key)
+        try:
+            return self._local.get(key)
+        except TypeError:  # unhashable: no key can be it
+            raise InvalidArgument("key", f"must be a string, got {type(key).__name__}") from None
 
     def keys(self) -> list[str]:
         return list(self._local)
@@ -629,8 +673,16 @@ class RouteHealthModel:
         max_latency: float = 1000.0,
         clock: Clock | None = None,
     ) -> None:
-        if not (0 < alpha <= 1 and 0 <= beta < 1 and half_life > 0 and open_scar > half_open_scar > 0):
-            raise InvalidArgument("route health", "need 0<alpha<=1, 0<=beta<1, half_life>0, open_scar>half_open_scar>0")
+        if not isinstance(shared, SharedState):
+            raise InvalidArgument("shared", f"must be a SharedState, got {type(shared).__name__}")
+        alpha = _check_number(alpha, "alpha", 0, 1, open_low=True)
+        beta = _check_number(beta, "beta", 0, 1)
+        half_life = _check_number(half_life, "half_life", 0, math.inf, open_low=True)
+        half_open_scar = _check_number(half_open_scar, "half_open_scar", 0, math.inf, open_low=True)
+        open_scar = _check_number(open_scar, "open_scar", 0, math.inf, open_low=True)
+        max_latency = _check_number(max_latency, "max_latency", 0, math.inf)
+        if beta == 1 or half_life == math.inf or open_scar <= half_open_scar:
+            raise InvalidArgument("route health", "need beta < 1, a finite half_life and open_scar > half_open_scar")
         self.shared = shared
         self.alpha, self.beta, self.half_life = alpha, beta, half_life
         self.open_scar, self.half_open_scar, self.max_latency = open_scar, half_open_scar, max_latency
@@ -643,6 +695,9 @@ class RouteHealthModel:
 
     def observe(self, route: str, latency_ms: float, *, failed: bool = False) -> RouteHealth:
         """Record one call's latency (and whether it failed) and return the new health."""
+        route = check_key(route, "route")
+        if type(failed) is not bool:
+            raise InvalidArgument("failed", f"must be true or false, got {failed!r:.80}")
         if type(latency_ms) not in (int, float) or not math.isfinite(latency_ms) or latency_ms < 0:
             raise InvalidArgument("latency_ms", "must be a finite, non-negative number")
         now_s = self.clock.now_us() / 1_000_000
@@ -656,7 +711,7 @@ class RouteHealthModel:
 
     def health(self, route: str) -> RouteHealth:
         """The route's current health (scar decayed to now) and circuit state."""
-        vec = self.shared.get(route) or {}
+        vec = self.shared.get(check_key(route, "route")) or {}
         now_s = self.clock.now_us() / 1_000_000
         r, m, s = vec.get("resistance", 0.0), vec.get("momentum", 0.0), self._decayed_scar(vec, now_s)
         if s >= self.open_scar or (r > self.max_latency and m > 0):

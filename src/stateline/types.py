@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, TypeAlias
@@ -120,6 +120,19 @@ def check_key(value: object, field_name: str = "key") -> str:
 def check_stream(value: object) -> str:
     """Return ``value`` if it is a valid stream name (same rules as keys)."""
     return check_key(value, "stream")
+
+
+def check_list(value: object, field_name: str) -> tuple[Any, ...]:
+    """``value``, a list, tuple or other iterable that is not a string, bytes or a mapping, as a tuple;
+    else raise ``InvalidArgument``. Its elements are the caller's to check."""
+    t = type(value)
+    if t is tuple:
+        return value  # type: ignore[return-value]
+    if t is list:
+        return tuple(value)  # type: ignore[arg-type]
+    if isinstance(value, str | bytes | bytearray | Mapping) or not isinstance(value, Iterable):
+        raise InvalidArgument(field_name, f"must be a list, got {t.__name__}")
+    return tuple(value)
 
 
 # ---------------------------------------------------------------- checks

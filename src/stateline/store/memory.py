@@ -153,7 +153,7 @@ class MemoryStore(Store):
 
     @classmethod
     def from_url(cls, url: str, *, clock: Clock | None = None, **options: Any) -> Self:
-        if not url.startswith("memory:"):
+        if type(url) is not str or not url.startswith("memory:"):
             raise InvalidArgument("url", f"not a memory:// URL: {url!r}")
         return cls(clock=clock, **options)
 

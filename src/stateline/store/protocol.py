@@ -42,6 +42,7 @@ from stateline.types import (
     VersionIs,
     check_event_type,
     check_key,
+    check_list,
     check_namespace,
     check_stream,
     check_tenant,
@@ -318,8 +319,8 @@ class Store(ABC):
     ) -> PreparedCommit:
         """Validate and encode a commit without applying it."""
         tenant = check_tenant(tenant)
-        checks_t = tuple(checks)
-        ops_t = tuple(ops)
+        checks_t = check_list(checks, "checks")
+        ops_t = check_list(ops, "ops")
         if not ops_t:
             raise InvalidArgument("ops", "a commit needs at least one op")
         if len(ops_t) > MAX_OPS or len(checks_t) > MAX_OPS:
@@ -455,7 +456,7 @@ class Store(ABC):
         self._open()
         tenant = check_tenant(tenant)
         pairs: list[tuple[str, str]] = []
-        for i, pair in enumerate(keys):
+        for i, pair in enumerate(check_list(keys, "keys")):
             if not isinstance(pair, tuple) or len(pair) != 2:
                 raise InvalidArgument(f"keys[{i}]", "must be a (namespace, key) tuple")
             pairs.append((check_namespace(pair[0]), check_key(pair[1])))
