@@ -90,7 +90,7 @@ app.add_typer(relays_app, name="relays")
 def serve(
     url: str = URL_OPTION,
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
-    port: int = typer.Option(8080, "--port", "-p", help="Port to listen on."),
+    port: int = typer.Option(8080, "--port", "-p", min=1, max=65535, help="Port to listen on."),
     workers: int = typer.Option(1, "--workers", "-w", min=1, help="Worker processes."),
     rate_limit: float = typer.Option(
         1000.0, "--rate-limit", envvar="STATELINE_RATE_LIMIT", help="Requests/s per tenant per worker (0: off)."

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import stateline
 from stateline.api.auth import KeyStore
 from stateline.cli import app
-from stateline.errors import Unauthenticated
+from stateline.errors import InvalidArgument, Unauthenticated
 from stateline.observability import JsonFormatter
 
 
@@ -42,6 +42,12 @@ def test_keys_commands(tmp_path: Path) -> None:
         KeyStore(db.store).authenticate(token)
     bad = runner.invoke(app, ["keys", "create", "--url", url, "--tenant", "acme", "--scopes", "root"])
     assert bad.exit_code != 0
+    listed = runner.invoke(app, ["keys", "list", "--url", url, "--tenant", "not a tenant!"])
+    assert isinstance(listed.exception, InvalidArgument), listed.output  # not an empty list
+    for port in ("0", "65536"):
+        served = runner.invoke(app, ["serve", "--url", url, "--port", port])
+        assert served.exit_code == 2, served.output  # refused before anything starts
+        assert "--port" in served.output
 
 
 def test_json_log_lines_carry_the_trace_id() -> None:

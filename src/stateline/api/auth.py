@@ -213,6 +213,8 @@ class KeyStore:
 
     def list(self, tenant: str | None = None) -> list[ApiKey]:
         """Every key (of ``tenant`` if given), revoked ones included, in id order."""
+        if tenant is not None:
+            tenant = check_tenant(tenant)
         items = self.store.scan_all(SYSTEM_TENANT, KEYS_NAMESPACE)
         return [_public(i.value) for i in items if tenant is None or i.value["tenant"] == tenant]
 
