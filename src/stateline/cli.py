@@ -243,7 +243,7 @@ def relay(
     stream: str = typer.Option("STATELINE", "--stream", help="JetStream stream (created if missing)."),
     prefix: str = typer.Option("stateline", "--prefix", help="Subject prefix: <prefix>.<tenant>.<layer>.<event>."),
     retention: str = typer.Option("limits", "--retention", help="limits, interest or workqueue."),
-    max_age: float = typer.Option(0.0, "--max-age", help="Seconds JetStream keeps a message (0: forever)."),
+    max_age: float = typer.Option(0.0, "--max-age", min=0, help="Seconds JetStream keeps a message (0: forever)."),
     aliases: bool = typer.Option(
         True, "--aliases/--no-aliases", help="Also publish run events to caf.exec.* and beamline.usage.*."
     ),

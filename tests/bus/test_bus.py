@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import signal
@@ -282,7 +283,10 @@ def test_an_idle_relay_reads_only_the_feeds_that_moved(jetstream: JetStreamTarge
     _assert_exactly_once_in_order(_read_stream(jetstream, 61), {**dict.fromkeys(tenants, 1), "t007": 2})
 
 
-def test_relay_keeps_commits_flowing_through_a_nats_outage(jetstream: JetStreamTarget) -> None:
+def test_relay_keeps_commits_flowing_through_a_nats_outage(
+    jetstream: JetStreamTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
     store = stateline.open_store("memory://")
     with FaultProxy("127.0.0.1", 4222) as proxy:
         relay = Relay(
@@ -297,7 +301,7 @@ def test_relay_keeps_commits_flowing_through_a_nats_outage(jetstream: JetStreamT
             proxy.refuse()
             for i in range(700):  # commits keep succeeding while NATS is unreachable
                 store.commit("acme", ops=[Put("docs", "k", i)])
-            time.sleep(0.5)
+            time.sleep(1.5)  # the client tries to reconnect every 0.25 s meanwhile
             assert relay.lag()["acme"] > 0
             proxy.restore()
             _wait_for(lambda: relay.lag()["acme"] == 0)
@@ -305,6 +309,38 @@ def test_relay_keeps_commits_flowing_through_a_nats_outage(jetstream: JetStreamT
             relay.stop()
     assert relay.errors >= 0
     _assert_exactly_once_in_order(_read_stream(jetstream, 1000), {"acme": 1000})
+    # the outage is one warning (and its end one info line), not a traceback per reconnect attempt
+    assert [r for r in caplog.records if r.exc_info] == []
+    outage = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(outage) == 1, outage
+    assert any("is back" in r.getMessage() for r in caplog.records)
+
+
+def test_a_relay_with_a_short_max_age_creates_its_stream(jetstream: JetStreamTarget) -> None:
+    """JetStream refuses a duplicate window longer than the stream's max age: the relay's (120 s by
+    default) is cut to the max age, or the stream is never created."""
+    store = stateline.open_store("memory://")
+    relay = Relay(
+        store, NATS_URL, stream=jetstream.stream, prefix=jetstream.prefix, alias_prefix=jetstream.alias_prefix,
+        max_age=30,
+    )  # fmt: skip
+    relay.start()
+    try:
+        for i in range(3):
+            store.commit("acme", ops=[Put("docs", "k", i)])
+        _wait_for(lambda: relay.cursor("acme") == 3, timeout=20)
+    finally:
+        relay.stop()
+
+    async def config() -> Any:
+        nc = await nats.connect(NATS_URL)
+        try:
+            return (await nc.jetstream().stream_info(jetstream.stream)).config
+        finally:
+            await nc.close()
+
+    got = asyncio.run(config())
+    assert (got.max_age, got.duplicate_window) == (30, 30)
 
 
 RELAY_CHILD = """
@@ -461,8 +497,12 @@ def test_run_events_reach_the_seed_subjects(jetstream: JetStreamTarget) -> None:
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("stream", "a.b"), ("prefix", ""), ("prefix", "a.*"), ("alias_prefix", "x.>"), ("retention", "x"), ("batch", 0)],
-)
+    [
+        ("stream", "a.b"), ("prefix", ""), ("prefix", "a.*"), ("alias_prefix", "x.>"), ("retention", "x"), ("batch", 0),
+        ("batch", 1.5), ("max_age", -5), ("max_age", math.nan), ("max_age", "60"), ("ack_timeout", 0),
+        ("duplicate_window", math.inf), ("poll_interval", -1),
+    ],
+)  # fmt: skip
 def test_relay_refuses_bad_arguments(option: str, value: object) -> None:
     store = stateline.open_store("memory://")
     with pytest.raises(InvalidArgument) as err:

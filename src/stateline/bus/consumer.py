@@ -15,6 +15,7 @@ import nats
 import orjson
 from nats.js.api import AckPolicy, ConsumerConfig
 
+from stateline.bus.connection import NatsConnector
 from stateline.errors import InvalidArgument
 
 __all__ = ["Delivery", "consume", "consume_async"]
@@ -65,7 +66,7 @@ async def consume_async(
         raise InvalidArgument("handler", "must be callable")
     dead_letter = dead_letter_subject or f"stateline-dlq.{durable}"
     stop = stop or asyncio.Event()
-    nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=-1, reconnect_time_wait=0.25)
+    nc = await NatsConnector(nats_url, f"consumer {durable}").connect()
     try:
         js = nc.jetstream()
         config = ConsumerConfig(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -15,6 +16,7 @@ from nats.js.api import RetentionPolicy, StreamConfig
 from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from stateline.bus.connection import NatsConnector
 from stateline.bus.envelope import alias_messages, envelope_of, subject_of
 from stateline.errors import ChangesTrimmed, InvalidArgument, StatelineError
 from stateline.store.protocol import Store
@@ -32,6 +34,10 @@ _RETENTION = {
     "interest": RetentionPolicy.INTEREST,
     "workqueue": RetentionPolicy.WORK_QUEUE,
 }
+
+
+def _positive_seconds(value: object) -> bool:
+    return type(value) in (int, float) and 0 < value < math.inf  # type: ignore[operator]
 
 
 class Relay:
@@ -80,10 +86,20 @@ class Relay:
             raise InvalidArgument("prefix", "must be a NATS subject prefix without wildcards")
         if any(c in alias_prefix for c in " *>"):
             raise InvalidArgument("alias_prefix", "must be a NATS subject prefix without wildcards")
-        if not 1 <= batch <= 10_000:
+        if type(batch) is not int or not 1 <= batch <= 10_000:
             raise InvalidArgument("batch", "must be between 1 and 10000")
+        seconds: dict[str, object] = {"duplicate_window": duplicate_window, "ack_timeout": ack_timeout,
+                                      "poll_interval": poll_interval, "max_age": max_age}  # fmt: skip
+        for name, value in seconds.items():
+            if (value is not None or name != "max_age") and not _positive_seconds(value):
+                raise InvalidArgument(name, f"must be a positive number of seconds, got {value!r}")
+        if max_age is not None:
+            # JetStream refuses a duplicate window longer than the age it keeps messages; a message
+            # older than that is gone anyway, so there is nothing to deduplicate it against
+            duplicate_window = min(duplicate_window, max_age)
         self.store = store
         self.nats_url = nats_url
+        self._nats = NatsConnector(nats_url, "relay")
         self.stream = stream
         self.prefix = prefix
         self.aliases = aliases
@@ -212,14 +228,7 @@ class Relay:
             )
 
     async def _connect(self) -> Any:
-        return await nats.connect(
-            self.nats_url,
-            connect_timeout=2,
-            allow_reconnect=True,
-            reconnect_time_wait=0.25,
-            max_reconnect_attempts=-1,
-            ping_interval=5,
-        )
+        return await self._nats.connect(ping_interval=5)
 
     async def pump(self, js: Any) -> int:
         """Publish what is pending for every tenant, one batch each; returns how many changes were acknowledged."""
@@ -302,7 +311,8 @@ class Relay:
                     log.info("relay ended: its store was closed")
                     return
                 self.errors += 1
-                log.warning("relay: %s: %s; retrying in %.1fs", type(exc).__name__, exc, backoff)
+                why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                log.warning("relay: %s; retrying in %.1fs", why, backoff)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), backoff)
                 backoff = min(backoff * 2, 2.0)
