@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import inspect
 import math
+import tempfile
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,12 +27,23 @@ from stateline.sync import (
     Versioned,
 )
 
+
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 JUNK: list[Any] = [
     None, True, False, -1, 0, 1, 7, 2**70, 1.5, -0.5, math.nan, math.inf, "", "x", "a/b", "k1", "\x00", "é" * 300,
     b"x", [], [1], ["x"], [None], [{}], [("ns", "k")], [("ns",)], [("ns", 1)], {}, {"a": 1}, {"a": object()},
     {"type": "e"}, [{"type": "e"}], [object()], object(), ("a", "b"),
     [Put("ns", "k", object())], [Put("", "k", 1)], [VersionIs("ns", "k", -1)], [Append("s", ["e"])],  # type: ignore[list-item]
     [NewEvent(1)], [StepSpec("")], VectorClock({"n": 1}), Versioned(1),  # type: ignore[arg-type]
+    # text that cannot be encoded, values JSON cannot hold or that nest too deep
+    "\ud800", "k\u2028", "a" * 2000, {"a": "\ud800"}, {"\ud800": 1}, {1: 2}, {"n": 2**64}, {"n": -(2**63) - 1},
+    {"f": math.nan}, {"b": b"x"}, {"deep": _nested(300)},
 ]  # fmt: skip
 # Parameters that would make a call wait: only values that do not (a long wait proves nothing here).
 NO_WAIT: list[Any] = [None, 0, -1, math.nan, "x", [], False]
@@ -40,9 +54,9 @@ def _callable(_: Any = None, *__: Any, **___: Any) -> dict[str, int]:
     return {"x": 1}
 
 
-def _targets() -> tuple[dict[str, object], stateline.Tenant]:
+def _targets(url: str = "memory://") -> tuple[dict[str, object], stateline.Tenant]:
     """A database with one of everything, and the objects whose methods are called."""
-    db = stateline.open("memory://")
+    db = stateline.open(url)
     t = db.tenant("acme")
     t.docs.put("d1", {"a": 1})
     t.streams.append("s1", [{"type": "e", "data": 1}])
@@ -71,7 +85,26 @@ _NAMES = sorted(_targets()[0])
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), target=st.sampled_from(_NAMES))
 def test_bad_arguments_get_a_stateline_error_and_write_nothing(data: st.DataObject, target: str) -> None:
-    targets, tenant = _targets()
+    _call_with_bad_arguments("memory://", data, target)
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],  # a fresh file each example
+)
+@given(data=st.data(), target=st.sampled_from(_NAMES))
+def test_bad_arguments_on_sqlite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: st.DataObject, target: str
+) -> None:
+    """The same on a SQLite file (its paths, as in ``backup``, go through the file system)."""
+    monkeypatch.chdir(tmp_path)  # a relative path drawn as an argument lands here
+    with tempfile.TemporaryDirectory(dir=tmp_path) as folder:
+        _call_with_bad_arguments(f"sqlite:///{folder}/s.db", data, target)
+
+
+def _call_with_bad_arguments(url: str, data: st.DataObject, target: str) -> None:
+    targets, tenant = _targets(url)
     obj = targets[target]
     name = data.draw(st.sampled_from(_methods(obj)), label="method")
     method: Callable[..., Any] = getattr(obj, name)
@@ -96,3 +129,5 @@ def test_bad_arguments_get_a_stateline_error_and_write_nothing(data: st.DataObje
         method(*args, **kwargs)
     except StatelineError:
         assert tenant.revision() == before, f"{target}.{name} raised after writing"
+    finally:
+        cast("stateline.Database", targets["db"]).close()

@@ -808,6 +808,7 @@ def test_a_backup_refuses_what_it_cannot_do_and_writes_nothing(
         ("", "new file"),
         (":memory:", "new file"),
         (123, "new file"),
+        (str(tmp_path / "bad\ud800.db"), "Unicode"),
     ]:
         with pytest.raises(InvalidArgument, match=message):
             store.backup(dest)  # type: ignore[arg-type]

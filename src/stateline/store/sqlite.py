@@ -1162,6 +1162,10 @@ class SQLiteStore(Store):
         """
         if type(dest) is not str or not dest or dest == ":memory:" or dest.startswith("file:"):
             raise InvalidArgument("dest", "must be the path of a new file")
+        try:
+            dest.encode()
+        except UnicodeEncodeError:
+            raise InvalidArgument("dest", "is not valid Unicode text") from None
         if self._closed:
             raise Unavailable("the store is closed")
         target = os.path.abspath(dest)
