@@ -29,6 +29,7 @@ from stateline import (
     Trim,
     Unavailable,
     VersionIs,
+    open_store,
 )
 from tests.conftest import Backend
 
@@ -48,6 +49,13 @@ def test_put_get_round_trips_exactly(store: Store, value: Any) -> None:
     assert item is not None
     assert item.value == value
     assert type(item.value) is type(value)
+
+
+def test_unknown_options_and_a_clock_without_now_us_are_refused(backend: Backend) -> None:
+    for options, field in [({"bogus": 1}, "bogus"), ({"clock": 5}, "clock"), ({"clock": object()}, "clock")]:
+        with pytest.raises(InvalidArgument) as err:
+            open_store(backend.url, **options)
+        assert err.value.field == field
 
 
 def test_versions_and_revisions(store: Store, clock: FakeClock) -> None:

@@ -297,7 +297,14 @@ class Store(ABC):
 
     scheme: ClassVar[str]
 
-    def __init__(self, *, clock: Clock | None = None, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> None:
+    def __init__(
+        self, *, clock: Clock | None = None, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES, **unknown: Any
+    ) -> None:
+        """``unknown``: the options the adapter did not take, refused by name."""
+        if unknown:
+            raise InvalidArgument(next(iter(unknown)), f"unknown option of a {self.scheme}:// store")
+        if clock is not None and not callable(getattr(clock, "now_us", None)):
+            raise InvalidArgument("clock", f"must have a now_us() method, got {type(clock).__name__}")
         self.clock: Clock = clock if clock is not None else SystemClock()
         self.max_value_bytes = _int(max_value_bytes, "max_value_bytes", minimum=1, maximum=256 * 1024 * 1024)
         self._closed = False
