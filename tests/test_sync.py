@@ -206,6 +206,29 @@ def test_bad_updates_are_refused() -> None:
         SharedState(InMemoryHub().provider(), gamma=1.5, start=False)
 
 
+def test_bad_settings_are_refused_by_name() -> None:
+    shared = SharedState(InMemoryHub().provider(), start=False)
+    cases: list[tuple[Callable[[], object], str]] = [
+        (lambda: SharedState(InMemoryHub().provider(), node_id="", start=False), "node_id"),
+        (lambda: ConflictHistory(keep=0), "keep"),
+        (lambda: ConflictHistory(storm_threshold="10"), "storm_threshold"),  # type: ignore[arg-type]
+        (lambda: ConflictHistory(storm_window=float("nan")), "storm_window"),
+        (lambda: ConflictHistory(clock=5), "clock"),  # type: ignore[arg-type]
+        (lambda: RouteHealthModel(shared, alpha="0.2"), "alpha"),  # type: ignore[arg-type]
+        (lambda: RouteHealthModel(shared, half_life=0), "half_life"),
+        (lambda: RouteHealthModel(shared, clock=object()), "clock"),  # type: ignore[arg-type]
+        (lambda: RouteHealthModel("shared"), "shared"),  # type: ignore[arg-type]
+        (lambda: Versioned(1, timestamp=1.5), "timestamp"),  # type: ignore[arg-type]
+        (lambda: Versioned(1, clock={"n": 1}), "clock"),  # type: ignore[arg-type]
+        (lambda: VectorClock({"n": 1}).merge({"n": 2}), "other"),  # type: ignore[arg-type]
+        (lambda: VectorClock().get(""), "node"),
+    ]
+    for make, field in cases:
+        with pytest.raises(InvalidArgument) as err:
+            make()
+        assert err.value.field == field
+
+
 def test_store_provider_shares_through_the_change_feed(backend: Backend) -> None:
     store = backend.open()
     a = SharedState(StoreProvider(store, "sync-test"), node_id="a", start=False)

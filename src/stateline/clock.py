@@ -6,7 +6,9 @@ import threading
 import time
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Clock", "FakeClock", "SystemClock"]
+from stateline.errors import InvalidArgument
+
+__all__ = ["Clock", "FakeClock", "SystemClock", "checked_clock"]
 
 
 @runtime_checkable
@@ -16,6 +18,15 @@ class Clock(Protocol):
     def now_us(self) -> int:
         """Microseconds since the Unix epoch."""
         ...
+
+
+def checked_clock(clock: object) -> Clock:
+    """``clock``, or the wall clock for ``None``; ``InvalidArgument`` for anything without ``now_us()``."""
+    if clock is None:
+        return SystemClock()
+    if not isinstance(clock, Clock):
+        raise InvalidArgument("clock", f"must have a now_us() method, got {type(clock).__name__}")
+    return clock
 
 
 class SystemClock:

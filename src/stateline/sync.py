@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from stateline.clock import Clock, SystemClock
+from stateline.clock import Clock, checked_clock
 from stateline.errors import ChangesTrimmed, InvalidArgument
 from stateline.store.protocol import Store
 from stateline.types import Put, check_key, check_list, check_namespace, check_tenant
@@ -262,7 +262,7 @@ class ConflictHistory:
         self.keep = keep
         self.storm_threshold = storm_threshold
         self.storm_window_us = int(_check_number(storm_window, "storm_window", 0, 365 * 86400, open_low=True) * 1e6)
-        self.clock = clock or SystemClock()
+        self.clock = checked_clock(clock)
         self._records: dict[str, deque[ConflictRecord]] = {}
         self._lock = threading.Lock()
 
@@ -686,7 +686,7 @@ class RouteHealthModel:
         self.shared = shared
         self.alpha, self.beta, self.half_life = alpha, beta, half_life
         self.open_scar, self.half_open_scar, self.max_latency = open_scar, half_open_scar, max_latency
-        self.clock = clock or SystemClock()
+        self.clock = checked_clock(clock)
 
     def _decayed_scar(self, vec: Mapping[str, float], now_s: float) -> float:
         scar = vec.get("scar", 0.0)

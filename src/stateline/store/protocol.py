@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Self
 import orjson
 
 from stateline import codec
-from stateline.clock import Clock, SystemClock
+from stateline.clock import Clock, checked_clock
 from stateline.errors import ChangesTrimmed, InvalidArgument, PayloadTooLarge, StatelineError, Unavailable
 from stateline.types import (
     Absent,
@@ -303,9 +303,7 @@ class Store(ABC):
         """``unknown``: the options the adapter did not take, refused by name."""
         if unknown:
             raise InvalidArgument(next(iter(unknown)), f"unknown option of a {self.scheme}:// store")
-        if clock is not None and not callable(getattr(clock, "now_us", None)):
-            raise InvalidArgument("clock", f"must have a now_us() method, got {type(clock).__name__}")
-        self.clock: Clock = clock if clock is not None else SystemClock()
+        self.clock: Clock = checked_clock(clock)
         self.max_value_bytes = _int(max_value_bytes, "max_value_bytes", minimum=1, maximum=256 * 1024 * 1024)
         self._closed = False
         self._close_lock = threading.Lock()
