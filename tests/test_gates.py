@@ -151,6 +151,11 @@ def test_a_bad_table_is_refused() -> None:
         Gates(None, table={"x": "CP7-LC"})
     with pytest.raises(InvalidArgument, match="refresh"):
         Gates(None, refresh=-1)
+    for bad in ({"table": [("x", None)]}, {"environ": "STATELINE_CHECKPOINT=CP1-LC"}, {"checkpoint": 1}):
+        with pytest.raises(InvalidArgument, match=next(iter(bad))):
+            Gates(None, **bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="store"):
+        Gates("sqlite:///x.db")  # type: ignore[arg-type]
     custom = Gates(None, checkpoint="CP1-LC", table={"a": None, "b": "CP1-LC", "c": "CP2-LC"})
     assert custom.features() == {"a", "b"}
 

@@ -95,6 +95,13 @@ class Gates:
         refresh: float = 30.0,
         table: Mapping[str, str | None] | None = None,
     ) -> None:
+        if store is not None and not isinstance(store, Store):
+            raise InvalidArgument("store", f"must be a Store or None, got {type(store).__name__}")
+        if checkpoint is not None and type(checkpoint) is not str:
+            raise InvalidArgument("checkpoint", f"must be a string or None, got {type(checkpoint).__name__}")
+        for name, mapping in (("environ", environ), ("table", table)):
+            if mapping is not None and not isinstance(mapping, Mapping):
+                raise InvalidArgument(name, f"must be a mapping or None, got {type(mapping).__name__}")
         self._store = store
         self._arg = checkpoint
         self._environ = environ
