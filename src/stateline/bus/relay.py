@@ -88,10 +88,11 @@ class Relay:
             raise InvalidArgument("alias_prefix", "must be a NATS subject prefix without wildcards")
         if type(batch) is not int or not 1 <= batch <= 10_000:
             raise InvalidArgument("batch", "must be between 1 and 10000")
-        seconds: dict[str, object] = {"duplicate_window": duplicate_window, "ack_timeout": ack_timeout,
-                                      "poll_interval": poll_interval, "max_age": max_age}  # fmt: skip
+        seconds = {"duplicate_window": duplicate_window, "ack_timeout": ack_timeout, "poll_interval": poll_interval}
+        if max_age is not None:
+            seconds["max_age"] = max_age
         for name, value in seconds.items():
-            if (value is not None or name != "max_age") and not _positive_seconds(value):
+            if not _positive_seconds(value):
                 raise InvalidArgument(name, f"must be a positive number of seconds, got {value!r}")
         if max_age is not None:
             # JetStream refuses a duplicate window longer than the age it keeps messages; a message
