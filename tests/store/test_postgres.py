@@ -4,6 +4,7 @@ concurrent writer processes, and outages (connections cut through a proxy, or ki
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import re
 import threading
@@ -156,13 +157,18 @@ def test_bad_url_options_are_refused(query: str, field: str) -> None:
     assert info.value.field == field
 
 
-def test_unreachable_server_raises_unavailable_quickly() -> None:
+def test_unreachable_server_raises_unavailable_quickly(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    before = set(threading.enumerate())
     with FaultProxy("127.0.0.1", 5432) as proxy:
         proxy.refuse()
         started = time.monotonic()
-        with pytest.raises(Unavailable):
+        with pytest.raises(Unavailable, match="cannot connect"):
             open_store(f"postgresql://postgres@127.0.0.1:{proxy.port}/test?pool_timeout=2&connect_timeout=2")
         assert time.monotonic() - started < OUTAGE_BOUND
+        # one error, raised: no pool threads left retrying and logging each attempt
+        assert [t.name for t in threading.enumerate() if t not in before and t.name.startswith("stateline")] == []
+        assert [r.getMessage() for r in caplog.records if r.name.startswith(("psycopg", "stateline"))] == []
 
 
 # ------------------------------------------------------------------ schema versions

@@ -434,12 +434,14 @@ class PostgresStore(Store):
             open=False,
             name=f"stateline:{schema}",
         )
+        # Migrate over one connection of its own before the pool starts: a server that cannot be
+        # reached fails the open at once, with one error, and leaves no pool threads retrying behind.
         try:
-            self._pool.open(wait=False)
             self._migrate()
         except BaseException:
-            self._pool.close(timeout=0)
+            self._watchdog.stop()
             raise
+        self._pool.open(wait=False)
 
     @classmethod
     def from_url(cls, url: str, *, clock: Clock | None = None, **options: Any) -> Self:
@@ -516,7 +518,7 @@ class PostgresStore(Store):
         try:
             return _Conn.connect(self._conninfo, **self._connect_kwargs)
         except psycopg.Error as exc:
-            raise Unavailable(f"postgresql: no connection available ({str(exc).strip()})") from None
+            raise Unavailable(f"postgresql: cannot connect ({str(exc).strip()})") from None
 
     def _read(self, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         """Run one read statement; a broken connection is retried once on a fresh one."""
@@ -534,8 +536,10 @@ class PostgresStore(Store):
         lock_key = int.from_bytes(hashlib.blake2b(f"stateline:{self.schema}".encode(), digest_size=8).digest(), "big")
         lock_key -= 1 << 63 if lock_key >= 1 << 63 else 0
         s = f'"{self.schema}"'
+        conn = self._connect_once()
+        self._watchdog.watch(conn)
         try:
-            with self._connection() as conn, conn.transaction():
+            with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key,))
                 conn.execute(f"CREATE SCHEMA IF NOT EXISTS {s}")
                 conn.execute(
@@ -561,6 +565,9 @@ class PostgresStore(Store):
                     )
         except psycopg.Error as exc:
             raise _translate(exc) from None
+        finally:
+            self._watchdog.release(conn)
+            conn.close()
 
     # ------------------------------------------------------------ commit
 
