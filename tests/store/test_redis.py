@@ -142,6 +142,10 @@ def test_default_prefix_and_url_options(opened: Callable[..., RedisStore]) -> No
     with pytest.raises(InvalidArgument) as e:
         open_store("redis://127.0.0.1:6379/0?watch=carrier-pigeon")
     assert e.value.field == "watch"
+    beyond = opened("redis://127.0.0.1:6379/999")  # a database the server does not have: found at the first call
+    with pytest.raises(InvalidArgument, match="no such database") as e:
+        beyond.commit("acme", ops=[Put("ns", "k", 1)])
+    assert e.value.field == "url"
     tls = opened("rediss://127.0.0.1:6390/0?prefix=x&ssl_cert_reqs=none&max_value_bytes=10")
     assert tls.max_value_bytes == 10  # nothing connects until the first call
 

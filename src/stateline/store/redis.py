@@ -627,6 +627,8 @@ class RedisStore(Store):
         msg = str(exc)
         if msg.startswith(_TRANSIENT_REPLIES):
             return Unavailable(f"redis cannot serve {what} now: {msg}")
+        if msg.startswith("DB index is out of range"):  # the URL names a database the server does not have
+            return InvalidArgument("url", f"the redis server has no such database ({msg})")
         return StatelineError(f"redis error during {what}: {msg}")
 
     @contextlib.contextmanager
