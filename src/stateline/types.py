@@ -36,6 +36,7 @@ __all__ = [
     "VersionIs",
     "check_event_type",
     "check_key",
+    "check_list",
     "check_namespace",
     "check_stream",
     "check_tenant",
