@@ -343,6 +343,27 @@ def test_a_relay_with_a_short_max_age_creates_its_stream(jetstream: JetStreamTar
     assert (got.max_age, got.duplicate_window) == (30, 30)
 
 
+def test_a_relay_says_when_the_stream_it_finds_differs_from_what_it_asks(
+    jetstream: JetStreamTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    """JetStream keeps an existing stream's settings: a relay started with another max age or prefix
+    says so once, instead of silently keeping the old age or publishing where the stream does not listen."""
+    store = stateline.open_store("memory://")
+    names = {"stream": jetstream.stream, "alias_prefix": jetstream.alias_prefix}
+    caplog.set_level(logging.WARNING, logger="stateline.bus")
+    for max_age in (30, 30, 60):  # the second finds the stream as it asks: nothing to say
+        relay = Relay(store, NATS_URL, prefix=jetstream.prefix, max_age=max_age, **names)
+        relay.start()
+        try:
+            store.commit("acme", ops=[Put("docs", "k", max_age)])
+            _wait_for(lambda: relay.lag().get("acme", 1) == 0, timeout=20)  # noqa: B023 - used at once
+        finally:
+            relay.stop()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "max_age 30.0, not 60" in warnings[0]
+
+
 RELAY_CHILD = """
 import sys, time
 import stateline

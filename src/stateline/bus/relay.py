@@ -101,6 +101,7 @@ class Relay:
         self.store = store
         self.nats_url = nats_url
         self._nats = NatsConnector(nats_url, "relay")
+        self._stream_warned: set[str] = set()
         self.stream = stream
         self.prefix = prefix
         self.aliases = aliases
@@ -216,7 +217,7 @@ class Relay:
 
     async def _ensure_stream(self, js: Any) -> None:
         try:
-            await js.stream_info(self.stream)
+            info = await js.stream_info(self.stream)
         except NotFoundError:
             await js.add_stream(
                 StreamConfig(
@@ -227,6 +228,26 @@ class Relay:
                     duplicate_window=self.duplicate_window,
                 )
             )
+            return
+        self._compare_stream(info.config)
+
+    def _compare_stream(self, config: StreamConfig) -> None:
+        """Warn (once per setting) where an existing stream differs from what this relay asks for:
+        JetStream keeps the stream's own settings, so a changed ``max_age`` or prefix has no effect."""
+        have = {
+            "subjects": sorted(config.subjects or []),
+            "retention": config.retention,
+            "max_age": config.max_age or None,
+        }
+        want = {"subjects": sorted(self._subjects()), "retention": _RETENTION[self.retention], "max_age": self.max_age}
+        for name, value in want.items():
+            if have[name] != value and name not in self._stream_warned:
+                self._stream_warned.add(name)
+                log.warning(
+                    "relay: stream %s exists with %s %s, not %s as asked; it keeps its own (change it with "
+                    "the nats CLI, or relay to another --stream)",
+                    self.stream, name, have[name], value,
+                )  # fmt: skip
 
     async def _connect(self) -> Any:
         return await self._nats.connect(ping_interval=5)
