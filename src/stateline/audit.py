@@ -16,7 +16,7 @@ import orjson
 from stateline import codec
 from stateline.errors import Conflict, InvalidArgument, PayloadTooLarge, Unavailable
 from stateline.store.protocol import PreparedAppend, PreparedCommit, PreparedEvent, PreparedPut, Store
-from stateline.types import Absent, Event, Put, StreamAt, Trim, VersionIs, check_list, check_tenant
+from stateline.types import Absent, Event, Put, StreamAt, Trim, VersionIs, check_list, check_number, check_tenant
 
 __all__ = ["GENESIS", "MAX_BATCH", "MAX_MANY", "AuditEntry", "AuditLog", "AuditPage", "AuditVerification"]
 
@@ -536,8 +536,7 @@ class AuditLog:
         The hash of the last removed entry is recorded as the checkpoint in the same commit, so
         ``verify`` still checks the chain from the oldest kept entry.
         """
-        if type(retention_days) not in (int, float) or not math.isfinite(retention_days) or retention_days < 0:
-            raise InvalidArgument("retention_days", f"must be a finite non-negative number, got {retention_days!r}")
+        retention_days = check_number(retention_days, "retention_days", 0, math.inf, unit="days")
         cutoff = self._store.clock.now_us() - round(retention_days * 86400 * 1_000_000)
         for _ in range(1000):
             info = self._store.stream_info(self.tenant, STREAM)

@@ -46,6 +46,7 @@ from stateline.types import (
     VersionIs,
     check_key,
     check_list,
+    check_number,
     check_tenant,
 )
 
@@ -189,13 +190,6 @@ def _flag(value: object, field: str) -> bool:
     return value
 
 
-def _number(value: object, field: str, minimum: float, maximum: float) -> float:
-    if type(value) not in (int, float) or not minimum <= value <= maximum:  # type: ignore[operator]  # bool refused
-        raise InvalidArgument(field, f"must be a number from {minimum:g} to {maximum:g}, got {value!r}")
-    assert isinstance(value, int | float)
-    return float(value)
-
-
 def _meta(actor: str | None, reason: str | None, trace_id: str | None) -> dict[str, str]:
     out = {"layer": "docs"}
     if actor is not None:
@@ -302,7 +296,9 @@ class Documents:
         self.store = store
         self.tenant = check_tenant(tenant)
         self.txlog_retention = (
-            None if txlog_retention is None else _number(txlog_retention, "txlog_retention", 1.0, 100 * 365 * 86400.0)
+            None
+            if txlog_retention is None
+            else check_number(txlog_retention, "txlog_retention", 1.0, 100 * 365 * 86400.0)
         )
 
     # ------------------------------------------------------------ single documents
@@ -454,8 +450,8 @@ class Documents:
             raise InvalidArgument("fn", "must be callable")
         if type(retries) is not int or not 0 <= retries <= _MAX_RETRIES:
             raise InvalidArgument("retries", f"must be an integer from 0 to {_MAX_RETRIES}, got {retries!r}")
-        base = _number(base_delay, "base_delay", 0.0, 60.0)
-        cap = _number(max_delay, "max_delay", 0.0, 600.0)
+        base = check_number(base_delay, "base_delay", 0.0, 60.0)
+        cap = check_number(max_delay, "max_delay", 0.0, 600.0)
         actor, reason, trace_id = (
             _opt_text(actor, "actor"),
             _opt_text(reason, "reason"),

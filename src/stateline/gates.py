@@ -11,6 +11,7 @@ from types import MappingProxyType
 
 from stateline.errors import InvalidArgument
 from stateline.store.protocol import Store
+from stateline.types import check_number
 
 __all__ = ["BASELINE", "CHECKPOINTS", "ENV_VAR", "FEATURES", "GateStatus", "Gates"]
 
@@ -105,9 +106,7 @@ class Gates:
         self._store = store
         self._arg = checkpoint
         self._environ = environ
-        if type(refresh) not in (int, float) or not 0 <= refresh <= 86400:
-            raise InvalidArgument("refresh", f"must be a number of seconds from 0 to 86400, got {refresh!r}")
-        self._refresh_us = round(refresh * 1_000_000)
+        self._refresh_us = round(check_number(refresh, "refresh", 0, 86400, unit="seconds") * 1_000_000)
         tbl = dict(FEATURES if table is None else table)
         for feature, cp in tbl.items():
             if cp is not None and cp not in CHECKPOINTS:

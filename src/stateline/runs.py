@@ -45,6 +45,7 @@ from stateline.types import (
     VersionIs,
     check_key,
     check_list,
+    check_number,
     check_tenant,
 )
 
@@ -1819,9 +1820,7 @@ def _check_usage(usage: object) -> Usage:
     tokens = usage.get("tokens", 0)
     cost = usage.get("cost_usd", 0.0)
     _check_int(tokens, "usage.tokens", 0, 2**53)
-    if type(cost) not in (int, float) or not math.isfinite(cost) or cost < 0:
-        raise InvalidArgument("usage.cost_usd", "must be a finite, non-negative number")
-    return Usage(tokens, float(cost), 1)
+    return Usage(tokens, check_number(cost, "usage.cost_usd", 0, math.inf), 1)
 
 
 def _find_cycle(graph: Mapping[str, Sequence[str]]) -> list[str]:

@@ -13,7 +13,6 @@ import contextlib
 import functools
 import hashlib
 import logging
-import math
 import threading
 import time
 import weakref
@@ -39,6 +38,7 @@ from stateline.types import (
     VersionIs,
     check_key,
     check_namespace,
+    check_number,
     check_tenant,
 )
 
@@ -76,14 +76,7 @@ _HINTS_MAX = 100_000  # local per-key hints are dropped wholesale beyond this ma
 def _seconds(value: object, field: str, *, allow_none: bool = False, allow_zero: bool = False) -> float | None:
     if value is None and allow_none:
         return None
-    if type(value) not in (int, float) or math.isnan(cast(float, value)):
-        raise InvalidArgument(field, f"must be a number of seconds, got {value!r}")
-    v = float(cast(float, value))
-    if not (v >= 0 if allow_zero else v > 0) or v > _MAX_TTL:
-        raise InvalidArgument(
-            field, f"must be {'>= 0' if allow_zero else 'positive'} and at most {_MAX_TTL}, got {v!r}"
-        )
-    return v
+    return check_number(value, field, 0, _MAX_TTL, above=not allow_zero, unit="seconds")
 
 
 def _positive_int(value: object, field: str, maximum: int = 2**62) -> int:

@@ -14,7 +14,7 @@ from typing import Self
 from stateline.audit import AuditLog
 from stateline.errors import InvalidArgument, NotFound, StatelineError
 from stateline.store.protocol import MAX_INT, MAX_OPS, Store
-from stateline.types import RELAY_CURSORS, SYSTEM_TENANT, Delete
+from stateline.types import RELAY_CURSORS, SYSTEM_TENANT, Delete, check_number
 
 __all__ = ["Sweeper", "Swept", "forget_relay", "relay_positions"]
 
@@ -86,12 +86,8 @@ class Sweeper:
             raise InvalidArgument("max_per_run", f"must be an integer of at least batch ({batch}), got {max_per_run!r}")
         if keep_changes is not None and (type(keep_changes) is not int or not 1 <= keep_changes <= MAX_INT):
             raise InvalidArgument("keep_changes", f"must be a positive integer or None, got {keep_changes!r}")
-        if audit_retention_days is not None and (
-            type(audit_retention_days) not in (int, float) or not 0 < audit_retention_days <= 100 * 365
-        ):
-            raise InvalidArgument(
-                "audit_retention_days", f"must be a number of days above 0, or None, got {audit_retention_days!r}"
-            )
+        if audit_retention_days is not None:
+            check_number(audit_retention_days, "audit_retention_days", 0, 100 * 365, above=True, unit="days")
         for name, fn in (("on_swept", on_swept), ("on_trimmed", on_trimmed)):
             if fn is not None and not callable(fn):
                 raise InvalidArgument(name, "must be callable")

@@ -18,7 +18,7 @@ import orjson
 from stateline.clock import Clock, checked_clock
 from stateline.errors import ChangesTrimmed, InvalidArgument
 from stateline.store.protocol import Store
-from stateline.types import Put, check_key, check_list, check_namespace, check_tenant
+from stateline.types import Put, check_key, check_list, check_namespace, check_number, check_tenant
 
 __all__ = [
     "CausalResolver",
@@ -145,14 +145,6 @@ def _check_clock(clock: object, field_name: str) -> VectorClock:
     return clock
 
 
-def _check_number(value: object, field_name: str, low: float, high: float, *, open_low: bool = False) -> float:
-    """``value`` if it is a number in ``[low, high]`` (``(low, high]`` with ``open_low``)."""
-    if type(value) not in (int, float) or not low <= value <= high or (open_low and value == low):  # type: ignore[operator]
-        interval = f"{'(' if open_low else '['}{low}, {high}]"
-        raise InvalidArgument(field_name, f"must be a number in {interval}, got {value!r:.80}")
-    return float(value)  # type: ignore[arg-type]
-
-
 # ---------------------------------------------------------------- resolvers
 
 
@@ -261,7 +253,8 @@ class ConflictHistory:
                 raise InvalidArgument(name, f"must be an integer >= 1, got {n!r:.80}")
         self.keep = keep
         self.storm_threshold = storm_threshold
-        self.storm_window_us = int(_check_number(storm_window, "storm_window", 0, 365 * 86400, open_low=True) * 1e6)
+        window = check_number(storm_window, "storm_window", 0, 365 * 86400, above=True, unit="seconds")
+        self.storm_window_us = int(window * 1_000_000)
         self.clock = checked_clock(clock)
         self._records: dict[str, deque[ConflictRecord]] = {}
         self._lock = threading.Lock()
@@ -527,13 +520,9 @@ class SharedState:
         *,
         start: bool = True,
     ) -> None:
-        if type(gamma) not in (int, float) or not 0.0 <= gamma <= 1.0:
-            raise InvalidArgument("gamma", "must be a number between 0 and 1")
-        if type(push_interval) not in (int, float) or not 0.0 < push_interval <= 60.0:
-            raise InvalidArgument("push_interval", "must be between 0 and 60 seconds")
         self.provider = provider
-        self.gamma = float(gamma)
-        self.push_interval = float(push_interval)
+        self.gamma = check_number(gamma, "gamma", 0, 1)
+        self.push_interval = check_number(push_interval, "push_interval", 0, 60, above=True, unit="seconds")
         self.node_id = uuid.uuid4().hex[:12] if node_id is None else check_key(node_id, "node_id")
         self._local: dict[str, dict[str, float]] = {}
         self._pending: dict[str, dict[str, float]] = {}
@@ -675,14 +664,14 @@ class RouteHealthModel:
     ) -> None:
         if not isinstance(shared, SharedState):
             raise InvalidArgument("shared", f"must be a SharedState, got {type(shared).__name__}")
-        alpha = _check_number(alpha, "alpha", 0, 1, open_low=True)
-        beta = _check_number(beta, "beta", 0, 1)
-        half_life = _check_number(half_life, "half_life", 0, math.inf, open_low=True)
-        half_open_scar = _check_number(half_open_scar, "half_open_scar", 0, math.inf, open_low=True)
-        open_scar = _check_number(open_scar, "open_scar", 0, math.inf, open_low=True)
-        max_latency = _check_number(max_latency, "max_latency", 0, math.inf)
-        if beta == 1 or half_life == math.inf or open_scar <= half_open_scar:
-            raise InvalidArgument("route health", "need beta < 1, a finite half_life and open_scar > half_open_scar")
+        alpha = check_number(alpha, "alpha", 0, 1, above=True)
+        beta = check_number(beta, "beta", 0, 1)
+        half_life = check_number(half_life, "half_life", 0, math.inf, above=True, unit="seconds")
+        half_open_scar = check_number(half_open_scar, "half_open_scar", 0, math.inf, above=True)
+        open_scar = check_number(open_scar, "open_scar", 0, math.inf, above=True)
+        max_latency = check_number(max_latency, "max_latency", 0, math.inf)
+        if beta == 1 or open_scar <= half_open_scar:
+            raise InvalidArgument("route health", "need beta < 1 and open_scar > half_open_scar")
         self.shared = shared
         self.alpha, self.beta, self.half_life = alpha, beta, half_life
         self.open_scar, self.half_open_scar, self.max_latency = open_scar, half_open_scar, max_latency
@@ -698,8 +687,7 @@ class RouteHealthModel:
         route = check_key(route, "route")
         if type(failed) is not bool:
             raise InvalidArgument("failed", f"must be true or false, got {failed!r:.80}")
-        if type(latency_ms) not in (int, float) or not math.isfinite(latency_ms) or latency_ms < 0:
-            raise InvalidArgument("latency_ms", "must be a finite, non-negative number")
+        latency_ms = check_number(latency_ms, "latency_ms", 0, math.inf)
         now_s = self.clock.now_us() / 1_000_000
         vec = self.shared.get(route) or {}
         old_r = vec.get("resistance", float(latency_ms))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from collections import OrderedDict
@@ -38,6 +39,7 @@ __all__ = [
     "check_key",
     "check_list",
     "check_namespace",
+    "check_number",
     "check_stream",
     "check_tenant",
 ]
@@ -121,6 +123,24 @@ def check_key(value: object, field_name: str = "key") -> str:
 def check_stream(value: object) -> str:
     """Return ``value`` if it is a valid stream name (same rules as keys)."""
     return check_key(value, "stream")
+
+
+def check_number(
+    value: object, field_name: str, minimum: float, maximum: float, *, above: bool = False, unit: str = ""
+) -> float:
+    """``value`` as a float if it is an int or a float (not a bool), finite, from ``minimum`` (above it
+    with ``above``) to ``maximum``; else raise ``InvalidArgument`` (``unit`` names what it counts)."""
+    if (
+        type(value) not in (int, float)
+        or not math.isfinite(value)  # type: ignore[arg-type]
+        or not minimum <= value <= maximum  # type: ignore[operator]
+        or (above and value == minimum)
+    ):
+        low = f"> {minimum:g}" if above else f">= {minimum:g}"
+        high = "" if maximum == math.inf else f" and <= {maximum:g}"
+        what = f"a number of {unit}" if unit else "a number"
+        raise InvalidArgument(field_name, f"must be {what} {low}{high}, got {value!r:.80}")
+    return float(value)  # type: ignore[arg-type]
 
 
 def check_list(value: object, field_name: str) -> tuple[Any, ...]:

@@ -20,7 +20,7 @@ from stateline.bus.connection import NatsConnector
 from stateline.bus.envelope import alias_messages, envelope_of, subject_of
 from stateline.errors import ChangesTrimmed, InvalidArgument, StatelineError
 from stateline.store.protocol import Store
-from stateline.types import RELAY_CURSORS, SYSTEM_TENANT, Change, Put, check_key
+from stateline.types import RELAY_CURSORS, SYSTEM_TENANT, Change, Put, check_key, check_number
 
 __all__ = ["Relay"]
 
@@ -34,10 +34,6 @@ _RETENTION = {
     "interest": RetentionPolicy.INTEREST,
     "workqueue": RetentionPolicy.WORK_QUEUE,
 }
-
-
-def _positive_seconds(value: object) -> bool:
-    return type(value) in (int, float) and 0 < value < math.inf  # type: ignore[operator]
 
 
 class Relay:
@@ -92,8 +88,7 @@ class Relay:
         if max_age is not None:
             seconds["max_age"] = max_age
         for name, value in seconds.items():
-            if not _positive_seconds(value):
-                raise InvalidArgument(name, f"must be a positive number of seconds, got {value!r}")
+            check_number(value, name, 0, math.inf, above=True, unit="seconds")
         if max_age is not None:
             # JetStream refuses a duplicate window longer than the age it keeps messages; a message
             # older than that is gone anyway, so there is nothing to deduplicate it against
