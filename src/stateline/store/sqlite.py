@@ -1172,8 +1172,9 @@ class SQLiteStore(Store):
         folder = os.path.dirname(target)
         if not os.path.isdir(folder):
             raise InvalidArgument("dest", f"folder {folder!r} does not exist")
+        taken = InvalidArgument("dest", f"{dest!r} exists; a backup never overwrites a file")
         if os.path.lexists(target):
-            raise InvalidArgument("dest", f"{dest!r} exists; a backup never overwrites a file")
+            raise taken
         partial = f"{target}.partial-{os.getpid()}-{os.urandom(4).hex()}"
         conn = self._connect()
         try:
@@ -1195,11 +1196,11 @@ class SQLiteStore(Store):
             os.link(partial, target)  # fails if dest appeared meanwhile: never overwrite
         except FileExistsError:
             os.unlink(partial)
-            raise InvalidArgument("dest", f"{dest!r} exists; a backup never overwrites a file") from None
+            raise taken from None
         except OSError:  # a file system without hard links
             if os.path.lexists(target):
                 os.unlink(partial)
-                raise InvalidArgument("dest", f"{dest!r} exists; a backup never overwrites a file") from None
+                raise taken from None
             os.rename(partial, target)
         else:
             os.unlink(partial)
