@@ -18,7 +18,7 @@ from starlette.responses import Response
 from stateline.api.auth import Principal, require_tenant_data
 from stateline.errors import InvalidArgument, Unauthenticated
 from stateline.observability import current_trace_id
-from stateline.types import Change, ChangeOp, Event, Item
+from stateline.types import Item
 
 if TYPE_CHECKING:
     from stateline.api.app import ApiContext
@@ -28,9 +28,7 @@ __all__ = [
     "ApiModel",
     "Caller",
     "JsonResponse",
-    "change_dict",
     "ctx_of",
-    "event_dict",
     "header",
     "item_dict",
     "json_response",
@@ -245,13 +243,3 @@ def item_dict(item: Item) -> dict[str, Any]:
         "updated_at": item.updated_at,
         "expires_at": item.expires_at,
     }
-
-
-def event_dict(e: Event) -> dict[str, Any]:
-    """An event as JSON."""
-    return e.to_dict()
-
-
-def change_dict(c: Change, ops: tuple[ChangeOp, ...] | None = None) -> dict[str, Any]:
-    """A change record as JSON (``ops`` restricts it to the ops a filter kept)."""
-    return c.to_dict(ops)

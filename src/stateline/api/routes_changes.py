@@ -12,7 +12,7 @@ from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel
 from starlette.responses import Response, StreamingResponse
 
-from stateline.api.common import Caller, change_dict, json_response
+from stateline.api.common import Caller, json_response
 from stateline.api.errors import responses
 from stateline.errors import ChangesTrimmed, InvalidArgument
 from stateline.types import Change, ChangeOp
@@ -105,7 +105,7 @@ async def _page(caller: Caller, after: int, limit: int, flt: ChangeFilter) -> tu
             ops = flt.ops(c)
             after = c.revision
             if ops:
-                out.append(change_dict(c, ops))
+                out.append(c.to_dict(ops))
         if len(batch) < PAGE or len(out) >= limit:
             break
     return out, after

@@ -11,7 +11,6 @@ from starlette.responses import Response
 from stateline.api.common import (
     ApiModel,
     Caller,
-    event_dict,
     header,
     item_dict,
     json_response,
@@ -496,7 +495,7 @@ async def read_stream(
             "stream": stream,
             "first_seq": info.first_seq,
             "last_seq": info.last_seq,
-            "events": [event_dict(e) for e in events],
+            "events": [e.to_dict() for e in events],
         }
 
     return json_response(await caller.run(read))
