@@ -411,6 +411,67 @@ def test_concurrent_writes_share_audit_commits_and_each_is_audited_before_its_re
     assert sorted(e.resource_id or "" for e in audit.query(limit=100).entries) == sorted(f"k{i}" for i in range(20))
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "whole", "route", "idempotency_key"),
+    [
+        ("PUT", "/v1/docs/cut", b'{"the": "whole document", "n": 12345}', "/v1/docs/{key:path}", None),
+        ("PUT", "/v1/sessions/cut", b'{"provider": "node-1", "ttl": 60}', "/v1/sessions/{session_id}", None),
+        ("POST", "/v1/cases", b'{"case_id": "cut", "ctx": {"customer": "c-9"}}', None, b"req-1"),
+    ],
+)
+def test_a_client_gone_before_its_body_is_whole_changes_nothing_and_is_no_server_error(
+    mem_api: Api,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+    path: str,
+    whole: bytes,
+    route: str | None,
+    idempotency_key: bytes | None,
+) -> None:
+    token = mem_api.key("acme")["Authorization"].removeprefix("Bearer ")
+    headers = [(b"authorization", f"Bearer {token}".encode()), (b"content-length", str(len(whole)).encode())]
+    if idempotency_key is not None:
+        headers.append((b"idempotency-key", idempotency_key))
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8080),
+    }
+    incoming = [{"type": "http.request", "body": whole[:20], "more_body": True}, {"type": "http.disconnect"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with caplog.at_level(logging.ERROR, logger="stateline"):
+        asyncio.run(mem_api.app(scope, receive, send))
+    assert sent == []  # nobody to answer
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    text = mem_api.client.get("/metrics").text
+    # counted as the client closing the request (under its route once routing has seen it: an
+    # idempotent POST reads its body first)
+    counted = f'stateline_http_requests_total{{method="{method}",route="{route or "unmatched"}",status="499"}}'
+    assert f"{counted} 1.0" in text
+    assert 'status="500"' not in text
+    assert list(mem_api.db.tenant("acme").changes(after_revision=0)) == []  # nothing written
+    # the idempotency key was not left in progress: the whole request goes through
+    h = {**mem_api.key("acme"), **({"Idempotency-Key": idempotency_key.decode()} if idempotency_key else {})}
+    again = mem_api.client.request(method, path, content=whole, headers=h)
+    assert again.status_code in (200, 201), again.text
+
+
 def test_a_failed_audit_append_is_counted_and_logged_and_the_write_still_answers(
     mem_api: Api, caplog: pytest.LogCaptureFixture
 ) -> None:

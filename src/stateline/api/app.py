@@ -24,7 +24,7 @@ from opentelemetry.trace import Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
 from starlette.staticfiles import StaticFiles
@@ -541,6 +541,10 @@ class ServiceMiddleware:
             if state[1]:
                 raise
             await error_response(exc)(scope, receive, send_plain)
+        except ClientDisconnect:
+            # the client went away before its request was whole: nothing was done and nobody is left
+            # to answer; counted as 499 (the client closed the request), not as a server error
+            state[0] = 499
         except Exception as exc:  # noqa: BLE001  # the one place that turns any failure into a bare 500
             _log.error("unhandled error", exc_info=exc, extra={"path": path, "method": method})
             span.record_exception(exc)
@@ -759,7 +763,7 @@ async def _buffer_body(receive: Receive) -> tuple[bytes, Receive]:
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            break
+            raise ClientDisconnect
         parts.append(message.get("body", b""))
         if not message.get("more_body"):
             break
