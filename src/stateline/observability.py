@@ -12,7 +12,7 @@ import orjson
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 __all__ = [
     "JsonFormatter",
@@ -103,11 +103,22 @@ def make_tracer_provider(service_name: str = "stateline") -> TracerProvider | No
     return provider
 
 
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+"""prometheus-client's multiprocess mode: with this variable naming a directory when a process starts,
+its metrics are kept in files there and the exposition sums every process's (``stateline serve
+--workers N`` sets it up)."""
+
+
 class Metrics:
-    """The service's Prometheus metrics, on a registry of their own (one per app)."""
+    """The service's Prometheus metrics, on a registry of their own (one per app).
+
+    In multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set before the process started) ``exposition()``
+    gives the sum over every process writing to that directory, so each scrape of any worker sees the
+    whole service instead of one worker's share."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.multiprocess_dir = os.environ.get(MULTIPROC_DIR) or None
         r = self.registry
         self.requests = Counter(
             "stateline_http_requests",
@@ -137,8 +148,26 @@ class Metrics:
         self.rate_limited = Counter(
             "stateline_rate_limited", "Requests refused by the per-tenant rate limit.", registry=r
         )
-        self.watchers = Gauge("stateline_watchers", "Open change-feed subscriptions (SSE and long polls).", registry=r)
+        self.watchers = Gauge(
+            "stateline_watchers",
+            "Open change-feed subscriptions (SSE and long polls).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.swept = Counter("stateline_swept_items", "Expired items removed by the sweeper.", registry=r)
         self.trimmed = Counter(
             "stateline_trimmed_changes", "Change records removed by the sweeper's retention.", registry=r
         )
+
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus text format: this registry's, or every process's in multiprocess mode."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]  # untyped upstream
+        return generate_latest(registry)
+
+    def process_exit(self) -> None:
+        """In multiprocess mode, drop this process's live gauges (its counters keep counting in the sum)."""
+        if self.multiprocess_dir is not None:
+            multiprocess.mark_process_dead(os.getpid(), self.multiprocess_dir)  # type: ignore[no-untyped-call]  # untyped upstream

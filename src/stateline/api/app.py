@@ -223,6 +223,7 @@ class ApiContext:
         if self._froze:
             gc.unfreeze()
             self._froze = False
+        self.metrics.process_exit()
 
 
 def create_app(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.responses import RedirectResponse, Response
 
@@ -43,7 +43,7 @@ async def readyz(request: Request) -> Response:
 )
 async def metrics(request: Request) -> Response:
     """Prometheus metrics: requests by route and status, latency, commits, conflicts, store errors."""
-    return Response(generate_latest(ctx_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(ctx_of(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/", include_in_schema=False)
