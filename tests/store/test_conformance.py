@@ -56,6 +56,9 @@ def test_unknown_options_and_a_clock_without_now_us_are_refused(backend: Backend
         with pytest.raises(InvalidArgument) as err:
             open_store(backend.url, **options)
         assert err.value.field == field
+    url = backend.url + ("&" if "?" in backend.url else "?") + "bogus=1"
+    with pytest.raises(InvalidArgument, match="bogus"):  # in the URL too
+        open_store(url)
 
 
 def test_versions_and_revisions(store: Store, clock: FakeClock) -> None:

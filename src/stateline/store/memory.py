@@ -6,6 +6,7 @@ import heapq
 import threading
 from bisect import bisect_left
 from typing import Any, Self
+from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 from sortedcontainers import SortedList
@@ -155,7 +156,20 @@ class MemoryStore(Store):
     def from_url(cls, url: str, *, clock: Clock | None = None, **options: Any) -> Self:
         if type(url) is not str or not url.startswith("memory:"):
             raise InvalidArgument("url", f"not a memory:// URL: {url!r}")
-        return cls(clock=clock, **options)
+        parts = urlsplit(url)
+        if parts.netloc or parts.path or parts.fragment:
+            raise InvalidArgument("url", f"memory:// names nothing (each open is a new, empty store): {url!r}")
+        merged: dict[str, Any] = {}
+        for name, value in parse_qsl(parts.query, keep_blank_values=True):
+            if name != "max_value_bytes":
+                raise InvalidArgument(name, "unknown memory option; the one option is max_value_bytes")
+            if name in merged:
+                raise InvalidArgument("url", f"option {name!r} given twice")
+            if not value.isdigit():
+                raise InvalidArgument(name, f"must be a whole number of bytes, got {value!r}")
+            merged[name] = int(value)
+        merged.update(options)
+        return cls(clock=clock, **merged)
 
     def _item(self, ns: str, key: str, rec: _Rec) -> Item:
         return Item(
