@@ -41,10 +41,10 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py $(ARGS)
 
-# The long reliability pass (at most about 30 minutes); figures go to bench/results/reliability.json.
+# The long reliability pass and the long OpenAPI fuzz (at most about 30 minutes); figures go to bench/results/reliability.json.
 soak: $(STAMP)
 	STATELINE_SOAK=1 STATELINE_RELIABILITY_REPORT=bench/results/reliability.json \
-		$(BIN)/pytest tests/reliability -q --timeout 1800
+		$(BIN)/pytest tests/reliability tests/api/test_fuzz.py -q --timeout 1800
 	cat bench/results/reliability.json
 
 clean:

@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry
+from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -31,6 +32,7 @@ from starlette.staticfiles import StaticFiles
 
 from stateline.api.auditing import ApiAuditor
 from stateline.api.auth import KeyStore, Principal
+from stateline.api.common import BODY_MODELS
 from stateline.api.errors import error_response, install_error_handlers
 from stateline.api.hub import ChangeHub
 from stateline.api.idempotency import HttpIdempotency, Replay, fingerprint
@@ -412,6 +414,19 @@ def _version() -> str:
     return stateline.__version__
 
 
+def _not_null(schema: dict[str, Any]) -> None:
+    """An optional parameter (``str | None``) is documented by FastAPI as string-or-null; a query string or
+    header cannot carry a null, only be absent, so the null branch goes."""
+    branches = schema.get("anyOf")
+    if branches is not None and {"type": "null"} in branches:
+        rest = [b for b in branches if b != {"type": "null"}]
+        del schema["anyOf"]
+        if len(rest) == 1:
+            schema.update(rest[0])
+        else:
+            schema["anyOf"] = rest
+
+
 def _openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema:
         return app.openapi_schema
@@ -432,6 +447,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         for op in ops.values():
             # Request validation errors are 400 in the one error shape, never 422.
             op.get("responses", {}).pop("422", None)
+            for param in op.get("parameters", []):
+                _not_null(param["schema"])
             if path.startswith("/v1/"):
                 op["security"] = [{"apiKey": []}]
         post = ops.get("post")
@@ -452,8 +469,16 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
                 },
             )
+    schemas = components.setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
-        components.get("schemas", {}).pop(name, None)
+        schemas.pop(name, None)
+    # the request bodies that routes read themselves (common.body_doc), as pydantic validates them
+    _, defs = models_json_schema(
+        [(m, "validation") for m in BODY_MODELS.values()], ref_template="#/components/schemas/{model}"
+    )
+    for name, body_schema in defs.get("$defs", {}).items():
+        if schemas.setdefault(name, body_schema) != body_schema:
+            raise RuntimeError(f"OpenAPI: two schemas named {name}: a request body and a response differ")
     app.openapi_schema = schema
     return schema
 

@@ -6,11 +6,11 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import orjson
-from fastapi import Request
-from pydantic import BaseModel, ConfigDict, ValidationError
+from fastapi import Header, Path, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
@@ -25,9 +25,32 @@ if TYPE_CHECKING:
     from stateline.database import Tenant
 
 __all__ = [
+    "BODY_MODELS",
+    "CASE_ID",
+    "ETAG",
+    "KEY_TEXT",
+    "NAMESPACE",
+    "PREFIX_TEXT",
+    "RUN_ID",
     "ApiModel",
     "Caller",
+    "CaseIdField",
+    "CaseIdPath",
+    "CaseIdQuery",
+    "CreateOnly",
+    "IfMatch",
+    "IfNoneMatch",
     "JsonResponse",
+    "KeyField",
+    "KeyPath",
+    "KeyQuery",
+    "NamespaceField",
+    "NamespacePath",
+    "PrefixQuery",
+    "RunIdField",
+    "RunIdPath",
+    "RunIdQuery",
+    "body_doc",
     "ctx_of",
     "header",
     "item_dict",
@@ -51,6 +74,58 @@ class ApiModel(BaseModel):
     """Base of request bodies: strict JSON types, unknown fields refused."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
+
+
+# JSON-schema fragments for the OpenAPI document: the rules the layers check, so that a client (or a
+# generator of requests) knows what is accepted. tests/api/test_fuzz.py holds the two together.
+KEY_TEXT: dict[str, Any] = {"pattern": r"^[^\x00-\x1f\x7f-\x9f]{1,200}$"}
+"""A key, stream, lock or session name...: no control characters, up to 1,024 bytes of UTF-8 with what
+the layer adds (documented as 200 characters, which always fit)."""
+RUN_ID: dict[str, Any] = {"pattern": r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"}
+"""A run, step or flow id."""
+CASE_ID: dict[str, Any] = {"pattern": r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$"}
+"""A case id."""
+NAMESPACE: dict[str, Any] = {"pattern": r"^[A-Za-z0-9_][A-Za-z0-9_.:/\-]{0,127}$"}
+"""A namespace or an event type."""
+ETAG: dict[str, Any] = {"pattern": r'^(\*|(W/)?"[1-9][0-9]{0,17}")$'}
+"""An If-Match / If-None-Match value: ``*`` or one version ETag."""
+PREFIX_TEXT: dict[str, Any] = {"pattern": r"^[^\x00-\x1f\x7f-\x9f]{0,200}$"}
+"""A key prefix: a key's characters, or empty."""
+
+# Parameters and body fields so documented (the layers validate them; these only describe)
+IfMatch = Annotated[
+    str | None, Header(json_schema_extra=ETAG, description='"<version>" (or *): only if it holds, else 412')
+]
+IfNoneMatch = Annotated[str | None, Header(json_schema_extra=ETAG, description='"<version>" or *: 304 if it holds')]
+CreateOnly = Annotated[
+    str | None, Header(json_schema_extra={"enum": ["*"]}, description="*: create only (412 if it exists)")
+]
+KeyPath = Annotated[str, Path(json_schema_extra=KEY_TEXT)]
+KeyQuery = Annotated[str | None, Query(json_schema_extra=KEY_TEXT)]
+PrefixQuery = Annotated[str, Query(json_schema_extra=PREFIX_TEXT)]
+RunIdPath = Annotated[str, Path(json_schema_extra=RUN_ID)]
+RunIdQuery = Annotated[str | None, Query(json_schema_extra=RUN_ID)]
+CaseIdPath = Annotated[str, Path(json_schema_extra=CASE_ID)]
+CaseIdQuery = Annotated[str | None, Query(json_schema_extra=CASE_ID)]
+NamespacePath = Annotated[str, Path(json_schema_extra=NAMESPACE)]
+KeyField = Annotated[str, Field(json_schema_extra=KEY_TEXT)]
+RunIdField = Annotated[str, Field(json_schema_extra=RUN_ID)]
+CaseIdField = Annotated[str, Field(json_schema_extra=CASE_ID)]
+NamespaceField = Annotated[str, Field(json_schema_extra=NAMESPACE)]
+
+BODY_MODELS: dict[str, type[BaseModel]] = {}
+"""The request-body models that routes declare with ``body_doc``, by name (their schemas go into the
+OpenAPI components)."""
+
+
+def body_doc(model: type[BaseModel], *, optional: bool = False) -> dict[str, Any]:
+    """``openapi_extra`` for a route that reads its JSON body as ``model`` with ``parse_body`` (FastAPI
+    documents only the bodies it parses itself). ``optional``: an empty body is allowed."""
+    known = BODY_MODELS.setdefault(model.__name__, model)
+    if known is not model:
+        raise ValueError(f"two request-body models are named {model.__name__}")
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": not optional, "content": {"application/json": {"schema": schema}}}}
 
 
 def ctx_of(request: Request) -> ApiContext:

@@ -11,6 +11,7 @@ from stateline.api.common import Caller, json_response
 from stateline.api.errors import responses
 from stateline.audit import AuditEntry, AuditPage, AuditVerification
 from stateline.errors import NotFound
+from stateline.store.protocol import MAX_INT
 
 __all__ = ["router"]
 
@@ -26,9 +27,9 @@ async def query(
     action: str | None = None,
     resource_type: str | None = None,
     resource_id: str | None = None,
-    from_ts: Annotated[int | None, Query(ge=0, description="µs since the epoch, inclusive")] = None,
-    to_ts: Annotated[int | None, Query(ge=0)] = None,
-    after: Annotated[int | None, Query(ge=0, description="next_after of the previous page")] = None,
+    from_ts: Annotated[int | None, Query(ge=0, le=MAX_INT, description="µs since the epoch, inclusive")] = None,
+    to_ts: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_INT, description="next_after of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     order: Literal["newest", "oldest"] = "newest",
 ) -> Response:

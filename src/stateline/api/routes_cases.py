@@ -4,14 +4,28 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from stateline.api.common import ApiModel, Caller, header, json_response, parse_body, parse_etag
+from stateline.api.common import (
+    ApiModel,
+    Caller,
+    CaseIdField,
+    CaseIdPath,
+    CaseIdQuery,
+    IfMatch,
+    PrefixQuery,
+    body_doc,
+    header,
+    json_response,
+    parse_body,
+    parse_etag,
+)
 from stateline.api.errors import responses
 from stateline.cases import Case, Receipt, Verification
 from stateline.errors import Conflict, PreconditionFailed
+from stateline.store.protocol import MAX_INT
 from stateline.types import Event
 
 __all__ = ["router"]
@@ -24,7 +38,7 @@ LAYER = "cases"
 class CaseCreate(ApiModel):
     """A new case (``case_id`` is drawn when omitted); 409 if it exists."""
 
-    case_id: str | None = None
+    case_id: CaseIdField | None = None
     ctx: dict[str, Any] | None = None
 
 
@@ -185,7 +199,14 @@ def _buffer(case: Case, m: Any) -> None:
         case.set_metadata(m.key, m.value)
 
 
-@router.post("", status_code=201, response_model=CaseOut, responses=responses(409), name="cases.create")
+@router.post(
+    "",
+    status_code=201,
+    response_model=CaseOut,
+    responses=responses(409),
+    openapi_extra=body_doc(CaseCreate),
+    name="cases.create",
+)
 async def create_case(request: Request) -> Response:
     """Create a case with an optional initial ``ctx``."""
     caller = Caller.of(request, LAYER, "write")
@@ -196,7 +217,10 @@ async def create_case(request: Request) -> Response:
 
 @router.get("", response_model=CaseIds, responses=responses(), name="cases.list")
 async def list_cases(
-    request: Request, prefix: str = "", after: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    request: Request,
+    prefix: PrefixQuery = "",
+    after: CaseIdQuery = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
     """Case ids starting with ``prefix``."""
     caller = Caller.of(request, LAYER, "read")
@@ -205,18 +229,24 @@ async def list_cases(
 
 
 @router.get("/{case_id}", response_model=CaseOut, responses=responses(404), name="cases.get")
-async def get_case(request: Request, case_id: str) -> Response:
+async def get_case(request: Request, case_id: CaseIdPath) -> Response:
     """A case's last committed state."""
     caller = Caller.of(request, LAYER, "read")
     case = await caller.run(caller.tenant.cases.open, case_id)
     return json_response(_case(case), headers={"ETag": f'"{case.version}"'})
 
 
-@router.post("/{case_id}/commit", response_model=CommitOut, responses=responses(404, 409, 412), name="cases.commit")
+@router.post(
+    "/{case_id}/commit",
+    response_model=CommitOut,
+    responses=responses(404, 409, 412),
+    openapi_extra=body_doc(CaseCommit),
+    name="cases.commit",
+)
 async def commit_case(
     request: Request,
-    case_id: str,
-    if_match: Annotated[str | None, Header(description='"<version>": commit only over that version (412)')] = None,
+    case_id: CaseIdPath,
+    if_match: IfMatch = None,
 ) -> Response:
     """Buffer the mutations, validate them all, and commit them with a receipt in one atomic write."""
     return await _commit_case(request)
@@ -252,8 +282,8 @@ async def _commit_case(request: Request) -> Response:
 @router.get("/{case_id}/receipts", response_model=ReceiptsOut, responses=responses(404), name="cases.receipts")
 async def receipts(
     request: Request,
-    case_id: str,
-    from_seq: Annotated[int, Query(alias="from", ge=1)] = 1,
+    case_id: CaseIdPath,
+    from_seq: Annotated[int, Query(alias="from", ge=1, le=MAX_INT)] = 1,
     limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
 ) -> Response:
     """The case's receipts (a hash chain) from ``from``."""
@@ -269,8 +299,8 @@ async def receipts(
 @router.get("/{case_id}/events", response_model=CaseEventsOut, responses=responses(404), name="cases.events")
 async def case_events(
     request: Request,
-    case_id: str,
-    from_seq: Annotated[int, Query(alias="from", ge=1)] = 1,
+    case_id: CaseIdPath,
+    from_seq: Annotated[int, Query(alias="from", ge=1, le=MAX_INT)] = 1,
     limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
 ) -> Response:
     """The case's events from ``from``."""
@@ -284,7 +314,7 @@ async def case_events(
 
 
 @router.get("/{case_id}/verify", response_model=Verification, responses=responses(404), name="cases.verify")
-async def verify(request: Request, case_id: str) -> Response:
+async def verify(request: Request, case_id: CaseIdPath) -> Response:
     """Check the receipt chain and the state against it; says which receipt is bad and why."""
     caller = Caller.of(request, LAYER, "read")
 

@@ -15,6 +15,7 @@ from starlette.responses import Response, StreamingResponse
 from stateline.api.common import Caller, json_response
 from stateline.api.errors import responses
 from stateline.errors import ChangesTrimmed, InvalidArgument
+from stateline.store.protocol import MAX_INT
 from stateline.types import Change, ChangeOp
 
 __all__ = ["ChangeFilter", "router"]
@@ -121,7 +122,7 @@ def _filter(namespace: str | None, stream: str | None, run: str | None) -> Chang
 @router.get("/changes", response_model=ChangesOut, responses=responses(), name="changes.list")
 async def changes(
     request: Request,
-    after: Annotated[int, Query(ge=0, description="Return changes with revision > after")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_INT, description="Return changes with revision > after")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     wait: Annotated[float, Query(ge=0, le=3600, description="Seconds to wait for a change (long poll)")] = 0,
     namespace: str | None = None,
@@ -166,11 +167,13 @@ async def changes(
 )
 async def watch(
     request: Request,
-    after: Annotated[int | None, Query(ge=0, description="Start after this revision (default: now)")] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_INT, description="Start after this revision (default: now)")
+    ] = None,
     namespace: str | None = None,
     stream: str | None = None,
     run: str | None = None,
-    limit: Annotated[int | None, Query(ge=1, description="Close the stream after this many events")] = None,
+    limit: Annotated[int | None, Query(ge=1, le=MAX_INT, description="Close the stream after this many events")] = None,
     last_event_id: Annotated[str | None, Header(description="Resume after this revision (set by EventSource)")] = None,
 ) -> Response:
     """The change feed as Server-Sent Events, live. Resumable: ``Last-Event-ID`` (or ``after``) is a

@@ -11,6 +11,13 @@ from starlette.responses import Response
 from stateline.api.common import (
     ApiModel,
     Caller,
+    CreateOnly,
+    IfMatch,
+    IfNoneMatch,
+    KeyPath,
+    KeyQuery,
+    PrefixQuery,
+    body_doc,
     header,
     json_response,
     parse_body,
@@ -99,8 +106,8 @@ class DocTransactionOut(BaseModel):
 @router.get("", response_model=DocList, responses=responses(), name="docs.list")
 async def list_docs(
     request: Request,
-    prefix: str = "",
-    after: str | None = None,
+    prefix: PrefixQuery = "",
+    after: KeyQuery = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     collection: Collection = None,
 ) -> Response:
@@ -110,7 +117,13 @@ async def list_docs(
     return json_response({"documents": docs, "next": docs[-1].key if len(docs) == limit else None})
 
 
-@router.post("/batch-get", response_model=DocBatchOut, responses=responses(), name="docs.batch_get")
+@router.post(
+    "/batch-get",
+    response_model=DocBatchOut,
+    responses=responses(),
+    openapi_extra=body_doc(DocBatch),
+    name="docs.batch_get",
+)
 async def batch_get_docs(request: Request) -> Response:
     """Several documents in one round trip."""
     caller = Caller.of(request, LAYER, "read")
@@ -119,7 +132,13 @@ async def batch_get_docs(request: Request) -> Response:
     return json_response({"documents": docs})
 
 
-@router.post("/transaction", response_model=DocTransactionOut, responses=responses(409), name="docs.transaction")
+@router.post(
+    "/transaction",
+    response_model=DocTransactionOut,
+    responses=responses(409),
+    openapi_extra=body_doc(DocTransactionIn),
+    name="docs.transaction",
+)
 async def doc_transaction(request: Request) -> Response:
     """Write several documents atomically, each optionally guarded by its expected version."""
     caller = Caller.of(request, LAYER, "write")
@@ -148,7 +167,7 @@ async def doc_transaction(request: Request) -> Response:
 
 
 @router.get("/transactions/{tx_id}", response_model=TxRecord, responses=responses(404), name="docs.get_transaction")
-async def get_transaction(request: Request, tx_id: str) -> Response:
+async def get_transaction(request: Request, tx_id: KeyPath) -> Response:
     """One entry of the transaction log."""
     caller = Caller.of(request, LAYER, "read")
     return json_response(await caller.run(caller.tenant.docs.get_transaction, tx_id))
@@ -162,9 +181,9 @@ async def get_transaction(request: Request, tx_id: str) -> Response:
 )
 async def get_doc(
     request: Request,
-    key: str,
+    key: KeyPath,
     collection: Collection = None,
-    if_none_match: Annotated[str | None, Header()] = None,
+    if_none_match: IfNoneMatch = None,
 ) -> Response:
     """One document with its version as the ``ETag``."""
     return await _get_doc(request)
@@ -198,10 +217,10 @@ async def _get_doc(request: Request) -> Response:
 )
 async def put_doc(
     request: Request,
-    key: str,
+    key: KeyPath,
     collection: Collection = None,
-    if_match: Annotated[str | None, Header(description='"<version>": write only over that version (412)')] = None,
-    if_none_match: Annotated[str | None, Header(description="*: create only (412 if it exists)")] = None,
+    if_match: IfMatch = None,
+    if_none_match: CreateOnly = None,
     x_reason: Annotated[str | None, Header(description="Why: stored with the write")] = None,
 ) -> Response:
     """Write a document; ``If-Match`` for optimistic locking, ``If-None-Match: *`` to create only."""
@@ -246,9 +265,9 @@ async def _put_doc(request: Request) -> Response:
 @router.delete("/{key:path}", response_model=DocDeleted, responses=responses(404, 412), name="docs.delete")
 async def delete_doc(
     request: Request,
-    key: str,
+    key: KeyPath,
     collection: Collection = None,
-    if_match: Annotated[str | None, Header(description='"<version>": delete only that version (412)')] = None,
+    if_match: IfMatch = None,
 ) -> Response:
     """Delete a document: 404 if there is none, 412 if ``If-Match`` does not hold."""
     caller = Caller.of(request, LAYER, "write")

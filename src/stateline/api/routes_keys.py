@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from stateline.api.auth import SYSTEM_TENANT, Principal
-from stateline.api.common import ApiModel, ctx_of, json_response, parse_body
+from stateline.api.common import ApiModel, body_doc, ctx_of, json_response, parse_body
 from stateline.api.errors import responses
 from stateline.errors import Forbidden, Unauthenticated
 
@@ -63,7 +63,14 @@ def _scope_tenant(principal: Principal) -> str | None:
     return None if principal.tenant == SYSTEM_TENANT else principal.tenant
 
 
-@router.post("", status_code=201, response_model=KeyCreated, responses=responses(), name="keys.create")
+@router.post(
+    "",
+    status_code=201,
+    response_model=KeyCreated,
+    responses=responses(),
+    openapi_extra=body_doc(KeyCreate),
+    name="keys.create",
+)
 async def create_key(request: Request) -> Response:
     """Create an API key. The response holds the secret token, which is never shown again."""
     principal = _admin(request)

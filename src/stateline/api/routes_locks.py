@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from stateline.api.common import ApiModel, Caller, json_response, parse_body
+from stateline.api.common import ApiModel, Caller, KeyPath, body_doc, json_response, parse_body
 from stateline.api.errors import responses
 from stateline.locks import Lease, LockState, WaitFor
 
@@ -52,8 +52,14 @@ class Deadlocks(BaseModel):
     waits: list[WaitFor]
 
 
-@router.post("/locks/{name}/acquire", response_model=Lease, responses=responses(409), name="locks.acquire")
-async def acquire(request: Request, name: str) -> Response:
+@router.post(
+    "/locks/{name}/acquire",
+    response_model=Lease,
+    responses=responses(409),
+    openapi_extra=body_doc(AcquireIn, optional=True),
+    name="locks.acquire",
+)
+async def acquire(request: Request, name: KeyPath) -> Response:
     """Acquire a lease; its ``fencing_token`` only ever increases, its ``token`` releases or extends it."""
     caller = Caller.of(request, LAYER, "write")
     body = await parse_body(request, AcquireIn, optional=True)
@@ -61,16 +67,28 @@ async def acquire(request: Request, name: str) -> Response:
     return json_response(lease)
 
 
-@router.post("/locks/{name}/extend", response_model=Lease, responses=responses(409), name="locks.extend")
-async def extend(request: Request, name: str) -> Response:
+@router.post(
+    "/locks/{name}/extend",
+    response_model=Lease,
+    responses=responses(409),
+    openapi_extra=body_doc(ExtendIn),
+    name="locks.extend",
+)
+async def extend(request: Request, name: KeyPath) -> Response:
     """Extend a current lease (a stale token is 409)."""
     caller = Caller.of(request, LAYER, "write")
     body = await parse_body(request, ExtendIn)
     return json_response(await caller.run(caller.tenant.locks.extend, name, body.ttl, body.token))
 
 
-@router.post("/locks/{name}/release", response_model=Released, responses=responses(409), name="locks.release")
-async def release(request: Request, name: str) -> Response:
+@router.post(
+    "/locks/{name}/release",
+    response_model=Released,
+    responses=responses(409),
+    openapi_extra=body_doc(TokenIn),
+    name="locks.release",
+)
+async def release(request: Request, name: KeyPath) -> Response:
     """Release a lease by its token (a stale token is 409)."""
     caller = Caller.of(request, LAYER, "write")
     body = await parse_body(request, TokenIn)
@@ -79,7 +97,7 @@ async def release(request: Request, name: str) -> Response:
 
 
 @router.get("/locks/{name}", response_model=LockState, responses=responses(), name="locks.state")
-async def state(request: Request, name: str) -> Response:
+async def state(request: Request, name: KeyPath) -> Response:
     """Who holds the lock and until when (never the lease token)."""
     caller = Caller.of(request, LAYER, "read")
     return json_response(await caller.run(caller.tenant.locks.state, name))

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from stateline.api.common import ApiModel, Caller, json_response, parse_body
+from stateline.api.common import ApiModel, Caller, KeyQuery, body_doc, json_response, parse_body
 from stateline.api.errors import responses
 from stateline.docs import Transaction
 from stateline.errors import Conflict, InvalidArgument, NotFound
@@ -113,7 +113,7 @@ def _head(tx: Transaction, name: str) -> dict[str, Any]:
 
 @router.get("", response_model=PolicyList, responses=responses(), name="policies.list")
 async def list_policies(
-    request: Request, after: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    request: Request, after: KeyQuery = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> Response:
     """Policies of the tenant."""
     caller = Caller.of(request, LAYER, "read")
@@ -122,7 +122,12 @@ async def list_policies(
 
 
 @router.post(
-    "/{name}/versions", status_code=201, response_model=PolicyVersion, responses=responses(409), name="policies.create"
+    "/{name}/versions",
+    status_code=201,
+    response_model=PolicyVersion,
+    responses=responses(409),
+    openapi_extra=body_doc(PolicyVersionIn),
+    name="policies.create",
 )
 async def create_version(request: Request, name: Name) -> Response:
     """Add the next version of a policy (creating the policy); ``activate`` makes it active at once."""
@@ -195,7 +200,13 @@ async def get_version(request: Request, name: Name, version: Annotated[int, Path
     return json_response(doc.value)
 
 
-@router.post("/{name}/activate", response_model=PolicyHead, responses=responses(404, 409), name="policies.activate")
+@router.post(
+    "/{name}/activate",
+    response_model=PolicyHead,
+    responses=responses(404, 409),
+    openapi_extra=body_doc(ActivateIn),
+    name="policies.activate",
+)
 async def activate(request: Request, name: Name) -> Response:
     """Make one version the active one (the only active one)."""
     caller = Caller.of(request, LAYER, "write")

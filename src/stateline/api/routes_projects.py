@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from stateline.api.common import ApiModel, Caller, json_response, parse_body, parse_etag
+from stateline.api.common import (
+    ApiModel,
+    Caller,
+    CreateOnly,
+    IfMatch,
+    KeyQuery,
+    body_doc,
+    json_response,
+    parse_body,
+    parse_etag,
+)
 from stateline.api.errors import responses
 from stateline.errors import Conflict, InvalidArgument, NotFound, PreconditionFailed
 
@@ -57,7 +67,7 @@ def _out(doc: Any) -> dict[str, Any]:
 
 @router.get("", response_model=ProjectList, responses=responses(), name="projects.list")
 async def list_projects(
-    request: Request, after: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    request: Request, after: KeyQuery = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> Response:
     """The tenant's projects."""
     caller = Caller.of(request, LAYER, "read")
@@ -79,13 +89,14 @@ async def get_project(request: Request, project_id: ProjectId) -> Response:
     "/{project_id}",
     response_model=ProjectOut,
     responses={**responses(412), 201: {"model": ProjectOut, "description": "Created"}},
+    openapi_extra=body_doc(ProjectIn),
     name="projects.put",
 )
 async def put_project(
     request: Request,
     project_id: ProjectId,
-    if_match: Annotated[str | None, Header(description='"<version>": write only over that version (412)')] = None,
-    if_none_match: Annotated[str | None, Header(description="*: create only (412 if it exists)")] = None,
+    if_match: IfMatch = None,
+    if_none_match: CreateOnly = None,
 ) -> Response:
     """Create or replace a project's name and configuration."""
     caller = Caller.of(request, LAYER, "write")

@@ -8,9 +8,20 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from stateline.api.common import ApiModel, Caller, json_response, parse_body
+from stateline.api.common import (
+    ApiModel,
+    Caller,
+    KeyField,
+    RunIdField,
+    RunIdPath,
+    RunIdQuery,
+    body_doc,
+    json_response,
+    parse_body,
+)
 from stateline.api.errors import responses
-from stateline.runs import Claim, Heartbeat, Run, Step, Usage
+from stateline.runs import MAX_LEASE_SECONDS, RUN_STATUSES, Claim, Heartbeat, Run, Step, Usage
+from stateline.store.protocol import MAX_INT
 from stateline.types import Event
 
 __all__ = ["router"]
@@ -20,34 +31,48 @@ router = APIRouter(prefix="/v1", tags=["runs"])
 LAYER = "runs"
 
 
+Seconds = Annotated[float, Field(ge=0, le=MAX_LEASE_SECONDS)]
+Lease = Annotated[float, Field(gt=0, le=MAX_LEASE_SECONDS, description="seconds")]
+Token = Annotated[str, Field(min_length=1, description="the lease token the claim returned")]
+
+
+USAGE = {
+    "properties": {
+        "tokens": {"type": "integer", "minimum": 0, "maximum": 2**53},
+        "cost_usd": {"type": "number", "minimum": 0},
+    },
+    "additionalProperties": False,
+}
+
+
 class RetryIn(ApiModel):
     """Backoff between attempts: ``initial_delay * multiplier**n`` up to ``max_delay``, with jitter."""
 
-    initial_delay: float | None = None
-    multiplier: float | None = None
-    max_delay: float | None = None
-    jitter: float | None = None
+    initial_delay: Seconds | None = None
+    multiplier: float | None = Field(default=None, ge=1, le=100)
+    max_delay: Seconds | None = None
+    jitter: float | None = Field(default=None, ge=0, le=1)
 
 
 class StepIn(ApiModel):
     """One step of a new run."""
 
-    id: str
-    kind: str | None = None
+    id: RunIdField
+    kind: RunIdField | None = None
     payload: Any = None
-    depends_on: list[str] | None = None
-    max_attempts: int | None = None
+    depends_on: list[RunIdField] | None = None
+    max_attempts: int | None = Field(default=None, ge=1, le=1000)
     retry: RetryIn | None = None
     optional: bool | None = None
-    idempotency_key: str | None = None
+    idempotency_key: KeyField | None = None
 
 
 class RunCreate(ApiModel):
     """A new run of ``flow_id`` with its steps (a DAG through ``depends_on``)."""
 
-    flow_id: str
+    flow_id: RunIdField
     steps: list[StepIn] = Field(min_length=1, max_length=1000)
-    run_id: str | None = None
+    run_id: RunIdField | None = None
     metadata: dict[str, Any] | None = None
 
 
@@ -61,9 +86,9 @@ class RunList(BaseModel):
 class ClaimIn(ApiModel):
     """A worker asks for up to ``limit`` ready steps of ``kinds`` under a lease of ``lease`` seconds."""
 
-    worker_id: str
-    lease: float = 30.0
-    kinds: list[str] | None = None
+    worker_id: KeyField
+    lease: Lease = 30.0
+    kinds: list[RunIdField] | None = None
     limit: int = Field(default=1, ge=1, le=100)
 
 
@@ -76,23 +101,23 @@ class ClaimsOut(BaseModel):
 class LeaseIn(ApiModel):
     """The lease token a claim gave, and optionally a new lease length."""
 
-    lease_token: str
-    lease: float | None = None
+    lease_token: Token
+    lease: Lease | None = None
 
 
 class CompleteIn(ApiModel):
     """Finish a step with its result and usage (tokens, cost_usd)."""
 
-    lease_token: str
+    lease_token: Token
     result: Any = None
-    usage: dict[str, Any] | None = None
+    usage: Annotated[dict[str, Any] | None, Field(json_schema_extra=USAGE)] = None
 
 
 class FailIn(ApiModel):
     """Fail an attempt; ``retryable`` false dead-letters the step at once."""
 
-    lease_token: str
-    error: Any = None
+    lease_token: Token
+    error: Annotated[Any, Field(json_schema_extra={"not": {"type": "null"}}, description="any JSON but null")]
     retryable: bool = True
 
 
@@ -115,7 +140,14 @@ def _step_dict(s: StepIn) -> dict[str, Any]:
     return out
 
 
-@router.post("/runs", status_code=201, response_model=Run, responses=responses(409), name="runs.create")
+@router.post(
+    "/runs",
+    status_code=201,
+    response_model=Run,
+    responses=responses(409),
+    openapi_extra=body_doc(RunCreate),
+    name="runs.create",
+)
 async def create_run(request: Request) -> Response:
     """Create a run; its steps without dependencies are ready to claim."""
     caller = Caller.of(request, LAYER, "write")
@@ -132,9 +164,9 @@ async def create_run(request: Request) -> Response:
 @router.get("/runs", response_model=RunList, responses=responses(), name="runs.list")
 async def list_runs(
     request: Request,
-    status: str | None = None,
-    flow_id: str | None = None,
-    after: str | None = None,
+    status: Annotated[str | None, Query(json_schema_extra={"enum": list(RUN_STATUSES)})] = None,
+    flow_id: RunIdQuery = None,
+    after: RunIdQuery = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
     """Runs, optionally of one status or flow."""
@@ -144,14 +176,20 @@ async def list_runs(
 
 
 @router.get("/runs/{run_id}", response_model=Run, responses=responses(404), name="runs.get")
-async def get_run(request: Request, run_id: str) -> Response:
+async def get_run(request: Request, run_id: RunIdPath) -> Response:
     """A run with its steps."""
     caller = Caller.of(request, LAYER, "read")
     return json_response(await caller.run(caller.tenant.runs.get, run_id))
 
 
-@router.post("/runs/{run_id}/cancel", response_model=Run, responses=responses(404, 409), name="runs.cancel")
-async def cancel_run(request: Request, run_id: str) -> Response:
+@router.post(
+    "/runs/{run_id}/cancel",
+    response_model=Run,
+    responses=responses(404, 409),
+    openapi_extra=body_doc(CancelIn, optional=True),
+    name="runs.cancel",
+)
+async def cancel_run(request: Request, run_id: RunIdPath) -> Response:
     """Cancel a run: pending steps are cancelled, workers see it on their next heartbeat."""
     caller = Caller.of(request, LAYER, "write")
     body = await parse_body(request, CancelIn, optional=True)
@@ -161,8 +199,8 @@ async def cancel_run(request: Request, run_id: str) -> Response:
 @router.get("/runs/{run_id}/history", response_model=HistoryOut, responses=responses(404), name="runs.history")
 async def run_history(
     request: Request,
-    run_id: str,
-    from_seq: Annotated[int, Query(alias="from", ge=1)] = 1,
+    run_id: RunIdPath,
+    from_seq: Annotated[int, Query(alias="from", ge=1, le=MAX_INT)] = 1,
     limit: Annotated[int | None, Query(ge=1, le=10_000)] = None,
 ) -> Response:
     """Every transition of the run."""
@@ -171,7 +209,7 @@ async def run_history(
 
 
 @router.get("/runs/{run_id}/usage", response_model=Usage, responses=responses(404), name="runs.usage")
-async def run_usage(request: Request, run_id: str) -> Response:
+async def run_usage(request: Request, run_id: RunIdPath) -> Response:
     """Tokens and cost summed over the run's steps."""
     caller = Caller.of(request, LAYER, "read")
     return json_response(await caller.run(caller.tenant.runs.usage, run_id))
@@ -180,15 +218,17 @@ async def run_usage(request: Request, run_id: str) -> Response:
 @router.get("/usage", response_model=Usage, responses=responses(), name="runs.tenant_usage")
 async def tenant_usage(
     request: Request,
-    from_ts: Annotated[int | None, Query(alias="from", ge=0, description="µs since the epoch")] = None,
-    to_ts: Annotated[int | None, Query(alias="to", ge=0)] = None,
+    from_ts: Annotated[int | None, Query(alias="from", ge=0, le=MAX_INT, description="µs since the epoch")] = None,
+    to_ts: Annotated[int | None, Query(alias="to", ge=0, le=MAX_INT)] = None,
 ) -> Response:
     """Usage of the whole tenant, optionally within a time range."""
     caller = Caller.of(request, LAYER, "read")
     return json_response(await caller.run(caller.tenant.runs.usage_by_tenant, from_ts, to_ts))
 
 
-@router.post("/steps/claim", response_model=ClaimsOut, responses=responses(), name="runs.claim")
+@router.post(
+    "/steps/claim", response_model=ClaimsOut, responses=responses(), openapi_extra=body_doc(ClaimIn), name="runs.claim"
+)
 async def claim(request: Request) -> Response:
     """Claim ready steps under a lease (one claim wins each step)."""
     caller = Caller.of(request, LAYER, "write")
@@ -198,7 +238,7 @@ async def claim(request: Request) -> Response:
 
 
 @router.get("/runs/{run_id}/steps/{step_id}", response_model=Step, responses=responses(404), name="runs.step")
-async def get_step(request: Request, run_id: str, step_id: str) -> Response:
+async def get_step(request: Request, run_id: RunIdPath, step_id: RunIdPath) -> Response:
     """One step."""
     caller = Caller.of(request, LAYER, "read")
     return json_response(await caller.run(caller.tenant.runs.step, (run_id, step_id)))
@@ -208,9 +248,10 @@ async def get_step(request: Request, run_id: str, step_id: str) -> Response:
     "/runs/{run_id}/steps/{step_id}/heartbeat",
     response_model=Heartbeat,
     responses=responses(404, 409),
+    openapi_extra=body_doc(LeaseIn),
     name="runs.heartbeat",
 )
-async def heartbeat(request: Request, run_id: str, step_id: str) -> Response:
+async def heartbeat(request: Request, run_id: RunIdPath, step_id: RunIdPath) -> Response:
     """Extend the lease; ``cancel_requested`` tells the worker to stop."""
     caller = Caller.of(request, LAYER, "write")
     body = await parse_body(request, LeaseIn)
@@ -220,9 +261,13 @@ async def heartbeat(request: Request, run_id: str, step_id: str) -> Response:
 
 
 @router.post(
-    "/runs/{run_id}/steps/{step_id}/start", response_model=Step, responses=responses(404, 409), name="runs.start"
+    "/runs/{run_id}/steps/{step_id}/start",
+    response_model=Step,
+    responses=responses(404, 409),
+    openapi_extra=body_doc(LeaseIn),
+    name="runs.start",
 )
-async def start(request: Request, run_id: str, step_id: str) -> Response:
+async def start(request: Request, run_id: RunIdPath, step_id: RunIdPath) -> Response:
     """Mark a claimed step running."""
     caller = Caller.of(request, LAYER, "write")
     body = await parse_body(request, LeaseIn)
@@ -233,9 +278,10 @@ async def start(request: Request, run_id: str, step_id: str) -> Response:
     "/runs/{run_id}/steps/{step_id}/complete",
     response_model=Step,
     responses=responses(404, 409),
+    openapi_extra=body_doc(CompleteIn),
     name="runs.complete",
 )
-async def complete(request: Request, run_id: str, step_id: str) -> Response:
+async def complete(request: Request, run_id: RunIdPath, step_id: RunIdPath) -> Response:
     """Complete a step with its result and usage."""
     caller = Caller.of(request, LAYER, "write")
     body = await parse_body(request, CompleteIn)
@@ -245,9 +291,13 @@ async def complete(request: Request, run_id: str, step_id: str) -> Response:
 
 
 @router.post(
-    "/runs/{run_id}/steps/{step_id}/fail", response_model=Step, responses=responses(404, 409), name="runs.fail"
+    "/runs/{run_id}/steps/{step_id}/fail",
+    response_model=Step,
+    responses=responses(404, 409),
+    openapi_extra=body_doc(FailIn),
+    name="runs.fail",
 )
-async def fail(request: Request, run_id: str, step_id: str) -> Response:
+async def fail(request: Request, run_id: RunIdPath, step_id: RunIdPath) -> Response:
     """Fail an attempt: retried with backoff up to the step's maximum, then dead-lettered."""
     caller = Caller.of(request, LAYER, "write")
     body = await parse_body(request, FailIn)
@@ -259,7 +309,7 @@ async def fail(request: Request, run_id: str, step_id: str) -> Response:
 @router.post(
     "/runs/{run_id}/steps/{step_id}/retry", response_model=Step, responses=responses(404, 409), name="runs.retry_dead"
 )
-async def retry_dead(request: Request, run_id: str, step_id: str) -> Response:
+async def retry_dead(request: Request, run_id: RunIdPath, step_id: RunIdPath) -> Response:
     """Bring a dead-lettered step back to pending."""
     caller = Caller.of(request, LAYER, "write")
     return json_response(await caller.run(caller.tenant.runs.retry_dead, (run_id, step_id)))

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from stateline.api.common import ApiModel, Caller, json_response, parse_body
+from stateline.api.common import ApiModel, Caller, KeyPath, body_doc, json_response, parse_body
 from stateline.api.errors import responses
 from stateline.errors import Conflict, NotFound
 from stateline.runtime import RateLimitResult, Session
@@ -60,7 +60,13 @@ class IdempotencyOut(BaseModel):
     status: str | None
 
 
-@router.post("/limits/{name}/hit", response_model=RateLimitResult, responses=responses(), name="runtime.limit_hit")
+@router.post(
+    "/limits/{name}/hit",
+    response_model=RateLimitResult,
+    responses=responses(),
+    openapi_extra=body_doc(HitIn),
+    name="runtime.limit_hit",
+)
 async def limit_hit(request: Request, name: str) -> Response:
     """Count a hit against a named limit (shared by every API node). ``allowed`` false sets ``Retry-After``;
     the answer is 200 either way: the limit is the caller's, not this request's."""
@@ -73,8 +79,14 @@ async def limit_hit(request: Request, name: str) -> Response:
     return json_response(result, headers=headers)
 
 
-@router.put("/sessions/{session_id}", response_model=Session, responses=responses(), name="runtime.session_bind")
-async def bind_session(request: Request, session_id: str) -> Response:
+@router.put(
+    "/sessions/{session_id}",
+    response_model=Session,
+    responses=responses(),
+    openapi_extra=body_doc(SessionIn),
+    name="runtime.session_bind",
+)
+async def bind_session(request: Request, session_id: KeyPath) -> Response:
     """Bind (or re-bind) a sticky session."""
     caller = Caller.of(request, LAYER, "write")
     body = await parse_body(request, SessionIn)
@@ -82,7 +94,7 @@ async def bind_session(request: Request, session_id: str) -> Response:
 
 
 @router.get("/sessions/{session_id}", response_model=Session, responses=responses(404), name="runtime.session_get")
-async def get_session(request: Request, session_id: str) -> Response:
+async def get_session(request: Request, session_id: KeyPath) -> Response:
     """A live session binding (refreshing its TTL)."""
     caller = Caller.of(request, LAYER, "read")
     s = await caller.run(caller.tenant.sessions.lookup, session_id)
@@ -94,7 +106,7 @@ async def get_session(request: Request, session_id: str) -> Response:
 @router.delete(
     "/sessions/{session_id}", response_model=Session, responses=responses(404), name="runtime.session_unbind"
 )
-async def unbind_session(request: Request, session_id: str) -> Response:
+async def unbind_session(request: Request, session_id: KeyPath) -> Response:
     """Remove a session binding."""
     caller = Caller.of(request, LAYER, "write")
 
@@ -111,9 +123,10 @@ async def unbind_session(request: Request, session_id: str) -> Response:
     "/deliveries/{message_id}/attempt",
     response_model=DeliveryOut,
     responses=responses(409),
+    openapi_extra=body_doc(AttemptIn, optional=True),
     name="runtime.delivery_attempt",
 )
-async def delivery_attempt(request: Request, message_id: str) -> Response:
+async def delivery_attempt(request: Request, message_id: KeyPath) -> Response:
     """Count one more delivery of a message; with ``max``, 409 once the attempts exceed it."""
     caller = Caller.of(request, LAYER, "write")
     body = await parse_body(request, AttemptIn, optional=True)
@@ -129,7 +142,7 @@ async def delivery_attempt(request: Request, message_id: str) -> Response:
 @router.get(
     "/deliveries/{message_id}", response_model=DeliveryOut, responses=responses(), name="runtime.delivery_count"
 )
-async def delivery_count(request: Request, message_id: str) -> Response:
+async def delivery_count(request: Request, message_id: KeyPath) -> Response:
     """Delivery attempts counted for a message."""
     caller = Caller.of(request, LAYER, "read")
     return json_response(
@@ -141,7 +154,7 @@ async def delivery_count(request: Request, message_id: str) -> Response:
     "/idempotency/{key}", response_model=IdempotencyOut, responses=responses(), name="runtime.idempotency_status"
 )
 async def idempotency_status(
-    request: Request, key: str, kind: Annotated[str, Query(description="The key's kind")] = "request"
+    request: Request, key: KeyPath, kind: Annotated[str, Query(description="The key's kind")] = "request"
 ) -> Response:
     """The state of an execute-once key."""
     caller = Caller.of(request, LAYER, "read")
@@ -153,7 +166,7 @@ async def idempotency_status(
     "/idempotency/{key}", response_model=IdempotencyOut, responses=responses(), name="runtime.idempotency_forget"
 )
 async def idempotency_forget(
-    request: Request, key: str, kind: Annotated[str, Query(description="The key's kind")] = "request"
+    request: Request, key: KeyPath, kind: Annotated[str, Query(description="The key's kind")] = "request"
 ) -> Response:
     """Free an execute-once key whatever its state (the next caller runs again)."""
     caller = Caller.of(request, LAYER, "admin")

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from stateline.api.common import (
     ApiModel,
     Caller,
+    CreateOnly,
+    IfMatch,
+    IfNoneMatch,
+    KeyPath,
+    KeyQuery,
+    NamespacePath,
+    PrefixQuery,
+    body_doc,
     header,
     item_dict,
     json_response,
@@ -21,6 +29,7 @@ from stateline.api.common import (
 )
 from stateline.api.errors import responses
 from stateline.errors import Conflict, Forbidden, NotFound, PreconditionFailed
+from stateline.store.protocol import MAX_INT
 from stateline.types import (
     Absent,
     Append,
@@ -285,9 +294,9 @@ def _etag(version: int) -> str:
 @router.get("/items/{namespace}", response_model=ScanOut, responses=responses(), name="items.scan")
 async def scan_items(
     request: Request,
-    namespace: str,
-    prefix: str = "",
-    after: str | None = None,
+    namespace: NamespacePath,
+    prefix: PrefixQuery = "",
+    after: KeyQuery = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
     """Items of a namespace whose keys start with ``prefix``, in key order, after ``after``."""
@@ -309,9 +318,9 @@ async def scan_items(
 )
 async def get_item(
     request: Request,
-    namespace: str,
-    key: str,
-    if_none_match: Annotated[str | None, Header()] = None,
+    namespace: NamespacePath,
+    key: KeyPath,
+    if_none_match: IfNoneMatch = None,
 ) -> Response:
     """One item, with its version as the ``ETag``; 304 when ``If-None-Match`` names that version."""
     return await _get_item(request)
@@ -349,11 +358,11 @@ async def _get_item(request: Request) -> Response:
 )
 async def put_item(
     request: Request,
-    namespace: str,
-    key: str,
+    namespace: NamespacePath,
+    key: KeyPath,
     ttl: Annotated[float | None, Query(gt=0, description="Seconds until the item expires")] = None,
-    if_match: Annotated[str | None, Header(description='"<version>" or *: write only if it holds (412)')] = None,
-    if_none_match: Annotated[str | None, Header(description="*: create only (412 if it exists)")] = None,
+    if_match: IfMatch = None,
+    if_none_match: CreateOnly = None,
 ) -> Response:
     """Write an item. ``If-Match`` makes it a compare-and-set; ``If-None-Match: *`` a create."""
     return await _put_item(request)
@@ -396,9 +405,9 @@ async def _put_item(request: Request) -> Response:
 )
 async def delete_item(
     request: Request,
-    namespace: str,
-    key: str,
-    if_match: Annotated[str | None, Header(description='"<version>": delete only that version (412)')] = None,
+    namespace: NamespacePath,
+    key: KeyPath,
+    if_match: IfMatch = None,
 ) -> Response:
     """Delete an item: 404 if there is none, 412 if ``If-Match`` does not hold."""
     caller = Caller.of(request, LAYER, "write")
@@ -414,7 +423,13 @@ async def delete_item(
     return json_response({"namespace": namespace, "key": key, "version": 0, "revision": c.revision})
 
 
-@router.post("/batch/get", response_model=BatchGetOut, responses=responses(), name="items.batch_get")
+@router.post(
+    "/batch/get",
+    response_model=BatchGetOut,
+    responses=responses(),
+    openapi_extra=body_doc(BatchGet),
+    name="items.batch_get",
+)
 async def batch_get(request: Request) -> Response:
     """Several items in one round trip, in the order asked (``null`` where absent)."""
     caller = Caller.of(request, LAYER, "read")
@@ -452,6 +467,7 @@ def _op(o: PutOp | DeleteOp | IncrOp | AppendOp | TrimOp) -> Op:
     "/transaction",
     response_model=CommitOut,
     responses=responses(409),
+    openapi_extra=body_doc(TransactionIn),
     name="store.transaction",
 )
 async def transaction(request: Request) -> Response:
@@ -480,9 +496,9 @@ async def _transaction(request: Request) -> Response:
 @router.get("/log/{stream:path}", response_model=StreamOut, responses=responses(), name="store.read_stream")
 async def read_stream(
     request: Request,
-    stream: str,
-    from_seq: Annotated[int, Query(alias="from", ge=1)] = 1,
-    to_seq: Annotated[int | None, Query(alias="to", ge=0)] = None,
+    stream: KeyPath,
+    from_seq: Annotated[int, Query(alias="from", ge=1, le=MAX_INT)] = 1,
+    to_seq: Annotated[int | None, Query(alias="to", ge=0, le=MAX_INT)] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> Response:
     """A raw stream's kept events from ``from`` to ``to`` (a stream never appended to is empty)."""

@@ -8,8 +8,9 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from stateline.api.common import ApiModel, Caller, json_response, parse_body
+from stateline.api.common import ApiModel, Caller, KeyPath, KeyQuery, PrefixQuery, body_doc, json_response, parse_body
 from stateline.api.errors import responses
+from stateline.store.protocol import MAX_INT
 from stateline.streams import Appended, CheckReport
 from stateline.types import Event, NewEvent, StreamInfo
 
@@ -52,8 +53,8 @@ class StreamList(BaseModel):
 @router.get("", response_model=StreamList, responses=responses(), name="streams.list")
 async def list_streams(
     request: Request,
-    prefix: str = "",
-    after: str | None = None,
+    prefix: PrefixQuery = "",
+    after: KeyQuery = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
     """Streams whose names start with ``prefix``."""
@@ -63,9 +64,14 @@ async def list_streams(
 
 
 @router.post(
-    "/{stream:path}/events", status_code=201, response_model=Appended, responses=responses(409), name="streams.append"
+    "/{stream:path}/events",
+    status_code=201,
+    response_model=Appended,
+    responses=responses(409),
+    openapi_extra=body_doc(AppendIn),
+    name="streams.append",
 )
-async def append(request: Request, stream: str) -> Response:
+async def append(request: Request, stream: KeyPath) -> Response:
     """Append events; they get the next seqs, contiguous."""
     caller = Caller.of(request, LAYER, "write")
     body = await parse_body(request, AppendIn)
@@ -77,9 +83,9 @@ async def append(request: Request, stream: str) -> Response:
 @router.get("/{stream:path}/events", response_model=EventsOut, responses=responses(404), name="streams.read")
 async def read(
     request: Request,
-    stream: str,
-    from_seq: Annotated[int | None, Query(alias="from", ge=1)] = None,
-    to_seq: Annotated[int | None, Query(alias="to", ge=0)] = None,
+    stream: KeyPath,
+    from_seq: Annotated[int | None, Query(alias="from", ge=1, le=MAX_INT)] = None,
+    to_seq: Annotated[int | None, Query(alias="to", ge=0, le=MAX_INT)] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> Response:
     """Events from ``from`` to ``to`` (inclusive), in seq order (a stream never appended to is empty)."""
@@ -89,14 +95,14 @@ async def read(
 
 
 @router.get("/{stream:path}/check", response_model=CheckReport, responses=responses(404), name="streams.check")
-async def check(request: Request, stream: str) -> Response:
+async def check(request: Request, stream: KeyPath) -> Response:
     """Consistency check: seqs contiguous, revisions monotonic, snapshots sound."""
     caller = Caller.of(request, LAYER, "read")
     return json_response(await caller.run(caller.tenant.streams.check, stream))
 
 
 @router.get("/{stream:path}", response_model=StreamInfo, responses=responses(404), name="streams.info")
-async def info(request: Request, stream: str) -> Response:
+async def info(request: Request, stream: KeyPath) -> Response:
     """A stream's bounds (``last_seq`` 0: never appended to)."""
     caller = Caller.of(request, LAYER, "read")
     return json_response(await caller.run(caller.tenant.streams.info, stream))
