@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import orjson
 from fastapi import Header, Path, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
@@ -40,6 +40,7 @@ __all__ = [
     "CreateOnly",
     "IfMatch",
     "IfNoneMatch",
+    "JsonInt",
     "JsonResponse",
     "KeyField",
     "KeyPath",
@@ -53,6 +54,7 @@ __all__ = [
     "body_doc",
     "ctx_of",
     "header",
+    "integral",
     "item_dict",
     "json_response",
     "parse_body",
@@ -112,6 +114,18 @@ KeyField = Annotated[str, Field(json_schema_extra=KEY_TEXT)]
 RunIdField = Annotated[str, Field(json_schema_extra=RUN_ID)]
 CaseIdField = Annotated[str, Field(json_schema_extra=CASE_ID)]
 NamespaceField = Annotated[str, Field(json_schema_extra=NAMESPACE)]
+
+
+def integral(value: object) -> object:
+    """``value`` as an int if it is a float with no fraction (JSON has one kind of number: ``3.0`` is the
+    integer 3; ``3.5``, ``"3"`` and ``true`` are not integers)."""
+    return int(value) if type(value) is float and value.is_integer() and abs(value) < 2**63 else value
+
+
+JsonInt = Annotated[int, BeforeValidator(integral)]
+"""An integer in a request body (see ``integral``). An optional one with bounds is written
+``Annotated[int, Field(ge=...), BeforeValidator(integral)] | None``: pydantic documents the bounds of
+``JsonInt | None`` as ``ge``/``le``, which JSON Schema does not know."""
 
 BODY_MODELS: dict[str, type[BaseModel]] = {}
 """The request-body models that routes declare with ``body_doc``, by name (their schemas go into the

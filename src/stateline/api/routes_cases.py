@@ -15,6 +15,7 @@ from stateline.api.common import (
     CaseIdPath,
     CaseIdQuery,
     IfMatch,
+    JsonInt,
     PrefixQuery,
     body_doc,
     header,
@@ -113,7 +114,7 @@ class IncrementStepCount(ApiModel):
     """Add to the case's step count."""
 
     type: Literal["increment_step_count"]
-    by: int = 1
+    by: JsonInt = 1
 
 
 class SetMetadata(ApiModel):

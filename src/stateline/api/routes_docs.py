@@ -14,6 +14,7 @@ from stateline.api.common import (
     CreateOnly,
     IfMatch,
     IfNoneMatch,
+    JsonInt,
     KeyPath,
     KeyQuery,
     PrefixQuery,
@@ -67,7 +68,7 @@ class DocPut(ApiModel):
     op: Literal["put"]
     key: str
     value: Any = None
-    expected_version: int | None = None
+    expected_version: JsonInt | None = None
     must_not_exist: bool = False
     collection: str | None = None
 
@@ -77,7 +78,7 @@ class DocDelete(ApiModel):
 
     op: Literal["delete"]
     key: str
-    expected_version: int | None = None
+    expected_version: JsonInt | None = None
     collection: str | None = None
 
 

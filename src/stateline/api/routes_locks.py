@@ -55,7 +55,19 @@ class Deadlocks(BaseModel):
 @router.post(
     "/locks/{name}/acquire",
     response_model=Lease,
-    responses=responses(409),
+    responses={
+        **responses(409),
+        200: {  # OpenAPI links: what to do with the lease
+            "links": {
+                f"{op.title()}Held": {
+                    "operationId": f"locks_{op}_v1_locks__name__{op}_post",
+                    "parameters": {"path.name": "$response.body#/name"},
+                    "requestBody": {"token": "$response.body#/token"},
+                }
+                for op in ("extend", "release")
+            }
+        },
+    },
     openapi_extra=body_doc(AcquireIn, optional=True),
     name="locks.acquire",
 )

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from stateline.api.common import ApiModel, Caller, KeyQuery, body_doc, json_response, parse_body
+from stateline.api.common import ApiModel, Caller, JsonInt, KeyQuery, body_doc, json_response, parse_body
 from stateline.api.errors import responses
 from stateline.docs import Transaction
 from stateline.errors import Conflict, InvalidArgument, NotFound
@@ -43,7 +43,7 @@ class PolicyVersionIn(ApiModel):
 class ActivateIn(ApiModel):
     """The version to make active."""
 
-    version: int = Field(ge=1)
+    version: JsonInt = Field(ge=1)
 
 
 class PolicyVersion(BaseModel):

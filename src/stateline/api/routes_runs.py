@@ -5,17 +5,19 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 from starlette.responses import Response
 
 from stateline.api.common import (
     ApiModel,
     Caller,
+    JsonInt,
     KeyField,
     RunIdField,
     RunIdPath,
     RunIdQuery,
     body_doc,
+    integral,
     json_response,
     parse_body,
 )
@@ -36,13 +38,15 @@ Lease = Annotated[float, Field(gt=0, le=MAX_LEASE_SECONDS, description="seconds"
 Token = Annotated[str, Field(min_length=1, description="the lease token the claim returned")]
 
 
-USAGE = {
-    "properties": {
-        "tokens": {"type": "integer", "minimum": 0, "maximum": 2**53},
-        "cost_usd": {"type": "number", "minimum": 0},
-    },
-    "additionalProperties": False,
-}
+class UsageIn(ApiModel):
+    """What a step used, for metering."""
+
+    tokens: JsonInt = Field(default=0, ge=0, le=2**53)
+    cost_usd: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+
+
+def _usage(usage: UsageIn | None) -> dict[str, Any] | None:
+    return None if usage is None else usage.model_dump(exclude_unset=True)
 
 
 class RetryIn(ApiModel):
@@ -61,7 +65,7 @@ class StepIn(ApiModel):
     kind: RunIdField | None = None
     payload: Any = None
     depends_on: list[RunIdField] | None = None
-    max_attempts: int | None = Field(default=None, ge=1, le=1000)
+    max_attempts: Annotated[int, Field(ge=1, le=1000), BeforeValidator(integral)] | None = None
     retry: RetryIn | None = None
     optional: bool | None = None
     idempotency_key: KeyField | None = None
@@ -89,7 +93,7 @@ class ClaimIn(ApiModel):
     worker_id: KeyField
     lease: Lease = 30.0
     kinds: list[RunIdField] | None = None
-    limit: int = Field(default=1, ge=1, le=100)
+    limit: JsonInt = Field(default=1, ge=1, le=100)
 
 
 class ClaimsOut(BaseModel):
@@ -110,7 +114,7 @@ class CompleteIn(ApiModel):
 
     lease_token: Token
     result: Any = None
-    usage: Annotated[dict[str, Any] | None, Field(json_schema_extra=USAGE)] = None
+    usage: UsageIn | None = None
 
 
 class FailIn(ApiModel):
@@ -226,8 +230,27 @@ async def tenant_usage(
     return json_response(await caller.run(caller.tenant.runs.usage_by_tenant, from_ts, to_ts))
 
 
+def _held(operation: str) -> dict[str, Any]:
+    """An OpenAPI link from a claim to ``operation`` on the first step it returned, with its lease token."""
+    return {
+        "operationId": f"runs_{operation}_v1_runs__run_id__steps__step_id__{operation}_post",
+        "parameters": {
+            "path.run_id": "$response.body#/claims/0/run_id",
+            "path.step_id": "$response.body#/claims/0/step_id",
+        },
+        "requestBody": {"lease_token": "$response.body#/claims/0/lease_token"},
+    }
+
+
 @router.post(
-    "/steps/claim", response_model=ClaimsOut, responses=responses(), openapi_extra=body_doc(ClaimIn), name="runs.claim"
+    "/steps/claim",
+    response_model=ClaimsOut,
+    responses={
+        **responses(),
+        200: {"links": {f"{op.title()}Claimed": _held(op) for op in ("heartbeat", "start", "complete", "fail")}},
+    },
+    openapi_extra=body_doc(ClaimIn),
+    name="runs.claim",
 )
 async def claim(request: Request) -> Response:
     """Claim ready steps under a lease (one claim wins each step)."""
@@ -286,7 +309,9 @@ async def complete(request: Request, run_id: RunIdPath, step_id: RunIdPath) -> R
     caller = Caller.of(request, LAYER, "write")
     body = await parse_body(request, CompleteIn)
     return json_response(
-        await caller.run(caller.tenant.runs.complete, (run_id, step_id), body.lease_token, body.result, body.usage)
+        await caller.run(
+            caller.tenant.runs.complete, (run_id, step_id), body.lease_token, body.result, _usage(body.usage)
+        )
     )
 
 

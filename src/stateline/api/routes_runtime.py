@@ -6,10 +6,10 @@ import math
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 from starlette.responses import Response
 
-from stateline.api.common import ApiModel, Caller, KeyPath, body_doc, json_response, parse_body
+from stateline.api.common import ApiModel, Caller, JsonInt, KeyPath, body_doc, integral, json_response, parse_body
 from stateline.api.errors import responses
 from stateline.errors import Conflict, NotFound
 from stateline.runtime import RateLimitResult, Session
@@ -25,10 +25,10 @@ class HitIn(ApiModel):
     """Take ``cost`` from ``key``'s allowance under a limit of ``rate`` per ``per`` seconds."""
 
     key: str
-    rate: int = Field(ge=1)
+    rate: JsonInt = Field(ge=1)
     per: float = Field(gt=0)
     algorithm: Literal["sliding_window", "token_bucket"] = "sliding_window"
-    cost: int = Field(default=1, ge=1)
+    cost: JsonInt = Field(default=1, ge=1)
 
 
 class SessionIn(ApiModel):
@@ -48,7 +48,7 @@ class DeliveryOut(BaseModel):
 class AttemptIn(ApiModel):
     """Count one delivery attempt; ``max`` makes an attempt past it a 409."""
 
-    max: int | None = Field(default=None, ge=1)
+    max: Annotated[int, Field(ge=1), BeforeValidator(integral)] | None = None
     ttl: float = 86400.0
 
 

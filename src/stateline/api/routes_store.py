@@ -14,6 +14,7 @@ from stateline.api.common import (
     CreateOnly,
     IfMatch,
     IfNoneMatch,
+    JsonInt,
     KeyPath,
     KeyQuery,
     NamespacePath,
@@ -118,7 +119,7 @@ class VersionIsCheck(ApiModel):
     check: Literal["version_is"]
     namespace: str
     key: str
-    version: int
+    version: JsonInt
 
 
 class AbsentCheck(ApiModel):
@@ -142,7 +143,7 @@ class StreamAtCheck(ApiModel):
 
     check: Literal["stream_at"]
     stream: str
-    seq: int
+    seq: JsonInt
 
 
 class PutOp(ApiModel):
@@ -169,7 +170,7 @@ class IncrOp(ApiModel):
     op: Literal["incr"]
     namespace: str
     key: str
-    by: int = 1
+    by: JsonInt = 1
     ttl: float | None = None
 
 
@@ -194,7 +195,7 @@ class TrimOp(ApiModel):
 
     op: Literal["trim"]
     stream: str
-    before_seq: int
+    before_seq: JsonInt
 
 
 CheckIn = Annotated[VersionIsCheck | AbsentCheck | ExistsCheck | StreamAtCheck, Field(discriminator="check")]

@@ -8,7 +8,17 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from stateline.api.common import ApiModel, Caller, KeyPath, KeyQuery, PrefixQuery, body_doc, json_response, parse_body
+from stateline.api.common import (
+    ApiModel,
+    Caller,
+    JsonInt,
+    KeyPath,
+    KeyQuery,
+    PrefixQuery,
+    body_doc,
+    json_response,
+    parse_body,
+)
 from stateline.api.errors import responses
 from stateline.store.protocol import MAX_INT
 from stateline.streams import Appended, CheckReport
@@ -33,7 +43,7 @@ class AppendIn(ApiModel):
     """Events to append; with ``expected_seq`` only if the stream's last seq is exactly that (409)."""
 
     events: list[EventIn] = Field(min_length=1, max_length=10_000)
-    expected_seq: int | None = None
+    expected_seq: JsonInt | None = None
 
 
 class EventsOut(BaseModel):
