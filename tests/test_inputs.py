@@ -36,7 +36,7 @@ def _nested(depth: int) -> list[Any]:
 
 
 JUNK: list[Any] = [
-    None, True, False, -1, 0, 1, 7, 2**70, 1.5, -0.5, math.nan, math.inf, "", "x", "a/b", "k1", "\x00", "é" * 300,
+    None, True, False, -1, 0, 1, 7, 2**70, 1.5, -0.5, math.nan, math.inf, "", "x", "a/b", "k1", "l1", "\x00", "é" * 300,
     b"x", [], [1], ["x"], [None], [{}], [("ns", "k")], [("ns",)], [("ns", 1)], {}, {"a": 1}, {"a": object()},
     {"type": "e"}, [{"type": "e"}], [object()], object(), ("a", "b"),
     [Put("ns", "k", object())], [Put("", "k", 1)], [VersionIs("ns", "k", -1)], [Append("s", ["e"])],  # type: ignore[list-item]

@@ -69,6 +69,16 @@ def test_paused_holder_cannot_release_or_extend(tenant: Tenant, clock: FakeClock
     tenant.locks.release(fresh)
 
 
+@pytest.mark.parametrize("token", ["é" * 32, "\ud800", "🔒", ""])
+def test_a_token_that_is_not_one_is_refused_like_a_stale_one(tenant: Tenant, token: str) -> None:
+    held = tenant.locks.acquire("job", "o", ttl=30)
+    for call in (lambda: tenant.locks.release("job", token), lambda: tenant.locks.extend("job", 30, token)):
+        with pytest.raises((Conflict, InvalidArgument)):  # "" is no token at all: InvalidArgument
+            call()
+    assert tenant.locks.state("job").owner == "o"  # still held, unchanged
+    tenant.locks.release(held)
+
+
 def test_another_handle_changing_a_lock_is_seen_by_this_one(tenant: Tenant, clock: FakeClock) -> None:
     """A handle commits against the version it wrote last, without reading; when another handle (another
     process) changed the lock since, it reads it and decides on what is stored."""

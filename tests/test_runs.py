@@ -285,6 +285,23 @@ def test_stalled_worker_loses_step_and_late_complete_is_refused(tenant: Tenant, 
     assert (expired["status"], expired["worker_id"]) == ("timeout", "slow")
 
 
+@pytest.mark.parametrize("token", ["é" * 32, "\ud800", "🔒"])
+def test_a_lease_token_that_is_not_one_is_refused_like_a_stale_one(tenant: Tenant, token: str) -> None:
+    tenant.runs.create("f", [StepSpec("a")], run_id="r")
+    (held,) = tenant.runs.claim("w")
+    for call in (
+        lambda: tenant.runs.heartbeat(held, token),
+        lambda: tenant.runs.start(held, token),
+        lambda: tenant.runs.complete(held, token, "x"),
+        lambda: tenant.runs.fail(held, token, "x"),
+    ):
+        with pytest.raises(Conflict) as info:
+            call()
+        assert info.value.details["reason"] == "stale_lease"
+    assert tenant.runs.step("r/a").status == "assigned"
+    tenant.runs.complete(held, held.lease_token, "done")
+
+
 def test_a_handle_remembering_steps_it_wrote_still_sees_what_another_handle_did(
     tenant: Tenant, clock: FakeClock
 ) -> None:

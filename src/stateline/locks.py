@@ -16,7 +16,7 @@ from typing import Any
 
 from stateline.errors import Conflict, InvalidArgument, NotFound
 from stateline.store.protocol import Store
-from stateline.types import Absent, Delete, Item, LastWritten, Put, VersionIs, check_key, check_tenant
+from stateline.types import Absent, Delete, Item, LastWritten, Put, VersionIs, check_key, check_tenant, same_secret
 
 __all__ = ["Lease", "LockState", "Locks", "WaitFor"]
 
@@ -320,7 +320,7 @@ class Locks:
         else:
             item = self.store.get(self.tenant, NS_LOCKS, name)
             doc, version = ({}, 0) if item is None else (item.value, item.version)
-        if not doc.get("held") or not secrets.compare_digest(doc["token"] or "", token):
+        if not doc.get("held") or not same_secret(doc["token"] or "", token):
             raise Conflict(
                 f"lock {name}: the lease token is not current (released, or taken over after expiry)",
                 details={"reason": "stale_lease", "lock": name},

@@ -47,6 +47,7 @@ from stateline.types import (
     check_list,
     check_number,
     check_tenant,
+    same_secret,
 )
 
 __all__ = [
@@ -1051,7 +1052,7 @@ class Runs:
                 details={"reason": "not_leased", "status": doc["status"]},
             )
         now = self.store.clock.now_us()
-        if doc["status"] not in ("assigned", "running") or not secrets.compare_digest(doc["lease_token"] or "", token):
+        if doc["status"] not in ("assigned", "running") or not same_secret(doc["lease_token"] or "", token):
             raise Conflict(
                 f"step {skey}: the lease token is not current (the step was re-assigned)",
                 details={"reason": "stale_lease", "run_id": run_id, "step_id": step_id},

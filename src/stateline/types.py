@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,6 +43,7 @@ __all__ = [
     "check_number",
     "check_stream",
     "check_tenant",
+    "same_secret",
 ]
 
 JSON: TypeAlias = Any
@@ -123,6 +125,12 @@ def check_key(value: object, field_name: str = "key") -> str:
 def check_stream(value: object) -> str:
     """Return ``value`` if it is a valid stream name (same rules as keys)."""
     return check_key(value, "stream")
+
+
+def same_secret(expected: str, given: str) -> bool:
+    """Whether ``given`` is the secret ``expected`` (a token this library made: ASCII), compared in time
+    that does not depend on where they differ. Text that is not ASCII is never one."""
+    return given.isascii() and secrets.compare_digest(expected, given)
 
 
 def check_number(
