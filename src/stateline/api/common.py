@@ -27,9 +27,13 @@ if TYPE_CHECKING:
 __all__ = [
     "BODY_MODELS",
     "CASE_ID",
+    "COLLECTION",
     "ETAG",
     "KEY_TEXT",
+    "MAX_TTL",
+    "NAME",
     "NAMESPACE",
+    "NOT_EMPTY",
     "PREFIX_TEXT",
     "RUN_ID",
     "ApiModel",
@@ -37,6 +41,8 @@ __all__ = [
     "CaseIdField",
     "CaseIdPath",
     "CaseIdQuery",
+    "CollectionField",
+    "CollectionQuery",
     "CreateOnly",
     "IfMatch",
     "IfNoneMatch",
@@ -45,12 +51,16 @@ __all__ = [
     "KeyField",
     "KeyPath",
     "KeyQuery",
+    "NameField",
+    "NamePath",
     "NamespaceField",
     "NamespacePath",
+    "NonEmptyQuery",
     "PrefixQuery",
     "RunIdField",
     "RunIdPath",
     "RunIdQuery",
+    "Ttl",
     "body_doc",
     "ctx_of",
     "header",
@@ -93,6 +103,13 @@ ETAG: dict[str, Any] = {"pattern": r'^(\*|(W/)?"[1-9][0-9]{0,17}")$'}
 """An If-Match / If-None-Match value: ``*`` or one version ETag."""
 PREFIX_TEXT: dict[str, Any] = {"pattern": r"^[^\x00-\x1f\x7f-\x9f]{0,200}$"}
 """A key prefix: a key's characters, or empty."""
+NAME: dict[str, Any] = {"pattern": r"^[A-Za-z0-9_:/\-]{1,100}$"}
+"""A name a layer makes a namespace of (a rate limit, an idempotency kind): no dots."""
+COLLECTION: dict[str, Any] = {"pattern": r"^[A-Za-z0-9_\-]{1,100}$"}
+"""A named collection of documents."""
+NOT_EMPTY: dict[str, Any] = {"minLength": 1}
+MAX_TTL = 100 * 365 * 86400.0
+"""The longest TTL the store takes, in seconds."""
 
 # Parameters and body fields so documented (the layers validate them; these only describe)
 IfMatch = Annotated[
@@ -111,6 +128,14 @@ CaseIdPath = Annotated[str, Path(json_schema_extra=CASE_ID)]
 CaseIdQuery = Annotated[str | None, Query(json_schema_extra=CASE_ID)]
 NamespacePath = Annotated[str, Path(json_schema_extra=NAMESPACE)]
 KeyField = Annotated[str, Field(json_schema_extra=KEY_TEXT)]
+NameField = Annotated[str, Field(json_schema_extra=NAME)]
+NamePath = Annotated[str, Path(json_schema_extra=NAME)]
+CollectionField = Annotated[str, Field(json_schema_extra=COLLECTION)]
+CollectionQuery = Annotated[
+    str | None, Query(json_schema_extra=COLLECTION, description="A named collection (default: the default one)")
+]
+NonEmptyQuery = Annotated[str | None, Query(json_schema_extra=NOT_EMPTY)]
+Ttl = Annotated[float, Field(gt=0, le=MAX_TTL, description="seconds")]
 RunIdField = Annotated[str, Field(json_schema_extra=RUN_ID)]
 CaseIdField = Annotated[str, Field(json_schema_extra=CASE_ID)]
 NamespaceField = Annotated[str, Field(json_schema_extra=NAMESPACE)]

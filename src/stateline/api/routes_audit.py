@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import Response
 
-from stateline.api.common import Caller, json_response
+from stateline.api.common import Caller, NonEmptyQuery, json_response
 from stateline.api.errors import responses
 from stateline.audit import AuditEntry, AuditPage, AuditVerification
 from stateline.errors import NotFound
@@ -23,10 +23,10 @@ LAYER = "audit"
 @router.get("", response_model=AuditPage, responses=responses(), name="audit.query")
 async def query(
     request: Request,
-    user: str | None = None,
-    action: str | None = None,
-    resource_type: str | None = None,
-    resource_id: str | None = None,
+    user: NonEmptyQuery = None,
+    action: NonEmptyQuery = None,
+    resource_type: NonEmptyQuery = None,
+    resource_id: NonEmptyQuery = None,
     from_ts: Annotated[int | None, Query(ge=0, le=MAX_INT, description="µs since the epoch, inclusive")] = None,
     to_ts: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None,
     after: Annotated[int | None, Query(ge=0, le=MAX_INT, description="next_after of the previous page")] = None,
@@ -59,7 +59,7 @@ async def verify(request: Request) -> Response:
 
 
 @router.get("/{seq}", response_model=AuditEntry, responses=responses(404), name="audit.get")
-async def get_entry(request: Request, seq: Annotated[int, Path(ge=1)]) -> Response:
+async def get_entry(request: Request, seq: Annotated[int, Path(ge=1, le=MAX_INT)]) -> Response:
     """One entry by its seq."""
     caller = Caller.of(request, LAYER, "read")
     entry = await caller.run(caller.tenant.audit.get, seq)

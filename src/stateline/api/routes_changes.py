@@ -12,7 +12,7 @@ from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel
 from starlette.responses import Response, StreamingResponse
 
-from stateline.api.common import Caller, json_response
+from stateline.api.common import Caller, NonEmptyQuery, json_response
 from stateline.api.errors import responses
 from stateline.errors import ChangesTrimmed, InvalidArgument
 from stateline.store.protocol import MAX_INT
@@ -125,9 +125,9 @@ async def changes(
     after: Annotated[int, Query(ge=0, le=MAX_INT, description="Return changes with revision > after")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     wait: Annotated[float, Query(ge=0, le=3600, description="Seconds to wait for a change (long poll)")] = 0,
-    namespace: str | None = None,
-    stream: str | None = None,
-    run: str | None = None,
+    namespace: NonEmptyQuery = None,
+    stream: NonEmptyQuery = None,
+    run: NonEmptyQuery = None,
 ) -> Response:
     """The tenant's change feed after a revision, in order, never skipping one. With ``wait``, an empty
     answer waits up to that many seconds (at most the server's limit) for a change. 410
@@ -170,9 +170,9 @@ async def watch(
     after: Annotated[
         int | None, Query(ge=0, le=MAX_INT, description="Start after this revision (default: now)")
     ] = None,
-    namespace: str | None = None,
-    stream: str | None = None,
-    run: str | None = None,
+    namespace: NonEmptyQuery = None,
+    stream: NonEmptyQuery = None,
+    run: NonEmptyQuery = None,
     limit: Annotated[int | None, Query(ge=1, le=MAX_INT, description="Close the stream after this many events")] = None,
     last_event_id: Annotated[str | None, Header(description="Resume after this revision (set by EventSource)")] = None,
 ) -> Response:

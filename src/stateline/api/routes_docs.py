@@ -5,21 +5,24 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 from starlette.responses import Response
 
 from stateline.api.common import (
     ApiModel,
     Caller,
+    CollectionField,
+    CollectionQuery,
     CreateOnly,
     IfMatch,
     IfNoneMatch,
-    JsonInt,
+    KeyField,
     KeyPath,
     KeyQuery,
     PrefixQuery,
     body_doc,
     header,
+    integral,
     json_response,
     parse_body,
     parse_etag,
@@ -29,13 +32,13 @@ from stateline.api.common import (
 from stateline.api.errors import responses
 from stateline.docs import Document, TxRecord, Written
 from stateline.errors import Conflict, InvalidArgument, NotFound, PreconditionFailed
+from stateline.store.protocol import MAX_INT
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/v1/docs", tags=["docs"])
 
 LAYER = "docs"
-Collection = Annotated[str | None, Query(description="A named collection (default: the default one)")]
 
 
 def _etag(version: int) -> str:
@@ -52,8 +55,8 @@ class DocList(BaseModel):
 class DocBatch(ApiModel):
     """Documents to read in one round trip."""
 
-    keys: list[str] = Field(min_length=1, max_length=1000)
-    collection: str | None = None
+    keys: list[KeyField] = Field(min_length=1, max_length=1000)
+    collection: CollectionField | None = None
 
 
 class DocBatchOut(BaseModel):
@@ -66,20 +69,20 @@ class DocPut(ApiModel):
     """Write a document in a transaction (``expected_version`` / ``must_not_exist`` guard it)."""
 
     op: Literal["put"]
-    key: str
+    key: KeyField
     value: Any = None
-    expected_version: JsonInt | None = None
+    expected_version: Annotated[int, Field(ge=1, le=MAX_INT), BeforeValidator(integral)] | None = None
     must_not_exist: bool = False
-    collection: str | None = None
+    collection: CollectionField | None = None
 
 
 class DocDelete(ApiModel):
     """Delete a document in a transaction."""
 
     op: Literal["delete"]
-    key: str
-    expected_version: JsonInt | None = None
-    collection: str | None = None
+    key: KeyField
+    expected_version: Annotated[int, Field(ge=1, le=MAX_INT), BeforeValidator(integral)] | None = None
+    collection: CollectionField | None = None
 
 
 class DocTransactionIn(ApiModel):
@@ -110,7 +113,7 @@ async def list_docs(
     prefix: PrefixQuery = "",
     after: KeyQuery = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    collection: Collection = None,
+    collection: CollectionQuery = None,
 ) -> Response:
     """Documents whose keys start with ``prefix``, in key order."""
     caller = Caller.of(request, LAYER, "read")
@@ -183,7 +186,7 @@ async def get_transaction(request: Request, tx_id: KeyPath) -> Response:
 async def get_doc(
     request: Request,
     key: KeyPath,
-    collection: Collection = None,
+    collection: CollectionQuery = None,
     if_none_match: IfNoneMatch = None,
 ) -> Response:
     """One document with its version as the ``ETag``."""
@@ -219,7 +222,7 @@ async def _get_doc(request: Request) -> Response:
 async def put_doc(
     request: Request,
     key: KeyPath,
-    collection: Collection = None,
+    collection: CollectionQuery = None,
     if_match: IfMatch = None,
     if_none_match: CreateOnly = None,
     x_reason: Annotated[str | None, Header(description="Why: stored with the write")] = None,
@@ -267,7 +270,7 @@ async def _put_doc(request: Request) -> Response:
 async def delete_doc(
     request: Request,
     key: KeyPath,
-    collection: Collection = None,
+    collection: CollectionQuery = None,
     if_match: IfMatch = None,
 ) -> Response:
     """Delete a document: 404 if there is none, 412 if ``If-Match`` does not hold."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from stateline.api.auth import SYSTEM_TENANT, Principal
+from stateline.api.auth import LAYERS, LEVELS, MAX_EXPIRY_SECONDS, SYSTEM_TENANT, Principal
 from stateline.api.common import ApiModel, body_doc, ctx_of, json_response, parse_body
 from stateline.api.errors import responses
 from stateline.errors import Forbidden, Unauthenticated
@@ -16,13 +18,20 @@ __all__ = ["router"]
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 
 
+SCOPES = [*LEVELS, *(f"{layer}:{level}" for layer in LAYERS for level in LEVELS)]
+
+
 class KeyCreate(ApiModel):
     """A new key. ``tenant`` defaults to the caller's; only keys of tenant ``system`` may name another."""
 
-    scopes: list[str] = Field(min_length=1, max_length=50, examples=[["read", "docs:write"]])
+    scopes: list[Annotated[str, Field(json_schema_extra={"enum": SCOPES})]] = Field(
+        min_length=1, max_length=50, examples=[["read", "docs:write"]]
+    )
     tenant: str | None = None
     name: str = Field(default="", max_length=200)
-    expires_in: float | None = Field(default=None, description="Seconds until the key expires")
+    expires_in: float | None = Field(
+        default=None, ge=1, le=MAX_EXPIRY_SECONDS, description="Seconds until the key expires"
+    )
 
 
 class KeyOut(BaseModel):

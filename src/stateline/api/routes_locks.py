@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from stateline.api.common import ApiModel, Caller, KeyPath, body_doc, json_response, parse_body
+from stateline.api.common import ApiModel, Caller, KeyField, KeyPath, body_doc, json_response, parse_body
 from stateline.api.errors import responses
-from stateline.locks import Lease, LockState, WaitFor
+from stateline.locks import MAX_TTL_SECONDS, Lease, LockState, WaitFor
 
 __all__ = ["router"]
 
@@ -20,22 +22,22 @@ LAYER = "locks"
 class AcquireIn(ApiModel):
     """Take the lock for ``ttl`` seconds, waiting up to ``wait`` seconds (409 if still held)."""
 
-    owner: str | None = None
-    ttl: float = Field(default=30.0, gt=0)
+    owner: KeyField | None = None
+    ttl: float = Field(default=30.0, gt=0, le=MAX_TTL_SECONDS)
     wait: float = Field(default=0.0, ge=0, le=30)
 
 
 class TokenIn(ApiModel):
     """The lease's token (from acquire)."""
 
-    token: str
+    token: Annotated[str, Field(min_length=1)]
 
 
 class ExtendIn(ApiModel):
     """Extend the lease to ``ttl`` seconds from now."""
 
-    token: str
-    ttl: float = Field(gt=0)
+    token: Annotated[str, Field(min_length=1)]
+    ttl: float = Field(gt=0, le=MAX_TTL_SECONDS)
 
 
 class Released(BaseModel):

@@ -204,7 +204,7 @@ async def cancel_run(request: Request, run_id: RunIdPath) -> Response:
 async def run_history(
     request: Request,
     run_id: RunIdPath,
-    from_seq: Annotated[int, Query(alias="from", ge=1, le=MAX_INT)] = 1,
+    from_seq: Annotated[int, Query(alias="from", ge=1, le=2**62)] = 1,
     limit: Annotated[int | None, Query(ge=1, le=10_000)] = None,
 ) -> Response:
     """Every transition of the run."""

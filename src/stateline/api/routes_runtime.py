@@ -9,7 +9,20 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, BeforeValidator, Field
 from starlette.responses import Response
 
-from stateline.api.common import ApiModel, Caller, JsonInt, KeyPath, body_doc, integral, json_response, parse_body
+from stateline.api.common import (
+    NAME,
+    ApiModel,
+    Caller,
+    JsonInt,
+    KeyField,
+    KeyPath,
+    NamePath,
+    Ttl,
+    body_doc,
+    integral,
+    json_response,
+    parse_body,
+)
 from stateline.api.errors import responses
 from stateline.errors import Conflict, NotFound
 from stateline.runtime import RateLimitResult, Session
@@ -19,23 +32,24 @@ __all__ = ["router"]
 router = APIRouter(prefix="/v1", tags=["runtime"])
 
 LAYER = "runtime"
+KindQuery = Annotated[str, Query(json_schema_extra=NAME, description="The key's kind")]
 
 
 class HitIn(ApiModel):
     """Take ``cost`` from ``key``'s allowance under a limit of ``rate`` per ``per`` seconds."""
 
-    key: str
-    rate: JsonInt = Field(ge=1)
-    per: float = Field(gt=0)
+    key: KeyField
+    rate: JsonInt = Field(ge=1, le=2**40)
+    per: Ttl
     algorithm: Literal["sliding_window", "token_bucket"] = "sliding_window"
-    cost: JsonInt = Field(default=1, ge=1)
+    cost: JsonInt = Field(default=1, ge=1, le=2**40)
 
 
 class SessionIn(ApiModel):
     """Bind a session to a provider for ``ttl`` seconds (the default TTL when omitted)."""
 
-    provider: str
-    ttl: float | None = None
+    provider: Annotated[str, Field(min_length=1)]
+    ttl: Ttl | None = None
 
 
 class DeliveryOut(BaseModel):
@@ -49,7 +63,7 @@ class AttemptIn(ApiModel):
     """Count one delivery attempt; ``max`` makes an attempt past it a 409."""
 
     max: Annotated[int, Field(ge=1), BeforeValidator(integral)] | None = None
-    ttl: float = 86400.0
+    ttl: Ttl = 86400.0
 
 
 class IdempotencyOut(BaseModel):
@@ -67,7 +81,7 @@ class IdempotencyOut(BaseModel):
     openapi_extra=body_doc(HitIn),
     name="runtime.limit_hit",
 )
-async def limit_hit(request: Request, name: str) -> Response:
+async def limit_hit(request: Request, name: NamePath) -> Response:
     """Count a hit against a named limit (shared by every API node). ``allowed`` false sets ``Retry-After``;
     the answer is 200 either way: the limit is the caller's, not this request's."""
     caller = Caller.of(request, LAYER, "write")
@@ -154,7 +168,9 @@ async def delivery_count(request: Request, message_id: KeyPath) -> Response:
     "/idempotency/{key}", response_model=IdempotencyOut, responses=responses(), name="runtime.idempotency_status"
 )
 async def idempotency_status(
-    request: Request, key: KeyPath, kind: Annotated[str, Query(description="The key's kind")] = "request"
+    request: Request,
+    key: KeyPath,
+    kind: Annotated[str, Query(json_schema_extra=NAME, description="The key's kind")] = "request",
 ) -> Response:
     """The state of an execute-once key."""
     caller = Caller.of(request, LAYER, "read")
@@ -166,7 +182,9 @@ async def idempotency_status(
     "/idempotency/{key}", response_model=IdempotencyOut, responses=responses(), name="runtime.idempotency_forget"
 )
 async def idempotency_forget(
-    request: Request, key: KeyPath, kind: Annotated[str, Query(description="The key's kind")] = "request"
+    request: Request,
+    key: KeyPath,
+    kind: Annotated[str, Query(json_schema_extra=NAME, description="The key's kind")] = "request",
 ) -> Response:
     """Free an execute-once key whatever its state (the next caller runs again)."""
     caller = Caller.of(request, LAYER, "admin")

@@ -9,16 +9,20 @@ from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from stateline.api.common import (
+    MAX_TTL,
     ApiModel,
     Caller,
     CreateOnly,
     IfMatch,
     IfNoneMatch,
     JsonInt,
+    KeyField,
     KeyPath,
     KeyQuery,
+    NamespaceField,
     NamespacePath,
     PrefixQuery,
+    Ttl,
     body_doc,
     header,
     item_dict,
@@ -97,8 +101,8 @@ class ScanOut(BaseModel):
 class KeyRef(ApiModel):
     """One ``(namespace, key)``."""
 
-    namespace: str
-    key: str
+    namespace: NamespaceField
+    key: KeyField
 
 
 class BatchGet(ApiModel):
@@ -117,67 +121,67 @@ class VersionIsCheck(ApiModel):
     """Holds when the item has exactly this version."""
 
     check: Literal["version_is"]
-    namespace: str
-    key: str
-    version: JsonInt
+    namespace: NamespaceField
+    key: KeyField
+    version: JsonInt = Field(ge=1, le=MAX_INT)
 
 
 class AbsentCheck(ApiModel):
     """Holds when there is no live item."""
 
     check: Literal["absent"]
-    namespace: str
-    key: str
+    namespace: NamespaceField
+    key: KeyField
 
 
 class ExistsCheck(ApiModel):
     """Holds when there is a live item."""
 
     check: Literal["exists"]
-    namespace: str
-    key: str
+    namespace: NamespaceField
+    key: KeyField
 
 
 class StreamAtCheck(ApiModel):
     """Holds when the stream's last seq is exactly ``seq``."""
 
     check: Literal["stream_at"]
-    stream: str
-    seq: JsonInt
+    stream: KeyField
+    seq: JsonInt = Field(ge=0, le=MAX_INT)
 
 
 class PutOp(ApiModel):
     """Write a JSON value (``ttl`` seconds makes it expire)."""
 
     op: Literal["put"]
-    namespace: str
-    key: str
+    namespace: NamespaceField
+    key: KeyField
     value: Any = None
-    ttl: float | None = None
+    ttl: Ttl | None = None
 
 
 class DeleteOp(ApiModel):
     """Remove an item."""
 
     op: Literal["delete"]
-    namespace: str
-    key: str
+    namespace: NamespaceField
+    key: KeyField
 
 
 class IncrOp(ApiModel):
     """Add ``by`` to an integer counter."""
 
     op: Literal["incr"]
-    namespace: str
-    key: str
-    by: JsonInt = 1
-    ttl: float | None = None
+    namespace: NamespaceField
+    key: KeyField
+    by: JsonInt = Field(default=1, ge=-MAX_INT, le=MAX_INT)
+    ttl: Ttl | None = None
 
 
 class EventIn(ApiModel):
     """An event to append."""
 
-    type: str
+    type: NamespaceField
     data: Any = None
     meta: dict[str, Any] | None = None
 
@@ -186,7 +190,7 @@ class AppendOp(ApiModel):
     """Append events to a stream."""
 
     op: Literal["append"]
-    stream: str
+    stream: KeyField
     events: list[EventIn] = Field(min_length=1, max_length=10_000)
 
 
@@ -194,8 +198,8 @@ class TrimOp(ApiModel):
     """Drop a stream's events below ``before_seq``."""
 
     op: Literal["trim"]
-    stream: str
-    before_seq: JsonInt
+    stream: KeyField
+    before_seq: JsonInt = Field(ge=1, le=MAX_INT)
 
 
 CheckIn = Annotated[VersionIsCheck | AbsentCheck | ExistsCheck | StreamAtCheck, Field(discriminator="check")]
@@ -361,7 +365,7 @@ async def put_item(
     request: Request,
     namespace: NamespacePath,
     key: KeyPath,
-    ttl: Annotated[float | None, Query(gt=0, description="Seconds until the item expires")] = None,
+    ttl: Annotated[float | None, Query(gt=0, le=MAX_TTL, description="Seconds until the item expires")] = None,
     if_match: IfMatch = None,
     if_none_match: CreateOnly = None,
 ) -> Response:

@@ -5,17 +5,18 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 from starlette.responses import Response
 
 from stateline.api.common import (
     ApiModel,
     Caller,
-    JsonInt,
     KeyPath,
     KeyQuery,
+    NamespaceField,
     PrefixQuery,
     body_doc,
+    integral,
     json_response,
     parse_body,
 )
@@ -34,7 +35,7 @@ LAYER = "streams"
 class EventIn(ApiModel):
     """An event to append."""
 
-    type: str
+    type: NamespaceField
     data: Any = None
     meta: dict[str, Any] | None = None
 
@@ -43,7 +44,7 @@ class AppendIn(ApiModel):
     """Events to append; with ``expected_seq`` only if the stream's last seq is exactly that (409)."""
 
     events: list[EventIn] = Field(min_length=1, max_length=10_000)
-    expected_seq: JsonInt | None = None
+    expected_seq: Annotated[int, Field(ge=0, le=MAX_INT), BeforeValidator(integral)] | None = None
 
 
 class EventsOut(BaseModel):
