@@ -55,7 +55,7 @@ _NOT_IN_A_SCHEMA = re.compile(
             r"beyond the stream's last seq",
             r"cannot be combined with expected_version|use If-Match",  # two headers or fields together
             r"Integer exceeds 64-bit range",  # inside a free JSON value
-            r"holds a non-integer value",  # incr of a key that holds something else
+            r"holds a non-integer value|would overflow 64 bits",  # incr against what the key holds
         ]
     )
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import Response
 
 from stateline.api.common import (
@@ -79,13 +79,21 @@ class RemoveToken(ApiModel):
 
 
 class UpdateToken(ApiModel):
-    """Change fields of a token (only those given)."""
+    """Change fields of a token (only those given: at least one)."""
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 3})  # type, token_id and a field
 
     type: Literal["update_token"]
     token_id: str
     status: str | None = None
     position: Any = None
     data: Any = None
+
+    @model_validator(mode="after")
+    def _a_field(self) -> UpdateToken:
+        if not self.model_fields_set & {"status", "position", "data"}:
+            raise ValueError("give status, position or data to set")
+        return self
 
 
 class EnterScope(ApiModel):
