@@ -15,6 +15,7 @@ import schemathesis
 from fastapi.routing import APIRoute
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from openapi_spec_validator import validate
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 from schemathesis.generation.meta import TestPhase
@@ -184,6 +185,10 @@ def _keywords(node: Any) -> set[str]:
     if isinstance(node, list):
         return set().union(*(_keywords(v) for v in node))
     return set()
+
+
+def test_the_document_is_valid_openapi() -> None:
+    validate(_app.openapi())
 
 
 def test_the_document_speaks_json_schema() -> None:
