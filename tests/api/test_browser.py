@@ -4,16 +4,10 @@ a commit made through the API appears on the page without a reload; then a grace
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -21,19 +15,7 @@ import pytest
 
 import stateline
 from tests.conftest import IN_CI
-
-
-@dataclass
-class Server:
-    """A running `stateline serve`: its base URL, bootstrap admin key, process, output and store URL."""
-
-    base: str
-    admin: str
-    proc: subprocess.Popen[str]
-    log: list[str]
-    url: str
-    drain: threading.Thread
-
+from tests.serving import Served, serve
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -66,59 +48,14 @@ def _ensure_chromium() -> str:
     return CHROMIUM
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    port = _free_port()
-    url = f"sqlite:///{tmp_path / 'e2e.db'}"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from stateline.cli import main; main()", "serve", "--url", url, "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "COLUMNS": "300", "PYTHONUNBUFFERED": "1"},
-    )
-    base = f"http://127.0.0.1:{port}"
-    token = None
-    lines: list[str] = []
-    assert proc.stdout is not None
-    for line in proc.stdout:  # the banner comes before the server starts
-        lines.append(line)
-        m = re.search(r"sl_[0-9a-f]{12}_[A-Za-z0-9_\-]+", line)
-        if m:
-            token = m.group(0)
-        if token:
-            break
-    assert token, "".join(lines)
-    assert any("dashboard: http" in line and "/ui/" in line for line in lines)
-    drain = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)  # keep the pipe empty
-    drain.start()
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, "".join(lines)
-        assert time.monotonic() < deadline, "server did not become ready"
-        time.sleep(0.1)
-    try:
-        yield Server(base, token, proc, lines, url, drain)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        drain.join(timeout=10)
-        proc.stdout.close()
+def server(tmp_path: Path) -> Iterator[Served]:
+    with serve(f"sqlite:///{tmp_path / 'e2e.db'}") as served:
+        assert any("dashboard: http" in line and "/ui/" in line for line in served.log)
+        yield served
 
 
-def test_dashboard_shows_commits_live(server: Server, tmp_path: Path) -> None:
+def test_dashboard_shows_commits_live(server: Served, tmp_path: Path) -> None:
     playwright_api = (
         pytest.importorskip("playwright.sync_api") if not IN_CI else __import__("playwright.sync_api").sync_api
     )

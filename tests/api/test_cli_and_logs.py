@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import os
-import re
-import socket
-import subprocess
-import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,6 +20,7 @@ from stateline.api.auth import KeyStore
 from stateline.cli import app
 from stateline.errors import InvalidArgument, Unauthenticated
 from stateline.observability import JsonFormatter
+from tests.serving import serve
 
 
 def test_keys_commands(tmp_path: Path) -> None:
@@ -83,62 +77,22 @@ def test_json_log_lines_carry_the_trace_id() -> None:
     assert trace.get_current_span().get_span_context().is_valid is False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_serve_with_workers_exposes_the_metrics_of_every_worker(tmp_path: Path) -> None:
     # Each scrape reaches one worker; each must count the requests that every worker served.
-    port, url = _free_port(), f"sqlite:///{tmp_path / 'serve.db'}"
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    env.update(COLUMNS="300", PYTHONUNBUFFERED="1", TMPDIR=str(tmp_path))
-    cmd = [sys.executable, "-c", "from stateline.cli import main; main()", "serve", "--url", url]
-    proc = subprocess.Popen(
-        [*cmd, "--port", str(port), "--workers", "2", "--rate-limit", "0", "--sweep-interval", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    lines: list[str] = []
-    try:
-        assert proc.stdout is not None
-        token = None
-        for line in proc.stdout:
-            lines.append(line)
-            if m := re.search(r"sl_[0-9a-f]{12}_[A-Za-z0-9_\-]+", line):
-                token = m.group(0)
-                break
-        assert token, "".join(lines)
-        threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True).start()
-        base, h = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            assert proc.poll() is None, "".join(lines)
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.1)
+    env["TMPDIR"] = str(tmp_path)
+    url = f"sqlite:///{tmp_path / 'serve.db'}"
+    with serve(url, "--workers", "2", "--rate-limit", "0", "--sweep-interval", "0", env=env) as served:
 
         def put(i: int) -> int:  # a connection of its own each: the kernel hands them to either worker
-            return httpx.put(f"{base}/v1/docs/d{i}", json={"i": i}, headers=h, timeout=30).status_code
+            return httpx.put(
+                f"{served.base}/v1/docs/d{i}", json={"i": i}, headers=served.headers, timeout=30
+            ).status_code
 
         with ThreadPoolExecutor(6) as pool:
             assert list(pool.map(put, range(60))) == [201] * 60
         line = 'stateline_http_requests_total{method="PUT",route="/v1/docs/{key:path}",status="201"} 60.0'
         for _ in range(10):
-            assert line in httpx.get(f"{base}/metrics", timeout=10).text
+            assert line in httpx.get(f"{served.base}/metrics", timeout=10).text
         (metrics_dir,) = tmp_path.glob("stateline-metrics-*")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
     assert not metrics_dir.exists()  # removed at shutdown

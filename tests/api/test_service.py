@@ -334,10 +334,10 @@ def test_shared_rate_limit_is_counted_in_the_store(backend: Backend, clock: Fake
 # ---------------------------------------------------------------- audit of concurrent writes
 
 
-async def _asgi(app: FastAPI, method: str, path: str, body: bytes, token: str, on_body: Any = None) -> int:
-    """One request straight into the ASGI app; ``on_body()`` runs when the response body is sent."""
-    headers = [(b"authorization", f"Bearer {token}".encode()), (b"content-length", str(len(body)).encode())]
-    scope = {
+def _scope(method: str, path: str, token: str, length: int, *extra: tuple[bytes, bytes]) -> dict[str, Any]:
+    """The ASGI scope of a request with ``token`` and a body of ``length`` bytes."""
+    headers = [(b"authorization", f"Bearer {token}".encode()), (b"content-length", str(length).encode()), *extra]
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -351,6 +351,11 @@ async def _asgi(app: FastAPI, method: str, path: str, body: bytes, token: str, o
         "client": ("127.0.0.1", 5000),
         "server": ("127.0.0.1", 8080),
     }
+
+
+async def _asgi(app: FastAPI, method: str, path: str, body: bytes, token: str, on_body: Any = None) -> int:
+    """One request straight into the ASGI app; ``on_body()`` runs when the response body is sent."""
+    scope = _scope(method, path, token, len(body))
     messages = [{"type": "http.request", "body": body, "more_body": False}]
     status = [0]
 
@@ -429,23 +434,8 @@ def test_a_client_gone_before_its_body_is_whole_changes_nothing_and_is_no_server
     idempotency_key: bytes | None,
 ) -> None:
     token = mem_api.key("acme")["Authorization"].removeprefix("Bearer ")
-    headers = [(b"authorization", f"Bearer {token}".encode()), (b"content-length", str(len(whole)).encode())]
-    if idempotency_key is not None:
-        headers.append((b"idempotency-key", idempotency_key))
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": headers,
-        "client": ("127.0.0.1", 5000),
-        "server": ("127.0.0.1", 8080),
-    }
+    extra = [] if idempotency_key is None else [(b"idempotency-key", idempotency_key)]
+    scope = _scope(method, path, token, len(whole), *extra)
     incoming = [{"type": "http.request", "body": whole[:20], "more_body": True}, {"type": "http.disconnect"}]
     sent: list[dict[str, Any]] = []
 
