@@ -101,26 +101,31 @@ def test_api_conforms_to_its_schema(case: schemathesis.Case) -> None:
 # ---------------------------------------------------------------- chained calls
 
 
-class _Fresh:
-    """The app under the state machine: each sequence of calls starts on a new, empty store."""
+class _Chains:
+    """The app under the state machine, over one store; each chain of calls runs in a tenant of its own
+    (the key it carries decides the tenant), so it starts from nothing."""
 
     def __init__(self) -> None:
-        self.reset()
+        self.use(_db)
 
-    def reset(self) -> None:
-        self.db = stateline.open("memory://")
-        self.app = create_app(self.db, settings=ApiSettings(rate_limit=None, max_wait=0.05, freeze_gc=False))
-        token, _ = self.app.state.stateline.keys.create("fuzz", ["admin"])
+    def use(self, db: stateline.Database) -> None:
+        self.app = create_app(db, settings=ApiSettings(rate_limit=None, max_wait=0.05, freeze_gc=False))
+        self.chains = 0
+        self.headers: dict[str, str] = {}
+
+    def next_chain(self) -> None:
+        self.chains += 1
+        token, _ = self.app.state.stateline.keys.create(f"chain{self.chains}", ["admin"])
         self.headers = {"Authorization": f"Bearer {token}"}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await self.app(scope, receive, send)
 
 
-_fresh = _Fresh()
+_chains = _Chains()
 # Revoking the key the calls carry would leave nothing else to test.
 _linked = (
-    schemathesis.openapi.from_asgi("/openapi.json", _fresh)
+    schemathesis.openapi.from_asgi("/openapi.json", _chains)
     .exclude(path="/v1/watch")
     .exclude(method="DELETE", path="/v1/keys/{key_id}")
 )
@@ -129,29 +134,34 @@ _linked.config.generation.update(modes=[GenerationMode.POSITIVE], with_security_
 
 class _Workflow(_linked.as_state_machine()):  # type: ignore[misc]
     def setup(self) -> None:
-        _fresh.reset()
+        _chains.next_chain()
 
     def before_call(self, case: schemathesis.Case) -> None:
         if isinstance(case.body, dict) and case.path == "/v1/locks/{name}/acquire":
             case.body["wait"] = 0
 
     def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
-        return {"headers": _fresh.headers}
+        return {"headers": _chains.headers}
 
     def validate_response(self, response: Any, case: schemathesis.Case, *args: Any, **kwargs: Any) -> None:
         case.validate_response(response, checks=[*CHECKS, use_after_free, ensure_resource_availability])
 
 
-def test_chained_calls_conform_and_keep_resources_consistent() -> None:
-    _Workflow.run(
-        settings=settings(
-            max_examples=scale(25, 800),
-            stateful_step_count=10,
-            deadline=None,
-            database=None,
-            suppress_health_check=list(HealthCheck),
+def test_chained_calls_conform_and_keep_resources_consistent(db: stateline.Database) -> None:
+    _chains.use(db)  # every adapter
+    try:
+        _Workflow.run(
+            settings=settings(
+                max_examples=scale(25, 400),
+                stateful_step_count=10,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
         )
-    )
+    finally:
+        _chains.app.state.stateline.close()
+        _chains.use(_db)
 
 
 # ---------------------------------------------------------------- the document itself
