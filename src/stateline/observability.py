@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import sys
 from typing import IO, Any
 
@@ -109,6 +110,25 @@ its metrics are kept in files there and the exposition sums every process's (``s
 --workers N`` sets it up)."""
 
 
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
+
+
+def _gone(directory: str) -> set[int]:
+    """The processes that left live-gauge files in ``directory`` and no longer run."""
+    if sys.platform == "win32":  # no signal 0 there; --workers is for POSIX hosts
+        return set()
+    pids = {int(m.group(1)) for name in os.listdir(directory) if (m := _LIVE_GAUGE_FILE.fullmatch(name))}
+    gone = set()
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            gone.add(pid)
+        except PermissionError:  # alive, another user's
+            pass
+    return gone
+
+
 class Metrics:
     """The service's Prometheus metrics, on a registry of their own (one per app).
 
@@ -163,6 +183,8 @@ class Metrics:
         """The metrics in Prometheus text format: this registry's, or every process's in multiprocess mode."""
         if self.multiprocess_dir is None:
             return generate_latest(self.registry)
+        for pid in _gone(self.multiprocess_dir):  # killed without process_exit: its live gauges go now
+            multiprocess.mark_process_dead(pid, self.multiprocess_dir)  # type: ignore[no-untyped-call]  # untyped upstream
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]  # untyped upstream
         return generate_latest(registry)

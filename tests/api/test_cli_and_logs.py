@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -96,3 +98,18 @@ def test_serve_with_workers_exposes_the_metrics_of_every_worker(tmp_path: Path) 
             assert line in httpx.get(f"{served.base}/metrics", timeout=10).text
         (metrics_dir,) = tmp_path.glob("stateline-metrics-*")
     assert not metrics_dir.exists()  # removed at shutdown
+
+
+def test_a_worker_killed_without_cleanup_leaves_no_live_gauge(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    killed = (
+        "import os; from stateline.observability import Metrics; m = Metrics(); m.watchers.inc(2); "
+        "m.requests.labels('/v1/x', 'GET', '200').inc(); os._exit(0)"  # no shutdown: as after SIGKILL
+    )
+    subprocess.run([sys.executable, "-c", killed], env=env, check=True, timeout=60)
+    scrape = "from stateline.observability import Metrics; print(Metrics().exposition().decode())"
+    text = subprocess.run(
+        [sys.executable, "-c", scrape], env=env, check=True, timeout=60, capture_output=True, text=True
+    ).stdout
+    assert 'stateline_http_requests_total{method="GET",route="/v1/x",status="200"} 1.0' in text  # counts stay
+    assert "stateline_watchers 2.0" not in text  # the dead worker's open watchers are gone
