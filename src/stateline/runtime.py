@@ -27,7 +27,7 @@ import orjson
 
 from stateline import codec
 from stateline.errors import Conflict, InvalidArgument, Unavailable
-from stateline.store.protocol import PreparedCommit, PreparedIncr, PreparedPut, Store
+from stateline.store.protocol import MAX_TTL_SECONDS, PreparedCommit, PreparedIncr, PreparedPut, Store
 from stateline.types import (
     Absent,
     Check,
@@ -64,7 +64,6 @@ P = ParamSpec("P")
 log = logging.getLogger("stateline.runtime")
 
 _US = 1_000_000
-_MAX_TTL = 100 * 365 * 86400
 _DAY = 86400.0
 _MISS: Final = object()
 _HINTS_MAX = 100_000  # local per-key hints are dropped wholesale beyond this many keys
@@ -76,7 +75,7 @@ _HINTS_MAX = 100_000  # local per-key hints are dropped wholesale beyond this ma
 def _seconds(value: object, field: str, *, allow_none: bool = False, allow_zero: bool = False) -> float | None:
     if value is None and allow_none:
         return None
-    return check_number(value, field, 0, _MAX_TTL, above=not allow_zero, unit="seconds")
+    return check_number(value, field, 0, MAX_TTL_SECONDS, above=not allow_zero, unit="seconds")
 
 
 def _positive_int(value: object, field: str, maximum: int = 2**62) -> int:
@@ -1109,7 +1108,7 @@ class Idempotency:
         if (
             ns is not None
             and type(ttl) is float
-            and 0 < ttl <= _MAX_TTL
+            and 0 < ttl <= MAX_TTL_SECONDS
             and wait is False
             and remember_failures is False
             and lease is None

@@ -18,6 +18,7 @@ from starlette.responses import Response
 from stateline.api.auth import Principal, require_tenant_data
 from stateline.errors import InvalidArgument, Unauthenticated
 from stateline.observability import current_trace_id
+from stateline.store.protocol import MAX_TTL_SECONDS
 from stateline.types import Item
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ __all__ = [
     "COLLECTION",
     "ETAG",
     "KEY_TEXT",
-    "MAX_TTL",
     "NAME",
     "NAMESPACE",
     "NOT_EMPTY",
@@ -108,8 +108,6 @@ NAME: dict[str, Any] = {"pattern": r"^[A-Za-z0-9_:/\-]{1,100}$"}
 COLLECTION: dict[str, Any] = {"pattern": r"^[A-Za-z0-9_\-]{1,100}$"}
 """A named collection of documents."""
 NOT_EMPTY: dict[str, Any] = {"minLength": 1}
-MAX_TTL = 100 * 365 * 86400.0
-"""The longest TTL the store takes, in seconds."""
 
 # Parameters and body fields so documented (the layers validate them; these only describe)
 IfMatch = Annotated[
@@ -135,7 +133,7 @@ CollectionQuery = Annotated[
     str | None, Query(json_schema_extra=COLLECTION, description="A named collection (default: the default one)")
 ]
 NonEmptyQuery = Annotated[str | None, Query(json_schema_extra=NOT_EMPTY)]
-Ttl = Annotated[float, Field(gt=0, le=MAX_TTL, description="seconds")]
+Ttl = Annotated[float, Field(gt=0, le=MAX_TTL_SECONDS, description="seconds")]
 RunIdField = Annotated[str, Field(json_schema_extra=RUN_ID)]
 CaseIdField = Annotated[str, Field(json_schema_extra=CASE_ID)]
 NamespaceField = Annotated[str, Field(json_schema_extra=NAMESPACE)]

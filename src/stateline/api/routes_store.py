@@ -9,7 +9,6 @@ from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from stateline.api.common import (
-    MAX_TTL,
     ApiModel,
     Caller,
     CreateOnly,
@@ -34,7 +33,7 @@ from stateline.api.common import (
 )
 from stateline.api.errors import responses
 from stateline.errors import Conflict, Forbidden, NotFound, PreconditionFailed
-from stateline.store.protocol import MAX_INT
+from stateline.store.protocol import MAX_INT, MAX_TTL_SECONDS
 from stateline.types import (
     Absent,
     Append,
@@ -365,7 +364,7 @@ async def put_item(
     request: Request,
     namespace: NamespacePath,
     key: KeyPath,
-    ttl: Annotated[float | None, Query(gt=0, le=MAX_TTL, description="Seconds until the item expires")] = None,
+    ttl: Annotated[float | None, Query(gt=0, le=MAX_TTL_SECONDS, description="Seconds until the item expires")] = None,
     if_match: IfMatch = None,
     if_none_match: CreateOnly = None,
 ) -> Response:
