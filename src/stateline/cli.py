@@ -127,13 +127,12 @@ def serve(
     """Run the HTTP service and its dashboard (FastAPI on uvicorn)."""
     import os  # noqa: PLC0415  # the server's imports stay off the other commands' start-up path
     import shutil  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
 
     import uvicorn  # noqa: PLC0415
 
     from stateline.api import ApiSettings, create_app  # noqa: PLC0415
     from stateline.api.server import bootstrap_admin_key  # noqa: PLC0415
-    from stateline.observability import MULTIPROC_DIR, configure_logging  # noqa: PLC0415
+    from stateline.observability import MULTIPROC_DIR, configure_logging, multiprocess_dir  # noqa: PLC0415
 
     if workers > 1 and url.startswith("memory:"):
         raise typer.BadParameter("memory:// lives in one process; use --workers 1 or a shared store")
@@ -190,7 +189,7 @@ def serve(
     if not os.environ.get(MULTIPROC_DIR):
         # every worker writes its metrics there and /metrics on any of them sums them all (one
         # worker's counters alone would look to Prometheus like a reset at each scrape of another)
-        own_metrics_dir = tempfile.mkdtemp(prefix="stateline-metrics-")
+        own_metrics_dir = multiprocess_dir()
         os.environ[MULTIPROC_DIR] = own_metrics_dir
     try:
         uvicorn.run("stateline.api.server:app_from_env", factory=True, workers=workers, **common)  # type: ignore[arg-type]

@@ -6,7 +6,9 @@ import importlib
 import logging
 import os
 import re
+import shutil
 import sys
+import tempfile
 from typing import IO, Any
 
 import orjson
@@ -21,6 +23,7 @@ __all__ = [
     "configure_logging",
     "current_trace_id",
     "make_tracer_provider",
+    "multiprocess_dir",
     "otlp_configured",
 ]
 
@@ -111,22 +114,36 @@ its metrics are kept in files there and the exposition sums every process's (``s
 
 
 _LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
+_METRICS_DIR = re.compile(r"stateline-metrics-(\d+)-\w+")
+
+
+def _running(pid: int) -> bool:
+    if sys.platform == "win32":  # no signal 0 there; --workers is for POSIX hosts
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _gone(directory: str) -> set[int]:
     """The processes that left live-gauge files in ``directory`` and no longer run."""
-    if sys.platform == "win32":  # no signal 0 there; --workers is for POSIX hosts
-        return set()
     pids = {int(m.group(1)) for name in os.listdir(directory) if (m := _LIVE_GAUGE_FILE.fullmatch(name))}
-    gone = set()
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            gone.add(pid)
-        except PermissionError:  # alive, another user's
-            pass
-    return gone
+    return {pid for pid in pids if not _running(pid)}
+
+
+def multiprocess_dir() -> str:
+    """A new directory for prometheus-client's multiprocess mode, named after this process. Those that
+    processes which no longer run left behind (killed before they could remove theirs) are removed."""
+    base = tempfile.gettempdir()
+    for entry in os.scandir(base):
+        m = _METRICS_DIR.fullmatch(entry.name)
+        if m is not None and entry.is_dir(follow_symlinks=False) and not _running(int(m.group(1))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"stateline-metrics-{os.getpid()}-", dir=base)
 
 
 class Metrics:

@@ -84,6 +84,10 @@ def test_serve_with_workers_exposes_the_metrics_of_every_worker(tmp_path: Path) 
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env["TMPDIR"] = str(tmp_path)
     url = f"sqlite:///{tmp_path / 'serve.db'}"
+    orphan = tmp_path / "stateline-metrics-999999999-abc"  # left by a serve killed with SIGKILL (no such pid)
+    in_use = tmp_path / f"stateline-metrics-{os.getpid()}-abc"  # a running process's
+    orphan.mkdir()
+    in_use.mkdir()
     with serve(url, "--workers", "2", "--rate-limit", "0", "--sweep-interval", "0", env=env) as served:
 
         def put(i: int) -> int:  # a connection of its own each: the kernel hands them to either worker
@@ -96,8 +100,9 @@ def test_serve_with_workers_exposes_the_metrics_of_every_worker(tmp_path: Path) 
         line = 'stateline_http_requests_total{method="PUT",route="/v1/docs/{key:path}",status="201"} 60.0'
         for _ in range(10):
             assert line in httpx.get(f"{served.base}/metrics", timeout=10).text
-        (metrics_dir,) = tmp_path.glob("stateline-metrics-*")
+        (metrics_dir,) = set(tmp_path.glob("stateline-metrics-*")) - {in_use}  # the orphan is gone
     assert not metrics_dir.exists()  # removed at shutdown
+    assert in_use.exists()
 
 
 def test_a_worker_killed_without_cleanup_leaves_no_live_gauge(tmp_path: Path) -> None:
