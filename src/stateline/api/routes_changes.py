@@ -153,6 +153,10 @@ async def changes(
     return json_response({"changes": out, "next": cursor})
 
 
+REVISION = {"pattern": r"^[0-9]{1,18}$"}
+_RESUME = "Resume after this revision (set by EventSource)"
+
+
 @router.get(
     "/watch",
     response_class=StreamingResponse,
@@ -174,7 +178,13 @@ async def watch(
     stream: NonEmptyQuery = None,
     run: NonEmptyQuery = None,
     limit: Annotated[int | None, Query(ge=1, le=MAX_INT, description="Close the stream after this many events")] = None,
-    last_event_id: Annotated[str | None, Header(description="Resume after this revision (set by EventSource)")] = None,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            json_schema_extra={"pattern": r"^[0-9]{1,18}$"},
+            description="Resume after this revision (set by EventSource)",
+        ),
+    ] = None,
 ) -> Response:
     """The change feed as Server-Sent Events, live. Resumable: ``Last-Event-ID`` (or ``after``) is a
     revision, and every later change is sent in order. Comments (``: keep-alive``) keep the line open.
@@ -183,9 +193,10 @@ async def watch(
     caller = Caller.of(request, LAYER, "read")
     flt = _filter(namespace, stream, run)
     if last_event_id is not None and last_event_id.strip():
-        if not last_event_id.strip().isdigit():
+        raw = last_event_id.strip()
+        if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_INT:
             raise InvalidArgument("Last-Event-ID", "must be a revision number")
-        start = int(last_event_id.strip())
+        start = int(raw)
     elif after is not None:
         start = after
     else:
