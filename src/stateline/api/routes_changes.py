@@ -153,8 +153,12 @@ async def changes(
     return json_response({"changes": out, "next": cursor})
 
 
-REVISION = {"pattern": r"^[0-9]{1,18}$"}
-_RESUME = "Resume after this revision (set by EventSource)"
+LastEventId = Annotated[
+    str | None,
+    Header(
+        json_schema_extra={"pattern": r"^[0-9]{1,18}$"}, description="Resume after this revision (set by EventSource)"
+    ),
+]
 
 
 @router.get(
@@ -178,13 +182,7 @@ async def watch(
     stream: NonEmptyQuery = None,
     run: NonEmptyQuery = None,
     limit: Annotated[int | None, Query(ge=1, le=MAX_INT, description="Close the stream after this many events")] = None,
-    last_event_id: Annotated[
-        str | None,
-        Header(
-            json_schema_extra={"pattern": r"^[0-9]{1,18}$"},
-            description="Resume after this revision (set by EventSource)",
-        ),
-    ] = None,
+    last_event_id: LastEventId = None,
 ) -> Response:
     """The change feed as Server-Sent Events, live. Resumable: ``Last-Event-ID`` (or ``after``) is a
     revision, and every later change is sent in order. Comments (``: keep-alive``) keep the line open.

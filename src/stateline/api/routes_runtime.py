@@ -170,7 +170,7 @@ async def delivery_count(request: Request, message_id: KeyPath) -> Response:
 async def idempotency_status(
     request: Request,
     key: KeyPath,
-    kind: Annotated[str, Query(json_schema_extra=NAME, description="The key's kind")] = "request",
+    kind: KindQuery = "request",
 ) -> Response:
     """The state of an execute-once key."""
     caller = Caller.of(request, LAYER, "read")
@@ -184,7 +184,7 @@ async def idempotency_status(
 async def idempotency_forget(
     request: Request,
     key: KeyPath,
-    kind: Annotated[str, Query(json_schema_extra=NAME, description="The key's kind")] = "request",
+    kind: KindQuery = "request",
 ) -> Response:
     """Free an execute-once key whatever its state (the next caller runs again)."""
     caller = Caller.of(request, LAYER, "admin")
