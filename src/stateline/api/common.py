@@ -18,7 +18,7 @@ from starlette.responses import Response
 from stateline.api.auth import Principal, require_tenant_data
 from stateline.errors import InvalidArgument, Unauthenticated
 from stateline.observability import current_trace_id
-from stateline.store.protocol import MAX_TTL_SECONDS
+from stateline.store.protocol import MAX_INT, MAX_TTL_SECONDS
 from stateline.types import Item
 
 if TYPE_CHECKING:
@@ -60,7 +60,9 @@ __all__ = [
     "RunIdField",
     "RunIdPath",
     "RunIdQuery",
+    "TextField",
     "Ttl",
+    "VersionField",
     "body_doc",
     "ctx_of",
     "header",
@@ -149,6 +151,10 @@ JsonInt = Annotated[int, BeforeValidator(integral)]
 """An integer in a request body (see ``integral``). An optional one with bounds is written
 ``Annotated[int, Field(ge=...), BeforeValidator(integral)] | None``: pydantic documents the bounds of
 ``JsonInt | None`` as ``ge``/``le``, which JSON Schema does not know."""
+VersionField = Annotated[int, Field(ge=1, le=MAX_INT), BeforeValidator(integral)]
+"""A version a request expects (written so, it may also be optional: see ``JsonInt``)."""
+TextField = Annotated[str, Field(min_length=1)]
+"""Text that must not be empty (a token, a provider)."""
 
 BODY_MODELS: dict[str, type[BaseModel]] = {}
 """The request-body models that routes declare with ``body_doc``, by name (their schemas go into the

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from stateline.api.common import (
@@ -20,9 +20,9 @@ from stateline.api.common import (
     KeyPath,
     KeyQuery,
     PrefixQuery,
+    VersionField,
     body_doc,
     header,
-    integral,
     json_response,
     parse_body,
     parse_etag,
@@ -32,7 +32,6 @@ from stateline.api.common import (
 from stateline.api.errors import responses
 from stateline.docs import Document, TxRecord, Written
 from stateline.errors import Conflict, InvalidArgument, NotFound, PreconditionFailed
-from stateline.store.protocol import MAX_INT
 
 __all__ = ["router"]
 
@@ -71,7 +70,7 @@ class DocPut(ApiModel):
     op: Literal["put"]
     key: KeyField
     value: Any = None
-    expected_version: Annotated[int, Field(ge=1, le=MAX_INT), BeforeValidator(integral)] | None = None
+    expected_version: VersionField | None = None
     must_not_exist: bool = False
     collection: CollectionField | None = None
 
@@ -81,7 +80,7 @@ class DocDelete(ApiModel):
 
     op: Literal["delete"]
     key: KeyField
-    expected_version: Annotated[int, Field(ge=1, le=MAX_INT), BeforeValidator(integral)] | None = None
+    expected_version: VersionField | None = None
     collection: CollectionField | None = None
 
 

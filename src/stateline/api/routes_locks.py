@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from stateline.api.common import ApiModel, Caller, KeyField, KeyPath, body_doc, json_response, parse_body
+from stateline.api.common import ApiModel, Caller, KeyField, KeyPath, TextField, body_doc, json_response, parse_body
 from stateline.api.errors import responses
 from stateline.locks import MAX_TTL_SECONDS, Lease, LockState, WaitFor
 
@@ -30,13 +28,13 @@ class AcquireIn(ApiModel):
 class TokenIn(ApiModel):
     """The lease's token (from acquire)."""
 
-    token: Annotated[str, Field(min_length=1)]
+    token: TextField
 
 
 class ExtendIn(ApiModel):
     """Extend the lease to ``ttl`` seconds from now."""
 
-    token: Annotated[str, Field(min_length=1)]
+    token: TextField
     ttl: float = Field(gt=0, le=MAX_TTL_SECONDS)
 
 

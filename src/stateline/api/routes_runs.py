@@ -16,6 +16,7 @@ from stateline.api.common import (
     RunIdField,
     RunIdPath,
     RunIdQuery,
+    TextField,
     body_doc,
     integral,
     json_response,
@@ -35,7 +36,7 @@ LAYER = "runs"
 
 Seconds = Annotated[float, Field(ge=0, le=MAX_LEASE_SECONDS)]
 Lease = Annotated[float, Field(gt=0, le=MAX_LEASE_SECONDS, description="seconds")]
-Token = Annotated[str, Field(min_length=1, description="the lease token the claim returned")]
+Token = Annotated[TextField, Field(description="the lease token the claim returned")]
 
 
 class UsageIn(ApiModel):

@@ -17,6 +17,7 @@ from stateline.api.common import (
     KeyField,
     KeyPath,
     NamePath,
+    TextField,
     Ttl,
     body_doc,
     integral,
@@ -48,7 +49,7 @@ class HitIn(ApiModel):
 class SessionIn(ApiModel):
     """Bind a session to a provider for ``ttl`` seconds (the default TTL when omitted)."""
 
-    provider: Annotated[str, Field(min_length=1)]
+    provider: TextField
     ttl: Ttl | None = None
 
 

@@ -22,6 +22,7 @@ from stateline.api.common import (
     NamespacePath,
     PrefixQuery,
     Ttl,
+    VersionField,
     body_doc,
     header,
     item_dict,
@@ -122,7 +123,7 @@ class VersionIsCheck(ApiModel):
     check: Literal["version_is"]
     namespace: NamespaceField
     key: KeyField
-    version: JsonInt = Field(ge=1, le=MAX_INT)
+    version: VersionField
 
 
 class AbsentCheck(ApiModel):
