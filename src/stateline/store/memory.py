@@ -6,7 +6,7 @@ import heapq
 import threading
 from bisect import bisect_left
 from typing import Any, Self
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 import orjson
 from sortedcontainers import SortedList
@@ -14,6 +14,7 @@ from sortedcontainers import SortedList
 from stateline.clock import Clock
 from stateline.errors import Conflict, InvalidArgument
 from stateline.store.protocol import (
+    LARGEST_MAX_VALUE_BYTES,
     MAX_INT,
     ChangeRecorder,
     PreparedAppend,
@@ -25,6 +26,8 @@ from stateline.store.protocol import (
     PreparedTrim,
     Store,
     decode_change,
+    int_option,
+    url_options,
 )
 from stateline.types import (
     Absent,
@@ -160,16 +163,11 @@ class MemoryStore(Store):
         if parts.netloc or parts.path or parts.fragment:
             raise InvalidArgument("url", f"memory:// names nothing (each open is a new, empty store): {url!r}")
         merged: dict[str, Any] = {}
-        for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        for name, value in url_options(parts.query).items():
             if name != "max_value_bytes":
                 raise InvalidArgument(name, "unknown memory option; the one option is max_value_bytes")
-            if name in merged:
-                raise InvalidArgument("url", f"option {name!r} given twice")
-            if not value.isdigit():
-                raise InvalidArgument(name, f"must be a whole number of bytes, got {value!r}")
-            merged[name] = int(value)
-        merged.update(options)
-        return cls(clock=clock, **merged)
+            merged[name] = int_option(name, value, 1, LARGEST_MAX_VALUE_BYTES)
+        return cls(clock=clock, **{**merged, **options})
 
     def _item(self, ns: str, key: str, rec: _Rec) -> Item:
         return Item(

@@ -88,6 +88,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from stateline.clock import Clock
 from stateline.errors import Conflict, InvalidArgument, StatelineError, Unavailable
 from stateline.store.protocol import (
+    LARGEST_MAX_VALUE_BYTES,
     MAX_INT,
     ChangeRecorder,
     PreparedAppend,
@@ -1639,7 +1640,7 @@ _URL_OPTIONS: dict[str, Any] = {
     "connect_timeout": lambda _n, v: v,
     "op_timeout": _float_option,
     "group_commit": lambda _n, v: v,
-    "max_value_bytes": lambda n, v: _int_option(v, n, 1, 256 * 1024 * 1024),
+    "max_value_bytes": lambda n, v: _int_option(v, n, 1, LARGEST_MAX_VALUE_BYTES),
 }
 
 

@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
+from urllib.parse import parse_qsl
 
 import orjson
 
@@ -50,6 +51,7 @@ from stateline.types import (
 
 __all__ = [
     "DEFAULT_MAX_VALUE_BYTES",
+    "LARGEST_MAX_VALUE_BYTES",
     "ChangeRecorder",
     "PreparedAppend",
     "PreparedCommit",
@@ -61,10 +63,14 @@ __all__ = [
     "PreparedTrim",
     "Store",
     "decode_change",
+    "int_option",
     "prefix_end",
+    "url_options",
 ]
 
 DEFAULT_MAX_VALUE_BYTES = 1024 * 1024
+LARGEST_MAX_VALUE_BYTES = 256 * 1024 * 1024
+"""The largest ``max_value_bytes`` a store takes."""
 MAX_OPS = 10_000
 MAX_LIMIT = 10_000
 MAX_META_BYTES = 64 * 1024
@@ -220,6 +226,26 @@ def decode_change(tenant: str, revision: int, body: bytes | str) -> Change:
     return Change(tenant, revision, at, raw["meta"], tuple(ops))
 
 
+def url_options(query: str) -> dict[str, str]:
+    """The options of a store URL's query string, by name; one given twice is refused."""
+    options: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name in options:
+            raise InvalidArgument("url", f"option {name!r} given twice")
+        options[name] = value
+    return options
+
+
+def int_option(name: str, value: object, minimum: int, maximum: int) -> int:
+    """An integer option of a store, given as an int or (in its URL) as ASCII digits, from ``minimum``
+    to ``maximum``; else ``InvalidArgument``."""
+    if type(value) is str and value.isascii() and value.isdigit():
+        value = int(value)
+    if type(value) is not int or not minimum <= value <= maximum:
+        raise InvalidArgument(name, f"must be an integer from {minimum} to {maximum}, got {value!r}")
+    return value
+
+
 def prefix_end(prefix: str) -> str | None:
     """The smallest string greater than every string starting with ``prefix`` (``None``: no bound)."""
     chars = list(prefix)
@@ -304,7 +330,7 @@ class Store(ABC):
         if unknown:
             raise InvalidArgument(next(iter(unknown)), f"unknown option of a {self.scheme}:// store")
         self.clock: Clock = checked_clock(clock)
-        self.max_value_bytes = _int(max_value_bytes, "max_value_bytes", minimum=1, maximum=256 * 1024 * 1024)
+        self.max_value_bytes = _int(max_value_bytes, "max_value_bytes", minimum=1, maximum=LARGEST_MAX_VALUE_BYTES)
         self._closed = False
         self._close_lock = threading.Lock()
 

@@ -31,13 +31,14 @@ import time
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any, Self
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import orjson
 
 from stateline.clock import Clock
 from stateline.errors import Conflict, InvalidArgument, PayloadTooLarge, StatelineError, Unavailable
 from stateline.store.protocol import (
+    LARGEST_MAX_VALUE_BYTES,
     MAX_INT,
     ChangeRecorder,
     PreparedAppend,
@@ -47,7 +48,9 @@ from stateline.store.protocol import (
     PreparedPut,
     Store,
     decode_change,
+    int_option,
     prefix_end,
+    url_options,
 )
 from stateline.types import (
     Absent,
@@ -351,14 +354,6 @@ class _Request:
         self.lead = False
 
 
-def _int_option(name: str, value: object, minimum: int, maximum: int) -> int:
-    if type(value) is str and value.isascii() and value.isdigit():
-        value = int(value)
-    if type(value) is not int or not minimum <= value <= maximum:
-        raise InvalidArgument(name, f"must be an integer from {minimum} to {maximum}, got {value!r}")
-    return value
-
-
 def _key_range(column: str, prefix: str, after: str | None) -> tuple[str, list[Any]]:
     """SQL conditions, with their parameters, for values of ``column`` that start with ``prefix``
     and come after ``after``."""
@@ -405,8 +400,8 @@ class SQLiteStore(Store):
             raise InvalidArgument("synchronous", f"must be FULL or NORMAL, got {synchronous!r}")
         self.path = path
         self.synchronous = synchronous.upper()
-        self.busy_timeout_ms = _int_option("busy_timeout_ms", busy_timeout_ms, 0, 3_600_000)
-        self.watch_poll_s = _int_option("watch_poll_ms", watch_poll_ms, 1, 10_000) / 1000.0
+        self.busy_timeout_ms = int_option("busy_timeout_ms", busy_timeout_ms, 0, 3_600_000)
+        self.watch_poll_s = int_option("watch_poll_ms", watch_poll_ms, 1, 10_000) / 1000.0
         self.batches = 0
         self.batched_commits = 0
 
@@ -479,17 +474,14 @@ class SQLiteStore(Store):
         if not path.startswith("/") or len(path) < 2:
             raise InvalidArgument("url", "missing the file path: use sqlite:///relative/path.db")
         path = path[1:]
-        merged: dict[str, Any] = {}
-        for name, value in parse_qsl(parts.query, keep_blank_values=True):
-            if name in merged:
-                raise InvalidArgument("url", f"option {name!r} given twice")
-            merged[name] = value
-        merged.update(options)
+        merged: dict[str, Any] = {**url_options(parts.query), **options}
         for name in merged:
             if name not in _OPTIONS:
                 raise InvalidArgument(name, f"unknown sqlite option; use one of {', '.join(_OPTIONS)}")
         if "max_value_bytes" in merged:
-            merged["max_value_bytes"] = _int_option("max_value_bytes", merged["max_value_bytes"], 1, 256 * 1024 * 1024)
+            merged["max_value_bytes"] = int_option(
+                "max_value_bytes", merged["max_value_bytes"], 1, LARGEST_MAX_VALUE_BYTES
+            )
         return cls(path, clock=clock, **merged)
 
     def _connect(self) -> sqlite3.Connection:
